@@ -1,0 +1,78 @@
+"""The embedded default: synthetic scenes of coloured shapes, no download needed.
+
+    python main.py --config=configs/scenes.py --workdir=runs/scenes
+
+Deterministic images (1-3 objects with shape, colour, size, position and spatial relations) with
+five grammar-made captions each; trains the merge LSTM decoder in a few minutes on 2 CPU cores.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.seed = 0  # Seeds the data order, dropout and parameter init; same seed = same run.
+
+    config.data = ml_collections.ConfigDict()
+    config.data.dataset = "scenes"  # scenes | flickr8k | flickr8k_kaggle | karpathy
+    config.data.dir = ""  # Dataset folder; for scenes where images are rendered ('' = cache_dir).
+    config.data.cache_dir = "~/.cache/captioning"  # Rendered scenes and feature stores live here.
+    config.data.num_train = 3000  # Scenes only: number of training images.
+    config.data.num_val = 300  # Scenes only: number of validation images.
+    config.data.num_test = 300  # Scenes only: number of test images.
+    config.data.image_size = 128  # Scenes only: rendered image side in pixels.
+    config.data.min_count = 1  # Words seen fewer times in train captions become <unk>.
+    config.data.min_word_len = 1  # Shorter words are dropped by cleaning (the seed uses 2).
+    config.data.max_caption_len = 24  # Words per caption kept (longer ones are truncated).
+    config.data.skip_bad_images = False  # Skip unreadable images (listed in the workdir) or raise.
+
+    config.encoder = ml_collections.ConfigDict()
+    config.encoder.backbone = "inception_v3"  # inception_v3 | resnet50 | vgg16 (keras.applications)
+    # Random convolutional features already separate colour, shape and position of flat shapes
+    # well, and need no download; real photos need 'imagenet'.
+    config.encoder.weights = "none"  # 'none' (random init) | 'imagenet' | path to a .h5/.keras file
+    config.encoder.image_size = 128  # Backbone input side; smaller than 299 keeps export fast.
+    config.encoder.pooling = "avg"  # avg: one [2048] vector per image | none: spatial grid
+    config.encoder.batch_size = 64  # Images per backbone call during feature export.
+    config.encoder.dtype = "float32"  # Feature store dtype (float16 halves disk and memory).
+
+    config.model = ml_collections.ConfigDict()
+    config.model.decoder = "merge"  # merge (the seed's) | inject (Show&Tell) | attention
+    config.model.embed_dim = 200  # Word embedding size.
+    config.model.hidden_size = 256  # LSTM state and image projection size.
+    config.model.dropout = 0.5  # Dropout on image features and word embeddings.
+    config.model.use_image = True  # False zeroes the features: the image-blind ablation.
+    config.model.glove_path = ""  # GloVe text file (.txt/.gz/.zip) to initialize embeddings.
+    config.model.train_embeddings = True  # False freezes the (GloVe) embedding matrix.
+    config.model.attention_reg = 1.0  # Attention decoder: doubly stochastic regularization weight.
+    config.model.dtype = "float32"  # float32 | bfloat16 matmuls (state, loss, optimizer stay fp32).
+
+    config.train = ml_collections.ConfigDict()
+    config.train.num_epochs = 12  # Passes over the training captions.
+    config.train.batch_size = 128  # Captions per step.
+    config.train.learning_rate = 3e-3  # Peak Adam learning rate.
+    config.train.warmup_steps = 100  # Linear warm-up steps, then cosine decay to 10 % of peak.
+    config.train.grad_clip = 1.0  # Global gradient-norm clip.
+    config.train.weight_decay = 0.0  # AdamW decoupled weight decay (0 = plain Adam).
+    config.train.num_buckets = 4  # Length buckets (one compiled step each); 1 = pad to max.
+    config.train.log_every = 50  # Steps between training log lines.
+    config.train.keep_checkpoints = 2  # Latest checkpoints kept (the best one is kept as well).
+    config.train.val_metric = "CIDEr"  # Validation metric that picks the best checkpoint.
+    config.train.patience = 0  # Stop after this many epochs without a better val metric (0=off).
+
+    config.decode = ml_collections.ConfigDict()
+    config.decode.method = "greedy"  # greedy | beam | sample
+    config.decode.max_len = 24  # Longest generated caption in words.
+    config.decode.beam_size = 3  # Beam width for method=beam.
+    config.decode.length_penalty = 0.0  # Beam score = logp / length**alpha (0 = raw logp).
+    config.decode.temperature = 1.0  # Sampling temperature for method=sample.
+    config.decode.top_k = 0  # Sample among the k most likely words (0 = all).
+    config.decode.batch_size = 256  # Images decoded per call.
+
+    config.eval = ml_collections.ConfigDict()
+    config.eval.split = "test"  # Split scored by --mode=evaluate and at the end of training.
+    config.eval.tokenizer = "simple"  # simple (our cleaning) | ptb (Stanford PTB tokenizer, Java)
+    config.eval.meteor = True  # METEOR needs Java; reported as skipped when Java is missing.
+    config.eval.spice = False  # SPICE needs Java and Stanford CoreNLP jars; skipped if absent.
+    config.eval.num_samples = 12  # Images drawn in samples.png.
+    return config
