@@ -1,0 +1,141 @@
+"""Tests for captioning.metrics on tiny hand-checked examples (one METEOR JVM at most)."""
+
+import shutil
+
+import pytest
+
+from captioning import metrics
+
+JAVA = shutil.which("java") is not None
+NEEDS_JAVA = pytest.mark.skipif(not JAVA, reason="java is not installed (METEOR/PTB need it)")
+
+REFS = {
+    "dog": ["A black dog runs on the grass.", "a dog plays outside"],
+    "cats": ["two cats sleep on a red sofa", "Two cats are sleeping."],
+    "bike": ["a man rides a bike down the street", "a cyclist on a road"],
+}
+
+
+def _score(refs, hyps, **kwargs):
+    kwargs.setdefault("meteor", False)
+    return metrics.score_captions(refs, hyps, **kwargs)
+
+
+def test_identical_hypothesis_scores_one():
+    # Case and punctuation vanish in the "simple" tokenisation.
+    result = _score({"dog": REFS["dog"]}, {"dog": "a black dog runs on the GRASS!"})
+    for n in range(1, 5):
+        assert result["scores"][f"Bleu_{n}"] == pytest.approx(1.0, abs=1e-6)
+    assert result["scores"]["ROUGE_L"] == pytest.approx(1.0)
+    assert result["tokenizer"] == "simple"
+
+
+def test_bleu_and_rouge_by_hand():
+    # hyp: a dog dog runs on sand (6 words); refs: 7 and 4 words.
+    # BLEU-1: clipped unigram matches a, dog (2 in hyp, max 1 in a ref), runs, on = 4 of 6 -> 2/3.
+    #   Brevity penalty with the closest reference length 7: exp(1 - 7/6) = 0.846482.
+    #   BLEU-1 = 2/3 * 0.846482 = 0.564321.
+    # BLEU-2: bigrams "a dog" (ref 2), "dog runs", "runs on" (ref 1) match; "dog dog", "on sand"
+    #   do not -> 3/5. BLEU-2 = sqrt(2/3 * 3/5) * 0.846482 = 0.535362.
+    # ROUGE-L: LCS with ref 1 = "a dog runs on" = 4 (P 4/6, R 4/7); with ref 2 "a dog" = 2
+    #   (P 2/6, R 2/4). P = max = 2/3, R = max = 4/7, beta = 1.2:
+    #   F = (1 + 1.44) P R / (R + 1.44 P) = 0.929524 / 1.531429 = 0.606965.
+    result = _score({"dog": REFS["dog"]}, {"dog": "a dog dog runs on sand"})
+    assert result["scores"]["Bleu_1"] == pytest.approx(0.564321, abs=1e-6)
+    assert result["scores"]["Bleu_2"] == pytest.approx(0.535362, abs=1e-6)
+    assert result["scores"]["ROUGE_L"] == pytest.approx(0.606965, abs=1e-6)
+    assert result["per_image"]["dog"]["Bleu_1"] == pytest.approx(0.564321, abs=1e-6)
+
+
+def test_cider_prefers_the_right_caption_and_per_image_is_complete():
+    hyps = {
+        "dog": "a dog plays outside",
+        "cats": "a man rides a bike",
+        "bike": "a cyclist on a road",
+    }
+    result = _score(REFS, hyps)
+    per_image = result["per_image"]
+    assert set(per_image) == set(REFS)
+    for scores in per_image.values():
+        assert set(scores) == {"Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "ROUGE_L", "CIDEr"}
+    assert per_image["dog"]["CIDEr"] > per_image["cats"]["CIDEr"]
+    assert per_image["bike"]["CIDEr"] > per_image["cats"]["CIDEr"]
+    assert result["scores"]["CIDEr"] == pytest.approx(
+        sum(s["CIDEr"] for s in per_image.values()) / 3
+    )
+    wrong = _score(REFS, {"dog": "two cats sleep", "cats": "a cyclist", "bike": "a black dog"})
+    assert result["scores"]["CIDEr"] > wrong["scores"]["CIDEr"]
+
+
+def test_empty_hypotheses_score_zero_without_crashing():
+    result = _score(REFS, {"dog": "", "cats": "!!!", "bike": "a man rides a bike"})
+    assert result["num_empty"] == 2
+    for image_id in ("dog", "cats"):
+        assert result["per_image"][image_id]["ROUGE_L"] == 0.0
+        assert result["per_image"][image_id]["CIDEr"] == 0.0
+        assert result["per_image"][image_id]["Bleu_1"] == pytest.approx(0.0, abs=1e-6)
+    assert result["per_image"]["bike"]["Bleu_1"] > 0.5
+
+
+def test_mismatched_ids_raise():
+    with pytest.raises(ValueError, match=r"1 without a hypothesis \['bike'\]"):
+        _score(REFS, {"dog": "a dog", "cats": "two cats"})
+    with pytest.raises(ValueError, match=r"1 without references \['fish'\]"):
+        _score(REFS, {"dog": "a", "cats": "b", "bike": "c", "fish": "d"})
+    with pytest.raises(TypeError, match="list of strings"):
+        _score({"dog": "a dog"}, {"dog": "a dog"})
+
+
+def test_meteor_and_spice_skipped_without_java(monkeypatch):
+    monkeypatch.setattr(shutil, "which", lambda *args, **kwargs: None)
+    result = metrics.score_captions(REFS, {k: v[0] for k, v in REFS.items()}, spice=True)
+    assert "METEOR" not in result["scores"] and "SPICE" not in result["scores"]
+    assert "Java" in result["skipped"]["METEOR"]
+    assert "Java" in result["skipped"]["SPICE"]
+    assert "METEOR" not in result["per_image"]["dog"]
+    with pytest.raises(metrics.MetricsError, match="eval.tokenizer=simple"):
+        metrics.score_captions(REFS, {k: v[0] for k, v in REFS.items()}, tokenizer="ptb")
+
+
+def test_spice_skipped_when_jars_are_missing(monkeypatch, tmp_path):
+    monkeypatch.setattr(shutil, "which", lambda *args, **kwargs: "/usr/bin/java")
+    monkeypatch.setattr(metrics, "_SPICE_LIB_DIR", str(tmp_path))
+    result = _score(REFS, {k: v[0] for k, v in REFS.items()}, spice=True)
+    reason = result["skipped"]["SPICE"]
+    assert "stanford-corenlp-3.6.0-models.jar" in reason and str(tmp_path) in reason
+    assert "SPICE" not in result["scores"]
+    assert _score(REFS, {k: v[0] for k, v in REFS.items()})["skipped"]["SPICE"].startswith(
+        "disabled"
+    )
+
+
+@NEEDS_JAVA
+def test_ptb_tokenizer():
+    assert metrics.tokenize(["A dog, runs!", "", "x ||| y"], "ptb") == ["a dog runs", "", "x y"]
+
+
+@NEEDS_JAVA
+def test_meteor_with_java():
+    # The only test that starts the METEOR JVM (~10 s). Covers an empty and a hostile hypothesis.
+    hyps = {"dog": "a black dog runs on the grass", "cats": "", "bike": "x ||| y\nz"}
+    result = metrics.score_captions(REFS, hyps, meteor=True)
+    assert "METEOR" not in result["skipped"], result["skipped"].get("METEOR")
+    per_image = result["per_image"]
+    assert per_image["dog"]["METEOR"] > 0.9
+    assert per_image["cats"]["METEOR"] == 0.0
+    assert 0.0 < result["scores"]["METEOR"] < 1.0
+
+
+def test_append_results_row(tmp_path):
+    path = tmp_path / "sub" / "results.md"
+    columns = ("run", "Bleu_4", "METEOR", "CIDEr")
+    metrics.append_results_row(str(path), {"run": "merge", "Bleu_4": 0.123456, "CIDEr": 1}, columns)
+    metrics.append_results_row(str(path), {"run": "a|b", "Bleu_4": None, "METEOR": 0.2}, columns)
+    assert path.read_text().splitlines() == [
+        "| run | Bleu_4 | METEOR | CIDEr |",
+        "|---|---|---|---|",
+        "| merge | 0.1235 | – | 1 |",
+        "| a\\|b | – | 0.2000 | – |",
+    ]
+    with pytest.raises(ValueError, match="other columns"):
+        metrics.append_results_row(str(path), {"run": "x"}, ("run",))
