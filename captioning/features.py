@@ -1,0 +1,849 @@
+"""CNN image features: Keras backbones and the on-disk feature store.
+
+The decoders never see pixels: every image goes once through a frozen `keras.applications`
+backbone (InceptionV3, ResNet50 or VGG16 without its classifier) and the output is cached on disk.
+
+* `build_backbone` builds the model and says which `preprocess_input` and input size go with it.
+  `config.encoder.weights` is 'none' (random init, seeded), 'imagenet' (only from the local Keras
+  cache: this code never downloads) or a path to a weights file.
+* `export_features` writes a feature store: `shard_00000.npz`, ... (arrays `features`, `ids`,
+  `skipped_ids`, `skipped_reasons`) and `metadata.json`. Shards are written atomically (temporary
+  file, then rename), so an interrupted export resumes where it stopped.
+* `load_feature_store` reads a store back: `features` is [N, D] (pooling 'avg') or [N, H, W, C]
+  (pooling 'none'), rows in the order of `ids`.
+* `encode_images` runs the same decoding and model on new image files (for captioning them).
+
+Pixels: decoded as RGB (JPEG, PNG, GIF, BMP), resized to a square `image_size` with bilinear
+antialiased resizing (the aspect ratio is not kept, as in Keras' `load_img(target_size=...)`), then
+the backbone's own `preprocess_input`. Decoding and resizing run in parallel in `tf.data` and
+overlap with the model; the model runs as one `tf.function` with a fixed batch shape.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import logging
+import os
+import re
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from tqdm import tqdm
+
+from captioning.datasets.base import DataError, ImageRecord
+
+if TYPE_CHECKING:
+    import keras
+
+logger = logging.getLogger(__name__)
+
+METADATA_FILE = "metadata.json"
+SHARD_PATTERN = re.compile(r"^shard_(\d{5})\.npz$")
+POOLINGS = ("avg", "none")
+DTYPES = ("float32", "float16")
+# Store settings that must agree between a store on disk and a new export into it.
+SETTING_KEYS = ("backbone", "weights", "image_size", "pooling", "dtype", "seed")
+
+_KERAS_WEIGHTS_URL = "https://storage.googleapis.com/tensorflow/keras-applications/"
+
+
+class WeightsNotFoundError(FileNotFoundError):
+    """The weights named by `config.encoder.weights` are not on this machine."""
+
+
+class FeatureStoreError(ValueError):
+    """A feature store on disk is incomplete or unreadable; the message says what to do."""
+
+
+class FeatureStoreMismatchError(FeatureStoreError):
+    """A feature store folder already holds features made with other settings."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BackboneSpec:
+    """How to build one `keras.applications` backbone and where its ImageNet weights live."""
+
+    constructor: str  # Attribute of keras.applications, e.g. 'InceptionV3'.
+    module: str  # Submodule holding its preprocess_input, e.g. 'inception_v3'.
+    default_size: int  # Input side the ImageNet weights were trained at.
+    min_size: int  # Smallest input side the architecture accepts.
+    weights_file: str  # Keras cache file name of the ImageNet weights without the top.
+    weights_url: str  # Where Keras downloads that file from.
+
+
+BACKBONES: dict[str, BackboneSpec] = {
+    "inception_v3": BackboneSpec(
+        constructor="InceptionV3",
+        module="inception_v3",
+        default_size=299,
+        min_size=75,
+        weights_file="inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5",
+        weights_url=_KERAS_WEIGHTS_URL
+        + "inception_v3/inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5",
+    ),
+    "resnet50": BackboneSpec(
+        constructor="ResNet50",
+        module="resnet50",
+        default_size=224,
+        min_size=32,
+        weights_file="resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
+        weights_url=_KERAS_WEIGHTS_URL
+        + "resnet/resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
+    ),
+    "vgg16": BackboneSpec(
+        constructor="VGG16",
+        module="vgg16",
+        default_size=224,
+        min_size=32,
+        weights_file="vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
+        weights_url=_KERAS_WEIGHTS_URL + "vgg16/vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
+    ),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoder settings and weights
+# ---------------------------------------------------------------------------------------------
+
+
+def _spec(encoder_config) -> BackboneSpec:
+    name = encoder_config.backbone
+    if name not in BACKBONES:
+        raise ValueError(
+            f"config.encoder.backbone={name!r} is not supported; use one of {sorted(BACKBONES)}."
+        )
+    return BACKBONES[name]
+
+
+def _image_size(encoder_config) -> int:
+    """The backbone input side: `encoder.image_size`, or the backbone default when 0/None."""
+    spec = _spec(encoder_config)
+    size = int(getattr(encoder_config, "image_size", 0) or spec.default_size)
+    if size < spec.min_size:
+        raise ValueError(
+            f"config.encoder.image_size={size} is too small for {encoder_config.backbone}; "
+            f"use at least {spec.min_size} (the default is {spec.default_size})."
+        )
+    return size
+
+
+def _weights_kind(encoder_config) -> str:
+    """'none', 'imagenet' or 'file'."""
+    weights = str(encoder_config.weights)
+    if weights.lower() in ("none", ""):
+        return "none"
+    return "imagenet" if weights == "imagenet" else "file"
+
+
+def _resolve_seed(encoder_config, seed: int | None) -> int | None:
+    """The init seed; only random ('none') weights depend on it, so it is None otherwise."""
+    if _weights_kind(encoder_config) != "none":
+        return None
+    if seed is None:
+        seed = getattr(encoder_config, "seed", None)
+    return int(seed or 0)
+
+
+def keras_weights_dirs() -> list[str]:
+    """Folders where Keras' `get_file(..., cache_subdir='models')` keeps downloaded weights.
+
+    `$KERAS_HOME/models` (default `~/.keras/models`); Keras falls back to `/tmp/.keras/models`
+    when that home folder is missing or read-only, so that one is searched too. Read at call
+    time (Keras reads KERAS_HOME once, at import).
+    """
+    home = os.environ.get("KERAS_HOME")
+    if home is None:
+        base = os.path.expanduser("~")
+        home = os.path.join(base if os.access(base, os.W_OK) else "/tmp", ".keras")
+    home = os.path.expanduser(home)
+    dirs = [os.path.join(home, "models")]
+    if not os.access(home, os.W_OK):
+        dirs.append(os.path.join("/tmp", ".keras", "models"))
+    return list(dict.fromkeys(dirs))
+
+
+def resolve_weights(encoder_config) -> str | None:
+    """The weights file to load (None = random init); raises `WeightsNotFoundError` if absent.
+
+    Never downloads: on an offline machine Keras' download would hang or fail late.
+    """
+    kind = _weights_kind(encoder_config)
+    if kind == "none":
+        return None
+    spec = _spec(encoder_config)
+    if kind == "imagenet":
+        dirs = keras_weights_dirs()
+        for folder in dirs:
+            path = os.path.join(folder, spec.weights_file)
+            if os.path.isfile(path):
+                return path
+        expected = os.path.join(dirs[0], spec.weights_file)
+        also = f" (nor in {dirs[1]}, Keras' fallback)" if len(dirs) > 1 else ""
+        raise WeightsNotFoundError(
+            f"config.encoder.weights='imagenet' needs the ImageNet weights of "
+            f"{encoder_config.backbone} without its top, but {expected} does not exist{also}, "
+            f"and this code never downloads. On a connected machine download {spec.weights_url} "
+            f"and copy it to {expected} (the folder is $KERAS_HOME/models, default "
+            f"~/.keras/models); or set config.encoder.weights to the path of a local .h5/.keras "
+            f"weights file; or set config.encoder.weights='none' for random weights."
+        )
+    path = os.path.abspath(os.path.expanduser(str(encoder_config.weights)))
+    if not os.path.isfile(path):
+        raise WeightsNotFoundError(
+            f"config.encoder.weights={encoder_config.weights!r}: no such file {path}. Point "
+            f"config.encoder.weights at a .h5/.keras/.weights.h5 file of {encoder_config.backbone} "
+            f"without its top, or use 'imagenet' (Keras cache) or 'none' (random weights)."
+        )
+    return path
+
+
+def _store_settings(encoder_config, seed: int | None = None) -> dict[str, Any]:
+    """The settings that name a feature store and must match to reuse it."""
+    pooling = str(encoder_config.pooling)
+    if pooling not in POOLINGS:
+        raise ValueError(f"config.encoder.pooling={pooling!r}: use one of {POOLINGS}.")
+    dtype = str(encoder_config.dtype)
+    if dtype not in DTYPES:
+        raise ValueError(f"config.encoder.dtype={dtype!r}: use one of {DTYPES}.")
+    kind = _weights_kind(encoder_config)
+    weights = os.path.basename(str(encoder_config.weights)) if kind == "file" else kind
+    return {
+        "backbone": encoder_config.backbone,
+        "weights": weights,
+        "image_size": _image_size(encoder_config),
+        "pooling": pooling,
+        "dtype": dtype,
+        "seed": _resolve_seed(encoder_config, seed),
+    }
+
+
+def build_backbone(
+    encoder_config, *, seed: int | None = None
+) -> tuple[keras.Model, Callable[[Any], Any], int]:
+    """Builds the frozen backbone of `encoder_config`.
+
+    Returns:
+      model: [batch, size, size, 3] float preprocessed pixels -> [batch, D] (pooling 'avg') or
+        [batch, H, W, C] (pooling 'none').
+      preprocess: the backbone's `preprocess_input`: [..., 3] RGB floats in 0..255 -> model input.
+      image_size: the input side `size`.
+
+    Random weights ('none') are seeded with `keras.utils.set_random_seed(seed)` (which also seeds
+    Python, NumPy and TF globally), so the same seed gives the same features in every process.
+    """
+    import keras
+
+    spec = _spec(encoder_config)
+    size = _image_size(encoder_config)
+    settings = _store_settings(encoder_config, seed)
+    weights_path = resolve_weights(encoder_config)
+    if weights_path is None:
+        keras.utils.set_random_seed(settings["seed"])
+    constructor = getattr(keras.applications, spec.constructor)
+    # Built without weights and loaded below, so Keras never reaches its download code.
+    model = constructor(
+        include_top=False,
+        weights=None,
+        input_shape=(size, size, 3),
+        pooling="avg" if settings["pooling"] == "avg" else None,
+    )
+    model.trainable = False
+    if weights_path is not None:
+        try:
+            model.load_weights(weights_path)
+        except Exception as e:  # Keras raises many types (ValueError, OSError, KeyError...).
+            raise ValueError(
+                f"Cannot load weights file {weights_path} into {encoder_config.backbone} "
+                f"(include_top=False): {e}. Set config.encoder.weights to a weights file of this "
+                f"backbone without its top (e.g. Keras' {spec.weights_file})."
+            ) from e
+    preprocess = getattr(keras.applications, spec.module).preprocess_input
+    return model, preprocess, size
+
+
+# ---------------------------------------------------------------------------------------------
+# The compiled model call, cached per process
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Runner:
+    """A backbone compiled for one batch shape: [batch, size, size, 3] pixels -> features."""
+
+    model: Any
+    image_size: int
+    batch_size: int
+    dtype: str
+    feature_shape: tuple[int, ...]
+    fn: Callable[[Any], np.ndarray]
+
+    def __call__(self, images) -> np.ndarray:
+        """images: [batch_size, size, size, 3] float32 RGB in 0..255 -> [batch_size, *shape]."""
+        return self.fn(images)
+
+
+_RUNNERS: collections.OrderedDict[tuple, _Runner] = collections.OrderedDict()
+_MAX_RUNNERS = 2  # A training run uses one backbone; two allow export + caption side by side.
+
+
+def clear_backbone_cache() -> None:
+    """Forgets the cached compiled backbones (the next call rebuilds and re-seeds)."""
+    _RUNNERS.clear()
+
+
+def _weights_key(encoder_config) -> tuple:
+    path = resolve_weights(encoder_config)
+    if path is None:
+        return ("none",)
+    stat = os.stat(path)  # A replaced file must not reuse the old model.
+    return (path, stat.st_mtime_ns, stat.st_size)
+
+
+def _get_runner(encoder_config, batch_size: int, seed: int | None) -> _Runner:
+    """Builds (or reuses) the backbone and its compiled call for a fixed batch size.
+
+    Cached because building and tracing InceptionV3 takes seconds, and captioning new images
+    calls this again and again with the same encoder.
+    """
+    settings = _store_settings(encoder_config, seed)
+    key = (tuple(settings.items()), _weights_key(encoder_config), int(batch_size))
+    if key in _RUNNERS:
+        _RUNNERS.move_to_end(key)
+        return _RUNNERS[key]
+    model, preprocess, size = build_backbone(encoder_config, seed=seed)
+    fn = _compile(model, preprocess, size, int(batch_size), settings["dtype"])
+    runner = _Runner(model, size, int(batch_size), settings["dtype"], model.output_shape[1:], fn)
+    _RUNNERS[key] = runner
+    while len(_RUNNERS) > _MAX_RUNNERS:
+        _RUNNERS.popitem(last=False)
+    return runner
+
+
+def _compile(model, preprocess, size: int, batch_size: int, dtype: str) -> Callable:
+    """preprocess + model + cast as one call with a fixed input shape (no retracing)."""
+    import keras
+
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        spec = tf.TensorSpec([batch_size, size, size, 3], tf.float32)
+
+        @tf.function(input_signature=[spec])
+        def predict(images):
+            return tf.cast(model(preprocess(images), training=False), dtype)
+
+        predict.get_concrete_function()  # Trace now, so timing starts with a compiled graph.
+        return lambda images: predict(images).numpy()
+
+    # Other Keras backends (jax, torch): Keras compiles predict_on_batch itself.
+    def predict_other(images):
+        x = preprocess(np.array(images, dtype=np.float32))
+        return np.asarray(model.predict_on_batch(x)).astype(dtype)
+
+    return predict_other
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding pipeline shared by export and encode_images
+# ---------------------------------------------------------------------------------------------
+
+
+def _load_image(path, size: int):
+    """path: scalar string tensor -> [size, size, 3] float32 RGB in 0..255."""
+    import tensorflow as tf
+
+    image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+    image.set_shape([None, None, 3])
+    height, width = tf.shape(image)[0], tf.shape(image)[1]
+    # Antialiased resizing costs more than decoding; images already at size skip it.
+    return tf.cond(
+        tf.logical_and(tf.equal(height, size), tf.equal(width, size)),
+        lambda: tf.cast(image, tf.float32),
+        lambda: tf.image.resize(image, [size, size], method="bilinear", antialias=True),
+    )
+
+
+def _failure_reason(path: str, size: int) -> str:
+    """Why `path` could not be read: re-decodes it eagerly to get TF's own message."""
+    import tensorflow as tf
+
+    if not os.path.isfile(path):
+        return "file not found"
+    try:
+        _load_image(tf.constant(path), size)
+    except (tf.errors.OpError, ValueError) as e:
+        message = getattr(e, "message", str(e))
+        # Drop TF's '{{function_node ...}}' prefix and op suffix: keep the human part.
+        message = re.sub(r"\{\{[^}]*\}\}\s*", "", message).split(" [Op:")[0]
+        return message.strip().splitlines()[0] if message.strip() else type(e).__name__
+    return "could not be decoded (reading it again worked: check the storage)"
+
+
+def _image_dataset(paths: Sequence[str], size: int, batch_size: int):
+    """tf.data of (positions [b] int64, images [batch_size, size, size, 3] float32).
+
+    Unreadable files are dropped (`ignore_errors`) rather than failing the whole pipeline; the
+    caller finds them as gaps in `positions` and names them. The last batch is zero-padded to
+    `batch_size` (b <= batch_size real rows) so the compiled model never retraces.
+    """
+    import tensorflow as tf
+
+    positions = tf.range(len(paths), dtype=tf.int64)
+    ds = tf.data.Dataset.from_tensor_slices((positions, tf.constant(list(paths), tf.string)))
+    ds = ds.map(
+        lambda i, p: (i, _load_image(p, size)),
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=True,  # Keeps order, so gaps in positions are exactly the failures.
+    )
+    ds = ds.ignore_errors()
+
+    def pad(i, images):
+        missing = batch_size - tf.shape(images)[0]
+        return i, tf.pad(images, [[0, missing], [0, 0], [0, 0], [0, 0]])
+
+    ds = ds.batch(batch_size).map(pad)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def _iter_features(
+    paths: Sequence[str], runner: _Runner
+) -> Iterator[tuple[np.ndarray, np.ndarray, list[tuple[int, str]], int]]:
+    """Runs the backbone over `paths` in order.
+
+    Yields (positions [b] int, features [b, *shape], failures [(position, reason)], done) where
+    every position < done has been either yielded or reported as a failure.
+    """
+    if not paths:
+        return
+    expected = 0
+    for positions_t, images in _image_dataset(paths, runner.image_size, runner.batch_size):
+        positions = positions_t.numpy()
+        features = runner(images)[: len(positions)]
+        gaps = np.setdiff1d(np.arange(expected, positions[-1] + 1), positions)
+        failures = [(int(p), _failure_reason(paths[p], runner.image_size)) for p in gaps]
+        expected = int(positions[-1]) + 1
+        yield positions, features, failures, expected
+    failures = [
+        (p, _failure_reason(paths[p], runner.image_size)) for p in range(expected, len(paths))
+    ]
+    if failures:
+        yield (
+            np.zeros([0], np.int64),
+            np.zeros((0, *runner.feature_shape), runner.dtype),
+            failures,
+            len(paths),
+        )
+
+
+def encode_images(
+    paths: Sequence[str], encoder_config, *, batch_size: int, seed: int | None = None
+) -> tuple[np.ndarray, list[str], list[tuple[str, str]]]:
+    """Features of new image files, with the same decoding and model as `export_features`.
+
+    With random weights pass the `seed` the store was exported with (default: encoder.seed or 0).
+
+    Returns:
+      features: [M, D] or [M, H, W, C] in `encoder.dtype`, one row per readable image.
+      paths: the M readable paths, in input order.
+      failures: (path, reason) for each missing or undecodable file.
+    """
+    runner = _get_runner(encoder_config, batch_size, seed)
+    chunks, ok, failed = [], [], []
+    for positions, features, failures, _ in _iter_features(list(paths), runner):
+        chunks.append(features)
+        ok.extend(paths[p] for p in positions)
+        failed.extend((paths[p], reason) for p, reason in failures)
+    empty = np.zeros((0, *runner.feature_shape), runner.dtype)
+    return (np.concatenate(chunks) if chunks else empty), ok, failed
+
+
+def backbone_throughput(encoder_config, images_uint8: np.ndarray, repeats: int = 3) -> float:
+    """Images/s of the bare compiled backbone on in-memory pixels (the export's upper bound).
+
+    images_uint8: [N, size, size, 3] uint8 RGB at the backbone input size. Runs in batches of
+    `encoder.batch_size` (last one padded, as in export), fetching each output to host memory.
+    """
+    import tensorflow as tf
+
+    runner = _get_runner(encoder_config, encoder_config.batch_size, None)
+    size, batch = runner.image_size, runner.batch_size
+    if images_uint8.ndim != 4 or images_uint8.shape[1:] != (size, size, 3):
+        raise ValueError(f"images_uint8 must be [N, {size}, {size}, 3], got {images_uint8.shape}.")
+    n = len(images_uint8)
+    padded = np.zeros([-(-n // batch) * batch, size, size, 3], np.float32)
+    padded[:n] = images_uint8
+    batches = [tf.constant(padded[i : i + batch]) for i in range(0, len(padded), batch)]
+    runner(batches[0])  # Warm-up: first-run graph optimisations are not throughput.
+    start = time.perf_counter()
+    for _ in range(repeats):
+        for images in batches:
+            runner(images)
+    return n * repeats / (time.perf_counter() - start)
+
+
+# ---------------------------------------------------------------------------------------------
+# Feature store
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportResult:
+    """What `export_features` did.
+
+    Attributes:
+      store_dir: the feature store folder.
+      num_images: images in the store (all shards, skipped ones excluded).
+      num_computed: images run through the backbone now (the rest came from finished shards).
+      skipped: (image_id, reason) for every unreadable image left out (skip_bad_images=True).
+      seconds: wall time of the backbone pass (0 when nothing was left to compute).
+      images_per_second: num_computed / seconds, decoding included (0 when nothing computed).
+    """
+
+    store_dir: str
+    num_images: int
+    num_computed: int
+    skipped: list[tuple[str, str]]
+    seconds: float
+    images_per_second: float
+
+
+@dataclasses.dataclass
+class FeatureStore:
+    """Features of a whole dataset, in memory.
+
+    Attributes:
+      ids: image ids, row order of `features`.
+      features: [N, D] (pooling 'avg') or [N, H, W, C] (pooling 'none'), float32 or float16.
+      metadata: the store's metadata.json.
+    """
+
+    ids: list[str]
+    features: np.ndarray
+    metadata: dict[str, Any]
+    _rows: dict[str, int] = dataclasses.field(init=False, repr=False)
+
+    def __post_init__(self):
+        self._rows = {image_id: row for row, image_id in enumerate(self.ids)}
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __contains__(self, image_id: str) -> bool:
+        return image_id in self._rows
+
+    def index(self, image_id: str) -> int:
+        """Row of `image_id` in `features`."""
+        try:
+            return self._rows[image_id]
+        except KeyError:
+            raise KeyError(
+                f"image {image_id!r} is not in the feature store ({len(self.ids)} images, "
+                f"{self.metadata.get('store_dir', '?')}); export the features again for this "
+                f"dataset (it may have been skipped as unreadable)."
+            ) from None
+
+    def gather(self, image_ids: Sequence[str]) -> np.ndarray:
+        """[len(image_ids), *feature_shape] rows for `image_ids`."""
+        return self.features[[self.index(i) for i in image_ids]]
+
+
+def feature_store_dir(
+    cache_dir: str, dataset_key: str, encoder_config, *, seed: int | None = None
+) -> str:
+    """Store folder: <cache_dir>/features/<dataset>/<backbone>_<weights>_<size>px_<pool>_<dtype>.
+
+    Random weights add their seed (`none-seed0`); a weights file adds its base name.
+    """
+    s = _store_settings(encoder_config, seed)
+    weights = s["weights"] if s["seed"] is None else f"none-seed{s['seed']}"
+    name = f"{s['backbone']}_{weights}_{s['image_size']}px_{s['pooling']}_{s['dtype']}"
+    safe = lambda text: re.sub(r"[^A-Za-z0-9._=+-]+", "-", text)
+    return os.path.join(os.path.expanduser(cache_dir), "features", safe(dataset_key), safe(name))
+
+
+def _shard_path(store_dir: str, shard: int) -> str:
+    return os.path.join(store_dir, f"shard_{shard:05d}.npz")
+
+
+def _atomic_write(path: str, write: Callable[[Any], None]) -> None:
+    """Writes via a temporary file and a rename, so `path` is either complete or absent."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _write_json(path: str, data: dict[str, Any]) -> None:
+    _atomic_write(path, lambda f: f.write(json.dumps(data, indent=2).encode()))
+
+
+def _write_shard(
+    path: str, ids: Sequence[str], features: np.ndarray, skipped: Sequence[tuple[str, str]]
+) -> None:
+    """One shard: features [n, *shape], ids [n], skipped ids and reasons [k]."""
+
+    def write(f):
+        np.savez(
+            f,
+            features=features,
+            ids=np.array(ids, dtype=str),
+            skipped_ids=np.array([s[0] for s in skipped], dtype=str),
+            skipped_reasons=np.array([s[1] for s in skipped], dtype=str),
+        )
+
+    _atomic_write(path, write)
+
+
+def _read_shard_index(path: str) -> tuple[list[str], list[tuple[str, str]]] | None:
+    """(ids, skipped) of a finished shard, or None if it is absent or unreadable."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        with np.load(path) as shard:
+            ids = shard["ids"].tolist()
+            skipped = list(
+                zip(shard["skipped_ids"].tolist(), shard["skipped_reasons"].tolist(), strict=True)
+            )
+    except (OSError, ValueError, KeyError):
+        return None
+    return ids, skipped
+
+
+def _library_versions() -> dict[str, str]:
+    import keras
+    import tensorflow as tf
+
+    return {
+        "python": sys.version.split()[0],
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "keras_backend": keras.backend.backend(),
+        "numpy": np.__version__,
+    }
+
+
+def _check_store_settings(store_dir: str, settings: dict[str, Any]) -> dict[str, Any] | None:
+    """The existing metadata if it matches `settings`; raises on a mismatch."""
+    path = os.path.join(store_dir, METADATA_FILE)
+    if not os.path.exists(path):
+        if any(SHARD_PATTERN.match(name) for name in os.listdir(store_dir)):
+            raise FeatureStoreError(
+                f"{store_dir} holds feature shards but no {METADATA_FILE}, so their settings are "
+                f"unknown. Delete the folder or use another config.data.cache_dir."
+            )
+        return None
+    try:
+        with open(path) as f:
+            metadata = json.load(f)
+    except (OSError, ValueError) as e:
+        raise FeatureStoreError(
+            f"Cannot read {path}: {e}. Delete the folder {store_dir} and export again."
+        ) from e
+    old = {k: metadata.get(k) for k in SETTING_KEYS}
+    if old != settings:
+        raise FeatureStoreMismatchError(
+            f"The feature store {store_dir} was made with {old}, not the requested {settings}. "
+            f"Use another cache dir (config.data.cache_dir) or delete the folder {store_dir}."
+        )
+    return metadata
+
+
+def _unique_images(records: Sequence[ImageRecord]) -> tuple[list[str], list[str]]:
+    """(image_ids, paths) of distinct images, sorted by id (so record order does not matter)."""
+    paths: dict[str, str] = {}
+    for record in records:
+        old = paths.setdefault(record.image_id, record.image_path)
+        if old != record.image_path:
+            raise DataError(
+                f"image_id {record.image_id!r} points to two files: {old} and "
+                f"{record.image_path}. Image ids must be unique within a dataset."
+            )
+    ids = sorted(paths)
+    return ids, [paths[i] for i in ids]
+
+
+def export_features(
+    records: Sequence[ImageRecord],
+    encoder_config,
+    store_dir: str,
+    *,
+    skip_bad_images: bool = False,
+    shard_size: int = 1024,
+    seed: int | None = None,
+) -> ExportResult:
+    """Runs the backbone over every record's image (once per image_id) into `store_dir`.
+
+    Resumable: finished shards whose image ids still match are kept, the rest is computed.
+    Missing or undecodable image files raise `DataError` naming the file, or with
+    `skip_bad_images` are left out and returned in `ExportResult.skipped`.
+    `seed` seeds random ('none') weights (default: encoder.seed or 0).
+    """
+    settings = _store_settings(encoder_config, seed)
+    weights_path = resolve_weights(encoder_config)  # Fails fast, before touching the disk.
+    ids, paths = _unique_images(records)
+    if not skip_bad_images:
+        # Cheap up-front check, so a wrong data dir fails in a second rather than mid-export.
+        missing = [p for p in paths if not os.path.isfile(p)]
+        if missing:
+            raise DataError(
+                f"{len(missing)} of {len(paths)} image files are missing, e.g. {missing[:3]}. "
+                f"Check config.data.dir, or set config.data.skip_bad_images=True to skip them."
+            )
+
+    os.makedirs(store_dir, exist_ok=True)
+    old_metadata = _check_store_settings(store_dir, settings)
+
+    num_shards = -(-len(ids) // shard_size)
+    todo: list[tuple[int, int, int]] = []  # (shard, first, end) positions into work_*.
+    work_ids: list[str] = []
+    work_paths: list[str] = []
+    for shard in range(num_shards):
+        lo, hi = shard * shard_size, min((shard + 1) * shard_size, len(ids))
+        done = _read_shard_index(_shard_path(store_dir, shard))
+        if done is not None:
+            done_ids, done_skipped = done
+            complete = sorted(done_ids + [s[0] for s in done_skipped]) == ids[lo:hi]
+            # Without skipping, a shard with skipped images is redone (the file may be fixed).
+            if complete and (skip_bad_images or not done_skipped):
+                continue
+        todo.append((shard, len(work_ids), len(work_ids) + hi - lo))
+        work_ids += ids[lo:hi]
+        work_paths += paths[lo:hi]
+    # Shards left over from a larger record set would otherwise be loaded with the rest.
+    for name in os.listdir(store_dir):
+        match = SHARD_PATTERN.match(name)
+        if match and int(match.group(1)) >= num_shards:
+            os.remove(os.path.join(store_dir, name))
+
+    metadata = {
+        **settings,
+        "weights_path": weights_path,
+        "preprocessing": (
+            "decode RGB, bilinear antialiased resize to a square image_size (aspect not kept), "
+            f"keras.applications.{_spec(encoder_config).module}.preprocess_input"
+        ),
+        "shard_size": shard_size,
+        "versions": _library_versions(),
+        "complete": False,
+    }
+    if old_metadata and old_metadata.get("versions") != metadata["versions"]:
+        logger.warning(
+            "Resuming %s, started with %s, now %s: features may differ slightly.",
+            store_dir,
+            old_metadata.get("versions"),
+            metadata["versions"],
+        )
+    runner = _get_runner(encoder_config, encoder_config.batch_size, seed)
+    metadata["feature_shape"] = list(runner.feature_shape)
+    _write_json(os.path.join(store_dir, METADATA_FILE), metadata)
+
+    seconds = _export_shards(store_dir, todo, work_ids, work_paths, runner, skip_bad_images)
+
+    num_images, skipped = 0, []
+    for shard in range(num_shards):
+        shard_ids, shard_skipped = _read_shard_index(_shard_path(store_dir, shard))
+        num_images += len(shard_ids)
+        skipped += shard_skipped
+    metadata.update(num_images=num_images, skipped=skipped, complete=True)
+    _write_json(os.path.join(store_dir, METADATA_FILE), metadata)
+    rate = len(work_ids) / seconds if seconds > 0 else 0.0
+    logger.info(
+        "Feature store %s: %d images (%d computed now in %.1f s, %.1f images/s; %d skipped).",
+        store_dir,
+        num_images,
+        len(work_ids),
+        seconds,
+        rate,
+        len(skipped),
+    )
+    return ExportResult(store_dir, num_images, len(work_ids), skipped, seconds, rate)
+
+
+def _export_shards(
+    store_dir: str,
+    todo: list[tuple[int, int, int]],
+    work_ids: list[str],
+    work_paths: list[str],
+    runner: _Runner,
+    skip_bad_images: bool,
+) -> float:
+    """Computes the `todo` shards (one pipeline for all, so it never drains); returns seconds."""
+    if not work_ids:
+        return 0.0
+    positions_buf: list[np.ndarray] = []
+    features_buf: list[np.ndarray] = []
+    failures_buf: list[tuple[int, str]] = []
+    next_todo, reported = 0, 0
+    start = time.perf_counter()
+    with tqdm(total=len(work_ids), unit="img", desc="export features", smoothing=0.1) as bar:
+        for positions, features, failures, done in _iter_features(work_paths, runner):
+            if failures and not skip_bad_images:
+                position, reason = failures[0]
+                raise DataError(
+                    f"Cannot read image {work_paths[position]} (image_id "
+                    f"{work_ids[position]!r}): {reason}. Fix or remove the file, or set "
+                    f"config.data.skip_bad_images=True to skip unreadable images."
+                )
+            positions_buf.append(positions)
+            features_buf.append(features)
+            failures_buf += failures
+            # Write every shard whose images have all been accounted for.
+            while next_todo < len(todo) and todo[next_todo][2] <= done:
+                shard, _, end = todo[next_todo]
+                all_positions = np.concatenate(positions_buf)
+                all_features = np.concatenate(features_buf)
+                mine = all_positions < end
+                _write_shard(
+                    _shard_path(store_dir, shard),
+                    [work_ids[p] for p in all_positions[mine]],
+                    all_features[mine],
+                    [(work_ids[p], reason) for p, reason in failures_buf if p < end],
+                )
+                positions_buf, features_buf = [all_positions[~mine]], [all_features[~mine]]
+                failures_buf = [(p, r) for p, r in failures_buf if p >= end]
+                next_todo += 1
+            bar.update(done - reported)
+            reported = done
+    return time.perf_counter() - start
+
+
+def load_feature_store(store_dir: str) -> FeatureStore:
+    """Reads a complete feature store: all shards concatenated in id order."""
+    path = os.path.join(store_dir, METADATA_FILE)
+    if not os.path.isfile(path):
+        raise FeatureStoreError(
+            f"No feature store at {store_dir} ({METADATA_FILE} missing): run the export first "
+            f"(main.py --mode=export_features)."
+        )
+    with open(path) as f:
+        metadata = json.load(f)
+    metadata["store_dir"] = store_dir
+    if not metadata.get("complete"):
+        raise FeatureStoreError(
+            f"The feature store {store_dir} is incomplete (its export was interrupted): run the "
+            f"export again, it resumes where it stopped."
+        )
+    names = sorted(name for name in os.listdir(store_dir) if SHARD_PATTERN.match(name))
+    ids: list[str] = []
+    chunks: list[np.ndarray] = []
+    for name in names:
+        with np.load(os.path.join(store_dir, name)) as shard:
+            ids += shard["ids"].tolist()
+            chunks.append(shard["features"])
+    if len(ids) != metadata["num_images"]:
+        raise FeatureStoreError(
+            f"The feature store {store_dir} has {len(ids)} images in its shards but its "
+            f"{METADATA_FILE} says {metadata['num_images']}: delete the folder and export again."
+        )
+    shape = (0, *metadata["feature_shape"])
+    features = np.concatenate(chunks) if chunks else np.zeros(shape, metadata["dtype"])
+    return FeatureStore(ids, features, metadata)
