@@ -1,0 +1,117 @@
+"""--mode=caption on a fake run directory: folders, files, globs, unreadable images, no match."""
+
+import json
+import os
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx
+from PIL import Image
+
+from captioning import caption, cli, models, text, train
+from configs import test as test_config
+
+WORDS = ["red", "blue", "circle", "square", "left", "of"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A run directory as training leaves it, with an untrained model (no training needed)."""
+    workdir = str(tmp_path_factory.mktemp("run"))
+    config = test_config.get_config()
+    config.decode.batch_size = 2  # 3 images -> a full and a padded batch.
+    config.decode.max_len = 6
+    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(json.loads(config.to_json()), f)
+    vocab = text.Vocabulary(WORDS)
+    vocab.save(os.path.join(workdir, "vocab.json"))
+    feature_dim = 2048  # Pooled InceptionV3 (the test config's backbone).
+    np.savez(
+        os.path.join(workdir, "feature_stats.npz"),
+        mean=np.full([feature_dim], 0.1, np.float32),
+        std=np.full([feature_dim], 2.0, np.float32),
+    )
+    model = models.create_model(config.model, len(vocab), (feature_dim,), rngs=nnx.Rngs(0))
+    _, train_state, _, _ = train.init_train_state(config, model, total_steps=2)
+    latest, best = train.checkpoint_managers(workdir, keep=1)
+    best.save(7, args=ocp.args.StandardSave(train_state))
+    best.wait_until_finished()
+    latest.close()
+    best.close()
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory):
+    """3 readable images (png, jpg, bmp), 1 corrupt .jpg and a text file that is ignored."""
+    folder = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for name in ("a.png", "b.jpg", "c.bmp"):
+        pixels = rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / name)
+    (folder / "broken.jpg").write_bytes(b"this is not a jpeg")
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+def test_caption_folder_reports_unreadable_image(run_dir, image_dir, capsys):
+    config = train.load_run_config(run_dir)
+    results = caption.caption_images(config, run_dir, str(image_dir))
+    names = [os.path.basename(r["path"]) for r in results]
+    assert names == ["a.png", "b.jpg", "broken.jpg", "c.bmp"]  # Sorted; notes.txt ignored.
+    good = [r for r in results if "error" not in r]
+    bad = [r for r in results if "error" in r]
+    assert len(good) == 3 and all(isinstance(r["caption"], str) for r in good)
+    assert [os.path.basename(r["path"]) for r in bad] == ["broken.jpg"]
+    assert bad[0]["caption"] is None and bad[0]["error"]
+    assert all(r["method"] == "greedy" for r in results)
+    assert set(" ".join(r["caption"] for r in good).split()) <= set(WORDS) | {text.UNK}
+
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split("\t")[0] for line in lines] == [r["path"] for r in good]
+
+    with open(os.path.join(run_dir, "captions", "captions_greedy.json"), encoding="utf-8") as f:
+        report = json.load(f)
+    assert report["captions"] == results and report["step"] == 7
+    assert report["decode"]["method"] == "greedy"
+
+
+def test_caption_is_deterministic_per_image(run_dir, image_dir, tmp_path):
+    """A file alone gets the caption it got in the folder (padding and batching do not leak)."""
+    config = train.load_run_config(run_dir)
+    in_folder = caption.caption_images(
+        config, run_dir, str(image_dir), output=str(tmp_path / "a.json")
+    )
+    alone = caption.caption_images(
+        config, run_dir, str(image_dir / "b.jpg"), output=str(tmp_path / "b.json")
+    )
+    assert len(alone) == 1 and alone[0]["caption"] == in_folder[1]["caption"]
+
+
+@pytest.mark.parametrize("method", ["beam", "sample"])
+def test_caption_glob_with_other_methods(run_dir, image_dir, tmp_path, method):
+    config = train.load_run_config(run_dir)
+    config.decode.method = method
+    output = tmp_path / "out" / "captions.json"
+    results = caption.caption_images(config, run_dir, str(image_dir / "*.jpg"), output=str(output))
+    assert [os.path.basename(r["path"]) for r in results] == ["b.jpg", "broken.jpg"]
+    assert isinstance(results[0]["caption"], str) and "error" in results[1]
+    assert json.loads(output.read_text())["captions"] == results
+
+
+def test_cli_caption_uses_the_run_config(run_dir, image_dir):
+    results = cli.run("caption", None, run_dir, images=str(image_dir / "a.png"))
+    assert len(results) == 1 and "error" not in results[0]
+
+
+def test_no_matching_images_is_a_clear_error(run_dir, tmp_path):
+    config = train.load_run_config(run_dir)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "readme.txt").write_text("no images here")
+    with pytest.raises(FileNotFoundError, match="empty"):
+        caption.caption_images(config, run_dir, str(empty))
+    pattern = str(tmp_path / "*.png")
+    with pytest.raises(FileNotFoundError, match=r"\*\.png"):
+        caption.caption_images(config, run_dir, pattern)
