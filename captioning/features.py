@@ -219,7 +219,35 @@ def _store_settings(encoder_config, seed: int | None = None) -> dict[str, Any]:
         "pooling": pooling,
         "dtype": dtype,
         "seed": _resolve_seed(encoder_config, seed),
+        "layer": str(getattr(encoder_config, "layer", "") or ""),
+        "grid": int(getattr(encoder_config, "grid", 0) or 0),
     }
+
+
+def _feature_head(model, settings: dict[str, Any], encoder_config):
+    """Cuts the backbone at `encoder.layer` (if set) and pools: avg -> [D], none -> [H, W, C].
+
+    With pooling 'none' and `encoder.grid` > 0 the map is area-resized to grid x grid, which
+    keeps attention affordable for backbones with fine maps.
+    """
+    import keras
+
+    output = model.output
+    if settings["layer"]:
+        try:
+            output = model.get_layer(settings["layer"]).output
+        except ValueError as e:
+            raise ValueError(
+                f"config.encoder.layer={settings['layer']!r} is not a layer of "
+                f"{encoder_config.backbone}; use '' for the last layer or a name from "
+                f"keras.applications.{model.name}.summary() (e.g. 'mixed5', 'conv3_block4_out')."
+            ) from e
+    if settings["pooling"] == "avg":
+        output = keras.layers.GlobalAveragePooling2D()(output)
+    elif settings["grid"]:
+        grid = settings["grid"]
+        output = keras.layers.Resizing(grid, grid, interpolation="area")(output)
+    return keras.Model(model.input, output, name=f"{model.name}_features")
 
 
 def build_backbone(
@@ -246,12 +274,7 @@ def build_backbone(
         keras.utils.set_random_seed(settings["seed"])
     constructor = getattr(keras.applications, spec.constructor)
     # Built without weights and loaded below, so Keras never reaches its download code.
-    model = constructor(
-        include_top=False,
-        weights=None,
-        input_shape=(size, size, 3),
-        pooling="avg" if settings["pooling"] == "avg" else None,
-    )
+    model = constructor(include_top=False, weights=None, input_shape=(size, size, 3))
     model.trainable = False
     if weights_path is not None:
         try:
@@ -262,6 +285,7 @@ def build_backbone(
                 f"(include_top=False): {e}. Set config.encoder.weights to a weights file of this "
                 f"backbone without its top (e.g. Keras' {spec.weights_file})."
             ) from e
+    model = _feature_head(model, settings, encoder_config)
     preprocess = getattr(keras.applications, spec.module).preprocess_input
     return model, preprocess, size
 
@@ -561,7 +585,11 @@ def feature_store_dir(
     """
     s = _store_settings(encoder_config, seed)
     weights = s["weights"] if s["seed"] is None else f"none-seed{s['seed']}"
-    name = f"{s['backbone']}_{weights}_{s['image_size']}px_{s['pooling']}_{s['dtype']}"
+    layer = f"@{s['layer']}" if s["layer"] else ""
+    grid = f"{s['grid']}x{s['grid']}" if s["grid"] and s["pooling"] == "none" else ""
+    name = (
+        f"{s['backbone']}{layer}_{weights}_{s['image_size']}px_{s['pooling']}{grid}_{s['dtype']}"
+    )
     safe = lambda text: re.sub(r"[^A-Za-z0-9._=+-]+", "-", text)
     return os.path.join(os.path.expanduser(cache_dir), "features", safe(dataset_key), safe(name))
 

@@ -12,7 +12,7 @@ def get_config():
     config.data.num_val = 8  # Validation images.
     config.data.num_test = 8  # Test images.
     config.data.image_size = 80  # Small renders.
-    config.encoder.image_size = 75  # Smallest input InceptionV3 accepts.
+    config.encoder.image_size = 64  # Small input keeps export fast.
     config.encoder.batch_size = 16  # Images per backbone call.
     config.model.embed_dim = 16  # Tiny decoder.
     config.model.hidden_size = 32  # Tiny decoder.

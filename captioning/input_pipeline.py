@@ -1,0 +1,152 @@
+"""tf.data input pipeline: caption token ids -> fixed-shape teacher-forcing batches.
+
+Image features stay on the device as one array; a batch carries the row of each caption's image
+(`image_index`) and its tokens, and the train step gathers the features itself. Batches are
+bucketed by caption length so short captions are not padded to the longest one: each bucket has
+one static length, so there is exactly one compiled step per bucket and nothing recompiles later.
+The last batch of a bucket is filled with all-padding rows (zero loss weight), so no caption is
+dropped and the number of steps per epoch never changes.
+
+Batch layout (dict of numpy arrays):
+  image_index: [B] int32   row of the caption's image in the feature array
+  inputs:      [B, T] int32 `<start> w1 .. wn` then `<pad>`
+  targets:     [B, T] int32 `w1 .. wn <end>` then `<pad>` (mask = targets != 0)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Mapping, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from captioning import text
+from captioning.datasets.base import ImageRecord
+
+
+@dataclasses.dataclass(frozen=True)
+class CaptionData:
+    """All captions of one split as arrays.
+
+    Attributes:
+      image_index: [M] int32 row of each caption's image in the feature array.
+      tokens: [M, max_len + 2] int32 `<start> w1..wn <end>` padded with 0.
+      lengths: [M] int32 number of targets (words + `<end>`).
+    """
+
+    image_index: np.ndarray
+    tokens: np.ndarray
+    lengths: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+
+def build_caption_data(
+    records: Sequence[ImageRecord],
+    image_row: Mapping[str, int],
+    vocab: text.Vocabulary,
+    *,
+    max_len: int,
+    min_word_len: int,
+) -> CaptionData:
+    """Cleans and encodes every caption of `records`; `image_row` maps image_id -> feature row."""
+    rows, tokens = [], []
+    for record in records:
+        for caption in record.captions:
+            words = text.clean_caption(caption, min_word_len)
+            if not words:  # Nothing left after cleaning (e.g. only digits): nothing to learn.
+                continue
+            rows.append(image_row[record.image_id])
+            tokens.append(text.encode_caption(words, vocab, max_len))
+    tokens_arr = np.stack(tokens) if tokens else np.zeros((0, max_len + 2), np.int32)
+    lengths = (tokens_arr[:, 1:] != text.PAD_ID).sum(axis=1).astype(np.int32)
+    return CaptionData(np.asarray(rows, np.int32), tokens_arr, lengths)
+
+
+def bucket_lengths(lengths: np.ndarray, num_buckets: int, max_targets: int) -> list[int]:
+    """Static padded lengths (ascending, last = max_targets) from length quantiles."""
+    if num_buckets <= 1 or len(lengths) == 0:
+        return [max_targets]
+    quantiles = np.quantile(lengths, np.linspace(0, 1, num_buckets + 1)[1:-1])
+    bounds = sorted({int(np.ceil(q)) for q in quantiles if q < max_targets})
+    return [b for b in bounds if b > 0] + [max_targets]
+
+
+class CaptionBatches:
+    """Epoch iterators of bucketed, shuffled, fixed-shape batches over one split."""
+
+    def __init__(
+        self,
+        data: CaptionData,
+        *,
+        batch_size: int,
+        num_buckets: int,
+        seed: int,
+        shuffle: bool,
+        prefetch: int = 2,
+    ):
+        if len(data) == 0:
+            raise ValueError("No captions to batch: the split is empty after cleaning.")
+        self.data = data
+        self.batch_size = batch_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.prefetch = prefetch
+        max_targets = data.tokens.shape[1] - 1
+        self.lengths = bucket_lengths(data.lengths, num_buckets, max_targets)
+        bucket_of = np.searchsorted(np.asarray(self.lengths), data.lengths)
+        self._members = [np.flatnonzero(bucket_of == b) for b in range(len(self.lengths))]
+        self.num_batches = sum(-(-len(m) // batch_size) for m in self._members)
+
+    def _plan(self, epoch: int) -> list[tuple[int, np.ndarray]]:
+        """[(padded length, caption indices)] for one epoch; the order depends on (seed, epoch)."""
+        rng = np.random.default_rng([self.seed, epoch])
+        plan = []
+        for length, members in zip(self.lengths, self._members, strict=True):
+            order = rng.permutation(members) if self.shuffle else members
+            plan += [
+                (length, order[i : i + self.batch_size])
+                for i in range(0, len(order), self.batch_size)
+            ]
+        if self.shuffle:
+            plan = [plan[i] for i in rng.permutation(len(plan))]
+        return plan
+
+    def _batch(self, length: int, indices: np.ndarray) -> dict[str, np.ndarray]:
+        pad = self.batch_size - len(indices)
+        tokens = self.data.tokens[indices, : length + 1]
+        image_index = self.data.image_index[indices]
+        if pad:  # Fill with all-padding rows: zero loss weight, static shape.
+            tokens = np.concatenate([tokens, np.zeros((pad, length + 1), np.int32)])
+            image_index = np.concatenate([image_index, np.zeros(pad, np.int32)])
+        return {"image_index": image_index, "inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+
+    def epoch(self, epoch: int) -> Iterator[dict[str, np.ndarray]]:
+        """Yields `num_batches` batches, prefetched by tf.data in a background thread."""
+        plan = self._plan(epoch)
+
+        def generate():
+            for length, indices in plan:
+                yield self._batch(length, indices)
+
+        signature = {
+            "image_index": tf.TensorSpec([self.batch_size], tf.int32),
+            "inputs": tf.TensorSpec([self.batch_size, None], tf.int32),
+            "targets": tf.TensorSpec([self.batch_size, None], tf.int32),
+        }
+        dataset = tf.data.Dataset.from_generator(generate, output_signature=signature)
+        return dataset.prefetch(self.prefetch).as_numpy_iterator()
+
+    def example_batches(self) -> list[dict[str, np.ndarray]]:
+        """One dummy batch per bucket length (for ahead-of-time compilation)."""
+        return [self._batch(length, np.zeros(0, np.int64)) for length in self.lengths]
+
+
+def padded_image_batches(num_images: int, batch_size: int) -> Iterator[tuple[np.ndarray, int]]:
+    """Yields ([batch_size] rows, number of real rows) covering range(num_images), last padded."""
+    for start in range(0, num_images, batch_size):
+        rows = np.arange(start, min(start + batch_size, num_images), dtype=np.int32)
+        valid = len(rows)
+        yield np.pad(rows, (0, batch_size - valid)), valid

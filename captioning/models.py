@@ -1,0 +1,260 @@
+"""Flax NNX caption decoders over precomputed CNN features.
+
+Every decoder exposes the same three entry points, so training and every decoding method (greedy,
+beam, sampling) work with any of them:
+
+  * `__call__(features, tokens_in, *, train, key) -> (logits [B, T, V], aux)`: teacher forcing over
+    the whole sequence in one `lax.scan`; `aux` holds extra loss terms' inputs (e.g. attention).
+  * `init_decode(features) -> (context, state)`: per-image constants and the initial LSTM state.
+  * `decode_step(context, state, tokens [B]) -> (state, logits [B, V], attention [B, L])`: one word.
+
+`features` is [B, D] (pooled) or [B, H, W, C] (spatial). Speed notes: the LSTM input projection of a
+whole sequence is one large matmul outside the time loop, and so is the output projection; only
+`h @ W_rec` runs inside the scan.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+Array = jax.Array
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def compute_dtype(name: str) -> Any:
+    """Config string -> jnp dtype of matrix products."""
+    if name not in _DTYPES:
+        raise ValueError(f"config.model.dtype={name!r}: use one of {sorted(_DTYPES)}.")
+    return _DTYPES[name]
+
+
+def matmul(x: Array, w: Array, dtype: Any) -> Array:
+    """x @ w with inputs cast to `dtype` and float32 accumulation/result (mixed precision)."""
+    return jnp.matmul(x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+
+
+def dropout(x: Array, rate: float, key: Array | None, train: bool) -> Array:
+    """Inverted dropout driven by an explicit key; identity at eval time."""
+    if not train or rate <= 0.0 or key is None:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
+
+
+class Dense(nnx.Module):
+    """Linear layer whose matmul honours the mixed-precision dtype."""
+
+    def __init__(self, in_dim: int, out_dim: int, *, rngs: nnx.Rngs, dtype: Any = jnp.float32):
+        init = nnx.initializers.lecun_normal()
+        self.kernel = nnx.Param(init(rngs.params(), (in_dim, out_dim), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((out_dim,), jnp.float32))
+        self.dtype = dtype
+
+    def __call__(self, x: Array) -> Array:
+        return matmul(x, self.kernel[...], self.dtype) + self.bias[...]
+
+
+class LSTM(nnx.Module):
+    """LSTM with fused gates [i, f, g, o]; input projection hoisted out of the time loop."""
+
+    def __init__(self, in_dim: int, hidden: int, *, rngs: nnx.Rngs, dtype: Any = jnp.float32):
+        self.hidden = hidden
+        self.dtype = dtype
+        self.w_in = nnx.Param(
+            nnx.initializers.lecun_normal()(rngs.params(), (in_dim, 4 * hidden), jnp.float32)
+        )
+        self.w_rec = nnx.Param(
+            nnx.initializers.orthogonal()(rngs.params(), (hidden, 4 * hidden), jnp.float32)
+        )
+        # Forget-gate bias 1 keeps early gradients flowing through time.
+        bias = jnp.zeros((4, hidden), jnp.float32).at[1].set(1.0).reshape(-1)
+        self.bias = nnx.Param(bias)
+
+    def zero_state(self, batch: int) -> tuple[Array, Array]:
+        """(h, c), each [batch, hidden] float32."""
+        zeros = jnp.zeros((batch, self.hidden), jnp.float32)
+        return zeros, zeros
+
+    def project_inputs(self, x: Array) -> Array:
+        """[..., in_dim] -> [..., 4*hidden] input part of the gates (bias included)."""
+        return matmul(x, self.w_in[...], self.dtype) + self.bias[...]
+
+    def cell(self, state: tuple[Array, Array], gates_in: Array) -> tuple[Array, Array]:
+        """One step from projected inputs [B, 4H]; returns the new (h, c)."""
+        h, c = state
+        gates = gates_in + matmul(h, self.w_rec[...], self.dtype)
+        i, f, g, o = jnp.split(gates, 4, axis=-1)
+        c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
+        h = jax.nn.sigmoid(o) * jnp.tanh(c)
+        return h, c
+
+    def scan(self, state: tuple[Array, Array], gates_in_btg: Array) -> Array:
+        """Runs the recurrence over [B, T, 4H] projected inputs; returns h [B, T, H]."""
+
+        def step(carry, gates_in):
+            carry = self.cell(carry, gates_in)
+            return carry, carry[0]
+
+        _, h_tbh = jax.lax.scan(step, state, jnp.swapaxes(gates_in_btg, 0, 1))
+        return jnp.swapaxes(h_tbh, 0, 1)
+
+
+def _pool(features: Array) -> Array:
+    """[B, D] stays; [B, H, W, C] -> mean over locations [B, C]."""
+    if features.ndim == 4:
+        return features.mean(axis=(1, 2))
+    return features
+
+
+class MergeDecoder(nnx.Module):
+    """The seed's merge model: the image joins the language LSTM's output, not its input.
+
+    features -> dropout -> dense(H, relu) = v;  words -> embed(E) -> dropout -> LSTM(H) = h_t;
+    logits_t = dense(V)(relu(dense(H)(v + h_t))).
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        feature_dim: int,
+        *,
+        embed_dim: int,
+        hidden_size: int,
+        dropout_rate: float,
+        use_image: bool,
+        rngs: nnx.Rngs,
+        dtype: Any = jnp.float32,
+    ):
+        self.dropout_rate = dropout_rate
+        self.use_image = use_image
+        self.image_proj = Dense(feature_dim, hidden_size, rngs=rngs, dtype=dtype)
+        self.embed = nnx.Embed(vocab_size, embed_dim, rngs=rngs)
+        self.lstm = LSTM(embed_dim, hidden_size, rngs=rngs, dtype=dtype)
+        self.merge_proj = Dense(hidden_size, hidden_size, rngs=rngs, dtype=dtype)
+        self.out_proj = Dense(hidden_size, vocab_size, rngs=rngs, dtype=dtype)
+
+    def _image_embedding(self, features: Array, key: Array | None, train: bool) -> Array:
+        feats = _pool(features).astype(jnp.float32)
+        if not self.use_image:
+            feats = jnp.zeros_like(feats)
+        feats = dropout(feats, self.dropout_rate, key, train)
+        return jax.nn.relu(self.image_proj(feats))
+
+    def _readout(self, image_emb: Array, h: Array) -> Array:
+        return self.out_proj(jax.nn.relu(self.merge_proj(image_emb + h)))
+
+    def __call__(
+        self, features: Array, tokens_in: Array, *, train: bool = False, key: Array | None = None
+    ) -> tuple[Array, dict[str, Array]]:
+        """features [B, D] or [B, H, W, C], tokens_in [B, T] -> logits [B, T, V] float32."""
+        k_img, k_emb = jax.random.split(key) if key is not None else (None, None)
+        image_emb = self._image_embedding(features, k_img, train)  # [B, H]
+        words = dropout(self.embed(tokens_in), self.dropout_rate, k_emb, train)  # [B, T, E]
+        h_bth = self.lstm.scan(
+            self.lstm.zero_state(tokens_in.shape[0]), self.lstm.project_inputs(words)
+        )
+        return self._readout(image_emb[:, None, :], h_bth), {}
+
+    def init_decode(self, features: Array) -> tuple[Array, tuple[Array, Array]]:
+        """-> (image embedding [B, H], LSTM state)."""
+        return self._image_embedding(features, None, False), self.lstm.zero_state(features.shape[0])
+
+    def decode_step(self, context: Array, state: Any, tokens: Array) -> tuple[Any, Array, Array]:
+        """tokens [B] -> (state, logits [B, V], attention [B, 0])."""
+        state = self.lstm.cell(state, self.lstm.project_inputs(self.embed(tokens)))
+        logits = self._readout(context, state[0])
+        return state, logits, jnp.zeros((tokens.shape[0], 0), jnp.float32)
+
+
+class InjectDecoder(nnx.Module):
+    """Show and Tell (Vinyals et al. 2015): the image embedding is the LSTM's first input.
+
+    x_{-1} = dense(E)(features); x_t = embed(w_t); logits_t = dense(V)(dropout(h_t)).
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        feature_dim: int,
+        *,
+        embed_dim: int,
+        hidden_size: int,
+        dropout_rate: float,
+        use_image: bool,
+        rngs: nnx.Rngs,
+        dtype: Any = jnp.float32,
+    ):
+        self.dropout_rate = dropout_rate
+        self.use_image = use_image
+        self.image_proj = Dense(feature_dim, embed_dim, rngs=rngs, dtype=dtype)
+        self.embed = nnx.Embed(vocab_size, embed_dim, rngs=rngs)
+        self.lstm = LSTM(embed_dim, hidden_size, rngs=rngs, dtype=dtype)
+        self.out_proj = Dense(hidden_size, vocab_size, rngs=rngs, dtype=dtype)
+
+    def _initial_state(self, features: Array, key: Array | None, train: bool):
+        feats = _pool(features).astype(jnp.float32)
+        if not self.use_image:
+            feats = jnp.zeros_like(feats)
+        image_emb = self.image_proj(dropout(feats, self.dropout_rate, key, train))
+        zero = self.lstm.zero_state(features.shape[0])
+        return self.lstm.cell(zero, self.lstm.project_inputs(image_emb))
+
+    def __call__(
+        self, features: Array, tokens_in: Array, *, train: bool = False, key: Array | None = None
+    ) -> tuple[Array, dict[str, Array]]:
+        """features [B, D] or [B, H, W, C], tokens_in [B, T] -> logits [B, T, V] float32."""
+        k_img, k_emb, k_out = jax.random.split(key, 3) if key is not None else (None,) * 3
+        state = self._initial_state(features, k_img, train)
+        words = dropout(self.embed(tokens_in), self.dropout_rate, k_emb, train)
+        h_bth = self.lstm.scan(state, self.lstm.project_inputs(words))
+        return self.out_proj(dropout(h_bth, self.dropout_rate, k_out, train)), {}
+
+    def init_decode(self, features: Array) -> tuple[Array, tuple[Array, Array]]:
+        """-> (empty context [B, 0], LSTM state after reading the image)."""
+        context = jnp.zeros((features.shape[0], 0), jnp.float32)
+        return context, self._initial_state(features, None, False)
+
+    def decode_step(self, context: Array, state: Any, tokens: Array) -> tuple[Any, Array, Array]:
+        """tokens [B] -> (state, logits [B, V], attention [B, 0])."""
+        state = self.lstm.cell(state, self.lstm.project_inputs(self.embed(tokens)))
+        return state, self.out_proj(state[0]), jnp.zeros((tokens.shape[0], 0), jnp.float32)
+
+
+DECODERS = {"merge": MergeDecoder, "inject": InjectDecoder}
+
+
+def create_model(
+    model_config: ml_collections.ConfigDict,
+    vocab_size: int,
+    feature_shape: tuple[int, ...],
+    *,
+    rngs: nnx.Rngs,
+) -> nnx.Module:
+    """Builds the decoder named by `config.model.decoder` for features of `feature_shape`."""
+    name = model_config.decoder
+    if name == "attention":
+        from captioning import attention  # Imported lazily: optional module.
+
+        return attention.create_attention_decoder(
+            model_config, vocab_size, feature_shape, rngs=rngs
+        )
+    if name not in DECODERS:
+        raise ValueError(
+            f"config.model.decoder={name!r} is unknown; use one of {sorted(DECODERS)} or attention."
+        )
+    return DECODERS[name](
+        vocab_size,
+        feature_shape[-1],
+        embed_dim=model_config.embed_dim,
+        hidden_size=model_config.hidden_size,
+        dropout_rate=model_config.dropout,
+        use_image=model_config.use_image,
+        rngs=rngs,
+        dtype=compute_dtype(model_config.dtype),
+    )

@@ -1,0 +1,52 @@
+"""Entry point: `python main.py --config=configs/scenes.py --workdir=runs/scenes [--mode=...]`.
+
+Modes:
+  train            train (resuming from the workdir's checkpoints), then evaluate the best one.
+  evaluate         score the best checkpoint on --config.eval.split with --config.decode.method.
+  caption          caption new images: --images=FILE|FOLDER|GLOB (uses the run's own settings).
+  export_features  only export the CNN feature store for the configured dataset and backbone.
+
+Any config field can be overridden, e.g. `--config.model.hidden_size=512`.
+"""
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).")
+flags.DEFINE_string("workdir", None, "Run directory: config, vocabulary, checkpoints, logs, evals.")
+flags.DEFINE_enum(
+    "mode", "train", ["train", "evaluate", "caption", "export_features"], "What to do."
+)
+flags.DEFINE_string("images", None, "caption mode: an image file, a folder or a glob pattern.")
+flags.DEFINE_string("output", None, "caption mode: JSON file for the captions (default in workdir).")
+flags.mark_flag_as_required("workdir")
+
+
+def _quiet_library_logs():
+    """Keeps the log readable: Orbax and TF info lines are dropped, warnings kept."""
+    import logging as py_logging
+
+    def keep(record):
+        noisy = "/orbax/" in record.pathname or "/tensorflow/" in record.pathname
+        return record.levelno >= py_logging.WARNING or not noisy
+
+    logging.get_absl_handler().addFilter(keep)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    _quiet_library_logs()
+    # Imported here so `--help` is fast and TensorFlow never grabs an accelerator JAX wants.
+    import tensorflow as tf
+
+    tf.config.set_visible_devices([], "GPU")
+    from captioning import cli
+
+    cli.run(FLAGS.mode, FLAGS.config, FLAGS.workdir, images=FLAGS.images, output=FLAGS.output)
+    logging.info("Done: %s", FLAGS.workdir)
+
+
+if __name__ == "__main__":
+    app.run(main)

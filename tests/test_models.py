@@ -1,0 +1,81 @@
+"""Decoders: output shapes, teacher forcing equals step-by-step decoding, dropout, dtypes."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from captioning import models
+from configs import test as test_config
+
+
+def _model(decoder="merge", feature_shape=(12,), vocab=11, **overrides):
+    config = test_config.get_config().model
+    config.decoder = decoder
+    for k, v in overrides.items():
+        config[k] = v
+    return models.create_model(config, vocab, feature_shape, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("decoder", ["merge", "inject"])
+@pytest.mark.parametrize("feature_shape", [(12,), (3, 3, 12)])
+def test_output_shapes(decoder, feature_shape):
+    model = _model(decoder, feature_shape)
+    features = jnp.ones((4, *feature_shape))
+    tokens = jnp.ones((4, 7), jnp.int32)
+    logits, aux = model(features, tokens)
+    assert logits.shape == (4, 7, 11) and logits.dtype == jnp.float32
+    context, state = model.init_decode(features)
+    state, step_logits, attention = model.decode_step(context, state, tokens[:, 0])
+    assert step_logits.shape == (4, 11) and attention.shape == (4, 0)
+
+
+@pytest.mark.parametrize("decoder", ["merge", "inject"])
+def test_teacher_forcing_matches_step_by_step(decoder):
+    model = _model(decoder)
+    features = jax.random.normal(jax.random.key(1), (3, 12))
+    tokens = jax.random.randint(jax.random.key(2), (3, 5), 0, 11)
+    logits, _ = model(features, tokens)
+    context, state = model.init_decode(features)
+    for t in range(5):
+        state, step_logits, _ = model.decode_step(context, state, tokens[:, t])
+        np.testing.assert_allclose(step_logits, logits[:, t], atol=1e-5)
+
+
+def test_dropout_only_in_training_and_keyed():
+    model = _model(dropout=0.5)
+    features = jnp.ones((2, 12))
+    tokens = jnp.ones((2, 4), jnp.int32)
+    eval_a, _ = model(features, tokens)
+    eval_b, _ = model(features, tokens, train=True, key=None)
+    np.testing.assert_allclose(eval_a, eval_b)
+    key = jax.random.key(0)
+    train_a, _ = model(features, tokens, train=True, key=key)
+    train_b, _ = model(features, tokens, train=True, key=key)
+    train_c, _ = model(features, tokens, train=True, key=jax.random.key(1))
+    np.testing.assert_allclose(train_a, train_b)
+    assert not np.allclose(train_a, eval_a) and not np.allclose(train_a, train_c)
+
+
+def test_image_blind_ablation_ignores_features():
+    model = _model(use_image=False)
+    tokens = jnp.ones((2, 4), jnp.int32)
+    a, _ = model(jnp.zeros((2, 12)), tokens)
+    b, _ = model(jax.random.normal(jax.random.key(0), (2, 12)), tokens)
+    np.testing.assert_allclose(a, b)
+
+
+def test_bfloat16_matmuls_keep_float32_outputs():
+    model = _model(dtype="bfloat16")
+    logits, _ = model(jnp.ones((2, 12)), jnp.ones((2, 3), jnp.int32))
+    assert logits.dtype == jnp.float32
+    reference, _ = _model()(jnp.ones((2, 12)), jnp.ones((2, 3), jnp.int32))
+    np.testing.assert_allclose(logits, reference, atol=0.05)
+
+
+def test_unknown_decoder_and_dtype_raise():
+    with pytest.raises(ValueError, match="config.model.decoder"):
+        _model("transformer")
+    with pytest.raises(ValueError, match="config.model.dtype"):
+        _model(dtype="float8")
