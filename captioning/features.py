@@ -44,10 +44,10 @@ logger = logging.getLogger(__name__)
 
 METADATA_FILE = "metadata.json"
 SHARD_PATTERN = re.compile(r"^shard_(\d{5})\.npz$")
-POOLINGS = ("avg", "none")
+POOLINGS = ("avg", "avgmax", "none")
 DTYPES = ("float32", "float16")
 # Store settings that must agree between a store on disk and a new export into it.
-SETTING_KEYS = ("backbone", "weights", "image_size", "pooling", "dtype", "seed")
+SETTING_KEYS = ("backbone", "weights", "image_size", "pooling", "dtype", "seed", "layer", "grid")
 
 _KERAS_WEIGHTS_URL = "https://storage.googleapis.com/tensorflow/keras-applications/"
 
@@ -225,7 +225,8 @@ def _store_settings(encoder_config, seed: int | None = None) -> dict[str, Any]:
 
 
 def _feature_head(model, settings: dict[str, Any], encoder_config):
-    """Cuts the backbone at `encoder.layer` (if set) and pools: avg -> [D], none -> [H, W, C].
+    """Cuts the backbone at `encoder.layer` (if set) and pools: avg -> [C], avgmax -> [2C]
+    (mean and max over locations concatenated), none -> [H, W, C].
 
     With pooling 'none' and `encoder.grid` > 0 the map is area-resized to grid x grid, which
     keeps attention affordable for backbones with fine maps.
@@ -244,6 +245,13 @@ def _feature_head(model, settings: dict[str, Any], encoder_config):
             ) from e
     if settings["pooling"] == "avg":
         output = keras.layers.GlobalAveragePooling2D()(output)
+    elif settings["pooling"] == "avgmax":  # [2C]: mean says how much, max says whether.
+        output = keras.layers.Concatenate()(
+            [
+                keras.layers.GlobalAveragePooling2D()(output),
+                keras.layers.GlobalMaxPooling2D()(output),
+            ]
+        )
     elif settings["grid"]:
         grid = settings["grid"]
         output = keras.layers.Resizing(grid, grid, interpolation="area")(output)
@@ -587,9 +595,7 @@ def feature_store_dir(
     weights = s["weights"] if s["seed"] is None else f"none-seed{s['seed']}"
     layer = f"@{s['layer']}" if s["layer"] else ""
     grid = f"{s['grid']}x{s['grid']}" if s["grid"] and s["pooling"] == "none" else ""
-    name = (
-        f"{s['backbone']}{layer}_{weights}_{s['image_size']}px_{s['pooling']}{grid}_{s['dtype']}"
-    )
+    name = f"{s['backbone']}{layer}_{weights}_{s['image_size']}px_{s['pooling']}{grid}_{s['dtype']}"
     safe = lambda text: re.sub(r"[^A-Za-z0-9._=+-]+", "-", text)
     return os.path.join(os.path.expanduser(cache_dir), "features", safe(dataset_key), safe(name))
 

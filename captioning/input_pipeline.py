@@ -66,12 +66,34 @@ def build_caption_data(
 
 
 def bucket_lengths(lengths: np.ndarray, num_buckets: int, max_targets: int) -> list[int]:
-    """Static padded lengths (ascending, last = max_targets) from length quantiles."""
-    if num_buckets <= 1 or len(lengths) == 0:
+    """Static padded lengths (ascending) that minimise the total padded tokens.
+
+    Exact dynamic programme over the length histogram: with K buckets, bucket (a, b] pads every
+    caption in it to b, so the cost of a split is sum(count(l) * b). The last length is the longest
+    caption present (at most `max_targets`).
+    """
+    if len(lengths) == 0:
         return [max_targets]
-    quantiles = np.quantile(lengths, np.linspace(0, 1, num_buckets + 1)[1:-1])
-    bounds = sorted({int(np.ceil(q)) for q in quantiles if q < max_targets})
-    return [b for b in bounds if b > 0] + [max_targets]
+    longest = int(min(max(lengths), max_targets))
+    counts = np.bincount(np.minimum(lengths, longest), minlength=longest + 1).astype(np.int64)
+    cum = np.cumsum(counts)  # cum[j] = captions with length <= j
+    k_max = max(1, min(num_buckets, longest))
+    inf = np.iinfo(np.int64).max // 4
+    # cost[k][j]: least padded tokens covering lengths <= j with k buckets, the last ending at j.
+    cost = np.full((k_max + 1, longest + 1), inf, np.int64)
+    parent = np.zeros((k_max + 1, longest + 1), np.int64)
+    cost[0][0] = 0
+    for k in range(1, k_max + 1):
+        for j in range(1, longest + 1):
+            previous = cost[k - 1][:j] + (cum[j] - cum[:j]) * j
+            i = int(np.argmin(previous))
+            cost[k][j], parent[k][j] = previous[i], i
+    best_k = int(np.argmin(cost[1:, longest])) + 1
+    bounds, j = [], longest
+    for k in range(best_k, 0, -1):
+        bounds.append(j)
+        j = int(parent[k][j])
+    return sorted(b for b in bounds if b > 0 and (b == longest or cum[b] > 0))
 
 
 class CaptionBatches:

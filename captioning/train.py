@@ -30,7 +30,7 @@ from absl import logging
 from clu import metric_writers
 from flax import nnx
 
-from captioning import decode, input_pipeline, metrics, models, text
+from captioning import decode, input_pipeline, metrics, models, parallel, text
 from captioning.datasets.base import SPLITS, DatasetSplits, ImageRecord
 
 Array = jax.Array
@@ -422,7 +422,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     num_params = sum(x.size for x in jax.tree.leaves(train_state["params"]))
     logging.info("Model %s: %d parameters.", config.model.decoder, num_params)
 
-    features = jnp.asarray(data.features)  # Kept on the device for the whole run.
+    mesh = parallel.make_mesh()
+    parallel.check_batch_size(config.train.batch_size, mesh, "config.train.batch_size")
+    # Kept on the device(s) for the whole run; steps gather their rows from it.
+    features = parallel.replicate(jnp.asarray(data.features), mesh)
     base_key = jax.random.key(config.seed)
 
     latest_mgr, best_mgr = checkpoint_managers(workdir, config.train.keep_checkpoints)
@@ -438,7 +441,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         logging.info(
             "Resumed from %s at step %d (epoch %d).", workdir, restored_step, train_state["epoch"]
         )
-    params, opt_state = train_state["params"], train_state["opt_state"]
+    params = parallel.replicate(train_state["params"], mesh)
+    opt_state = parallel.replicate(train_state["opt_state"], mesh)
     start_epoch = int(train_state["epoch"])
     best_metric = float(train_state["best_metric"])
     epochs_since_best = int(train_state["epochs_since_best"])
@@ -449,10 +453,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     compile_start = time.perf_counter()
     compiled_train = compile_for_buckets(
         train_step,
-        lambda b: (params, opt_state, features, b, base_key, np.int32(0)),
+        lambda b: (params, opt_state, features, parallel.shard_batch(b, mesh), base_key, 0),
         train_batches,
     )
-    compiled_eval = compile_for_buckets(eval_step, lambda b: (params, features, b), val_batches)
+    compiled_eval = compile_for_buckets(
+        eval_step, lambda b: (params, features, parallel.shard_batch(b, mesh)), val_batches
+    )
     decode_callable = decode.decode_fn(graphdef, _greedy(config.decode))
     logging.info(
         "Compiled %d train and %d eval steps in %.1fs (bucket lengths %s).",
@@ -492,7 +498,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         pending = None  # Read metrics back one step late, so the host never waits on the device.
         for batch in train_batches.epoch(epoch):
             params, opt_state, stats = compiled_train[batch["inputs"].shape[1]](
-                params, opt_state, features, batch, base_key, np.int32(step)
+                params, opt_state, features, parallel.shard_batch(batch, mesh), base_key, step
             )
             if pending is not None:
                 _accumulate(window, pending)
@@ -528,7 +534,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         # ---- validation -----------------------------------------------------------------
         val_loss_sum = val_count = 0.0
         for batch in val_batches.epoch(0):
-            out = compiled_eval[batch["inputs"].shape[1]](params, features, batch)
+            out = compiled_eval[batch["inputs"].shape[1]](
+                params, features, parallel.shard_batch(batch, mesh)
+            )
             val_loss_sum += float(out["loss_sum"])
             val_count += float(out["count"])
         decoded = decode_split(
@@ -567,15 +575,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if improved:
             best_mgr.save(step, args=ocp.args.StandardSave(train_state))
         logging.info(
-            "Epoch %d/%d (step %d) in %.1fs: train_loss %.4f, eval_loss %.4f, val %s %.4f%s",
+            "Epoch %d/%d (step %d) in %.1fs: %s%s",
             epoch + 1,
             config.train.num_epochs,
             step,
             time.perf_counter() - epoch_start,
-            epoch_metrics["train_loss"],
-            epoch_metrics["eval_loss"],
-            config.train.val_metric,
-            val_metric,
+            ", ".join(f"{k} {v:.4f}" for k, v in epoch_metrics.items()),
             " (best)" if improved else "",
         )
     latest_mgr.wait_until_finished()

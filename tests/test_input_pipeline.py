@@ -50,8 +50,9 @@ def test_batches_teacher_forcing_and_mask():
         real = batch["targets"] != text.PAD_ID
         # Inputs are targets shifted right behind <start>.
         assert (batch["inputs"][:, 0][real[:, 0]] == text.START_ID).all()
-        np.testing.assert_array_equal(batch["inputs"][:, 1:][real[:, 1:]],
-                                      batch["targets"][:, :-1][real[:, 1:]])
+        np.testing.assert_array_equal(
+            batch["inputs"][:, 1:][real[:, 1:]], batch["targets"][:, :-1][real[:, 1:]]
+        )
         seen.append(int(real.sum()))
     assert len(seen) == batches.num_batches
     # Every target of every caption is trained exactly once per epoch: nothing dropped.
@@ -72,11 +73,21 @@ def test_epoch_order_depends_only_on_seed_and_epoch():
     assert first_rows(0, 1) != first_rows(1, 1)
 
 
-def test_bucket_lengths_end_at_max():
+def test_bucket_lengths_minimise_padding():
     lengths = np.array([2, 3, 3, 4, 5, 9, 11])
-    assert input_pipeline.bucket_lengths(lengths, 1, 12) == [12]
-    buckets = input_pipeline.bucket_lengths(lengths, 3, 12)
-    assert buckets[-1] == 12 and buckets == sorted(buckets) and len(buckets) <= 3
+    assert input_pipeline.bucket_lengths(lengths, 1, 12) == [11]  # Longest present.
+    assert input_pipeline.bucket_lengths(lengths, 3, 12) == [3, 5, 11]
+    assert input_pipeline.bucket_lengths(np.array([40, 50]), 2, 30) == [30]  # Capped.
+
+    def padded(bounds, lens):
+        return int(np.asarray(bounds)[np.searchsorted(bounds, lens)].sum())
+
+    rng = np.random.default_rng(0)
+    lens = rng.integers(1, 9, 200)
+    best = min(
+        padded(sorted({a, b, 8}), lens) for a in range(1, 9) for b in range(1, 9)
+    )  # Brute force over every choice of 3 buckets ending at the longest length.
+    assert padded(input_pipeline.bucket_lengths(lens, 3, 8), lens) == best
 
 
 def test_padded_image_batches_cover_every_row_once():

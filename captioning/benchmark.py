@@ -1,0 +1,264 @@
+"""Speed benchmark: `python -m captioning.benchmark` prints one JSON object.
+
+Defaults use the seed's sizes (GloVe-sized 200-d embeddings, LSTM 256, the Flickr8k vocabulary of
+min count 10, captions of at most 32 words) and the real Flickr8k train caption lengths from
+`../shared/data/flickr8k_text/` when present (else synthetic lengths with the same mean); random
+2048-d features stand in for images. Figures:
+
+  train_targets_per_s          non-pad target words trained per second, steady state
+  greedy_captions_per_s        greedy captions per second (decoder trained briefly, so it ends)
+  beam_captions_per_s          beam search (size 3) captions per second
+  export_images_per_s          feature export (tf.data decode + resize + backbone) images/s
+  backbone_images_per_s        the bare Keras backbone on the same batches, images/s
+  first_step_compile_s         compiling every bucket's train step before step 1
+  recompiles_after_first_step  XLA compilations during the timed training steps (must be 0)
+  peak_rss_mb                  peak resident memory of the process
+  device                       what JAX ran on
+
+Flags: --train_seconds, --batch_size, --num_buckets, --export_images, --backbone, --image_size.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import app, flags
+from flax import nnx
+
+from captioning import decode, input_pipeline, models, text, train
+from captioning.datasets.base import ImageRecord
+
+FLAGS = flags.FLAGS
+flags.DEFINE_float("train_seconds", 25.0, "Seconds of timed, steady-state training.")
+flags.DEFINE_integer("batch_size", 512, "Captions per training step.")
+flags.DEFINE_integer("num_buckets", 6, "Caption-length buckets (one compiled step each).")
+flags.DEFINE_integer("decode_images", 1024, "Images decoded for the greedy/beam figures.")
+flags.DEFINE_integer("export_images", 128, "Images for the export vs bare backbone figures.")
+flags.DEFINE_string("backbone", "inception_v3", "Backbone for the export figures.")
+flags.DEFINE_integer("image_size", 299, "Backbone input side for the export figures.")
+flags.DEFINE_string("dtype", "float32", "Matmul dtype: float32 | bfloat16.")
+
+SHARED_TEXT = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+    "shared",
+    "data",
+    "flickr8k_text",
+)
+
+
+def _flickr8k_captions() -> tuple[list[list[str]], str]:
+    """Cleaned train captions of real Flickr8k (seed cleaning), or a synthetic stand-in."""
+    if os.path.isdir(SHARED_TEXT):
+        from captioning.datasets import flickr8k
+
+        splits = flickr8k.read_flickr8k(SHARED_TEXT, check_images=False)
+        tokenized = [text.clean_caption(c, 2) for r in splits["train"] for c in r.captions]
+        return tokenized, "flickr8k train captions (" + SHARED_TEXT + ")"
+    rng = np.random.default_rng(0)
+    words = [f"w{chr(97 + i % 26)}{chr(97 + i // 26 % 26)}" for i in range(1649)]
+    lengths = np.clip(rng.poisson(10.8, 30000), 1, 32)
+    tokenized = [list(rng.choice(words, n)) for n in lengths]
+    return tokenized, "synthetic lengths (shared Flickr8k text not found)"
+
+
+def _model_config(dtype: str) -> ml_collections.ConfigDict:
+    from configs import flickr8k
+
+    config = flickr8k.get_config()
+    config.model.dtype = dtype
+    config.model.glove_path = ""
+    return config
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+class _CompileCounter:
+    def __init__(self):
+        self.count = 0
+        self.active = False
+        jax.monitoring.register_event_duration_secs_listener(self)
+
+    def __call__(self, name, *_, **__):
+        if self.active and name == "/jax/core/compile/backend_compile_duration":
+            self.count += 1
+
+
+def benchmark_training(config, tokenized, batch_size, num_buckets, seconds):
+    """-> (figures, graphdef, params) after timed steady-state training."""
+    vocab = text.Vocabulary.build(tokenized, config.data.min_count)
+    num_images = len(tokenized) // 5
+    records = [
+        ImageRecord(
+            f"img{i}", "", tuple(" ".join(w) for w in tokenized[5 * i : 5 * i + 5]), "train"
+        )
+        for i in range(num_images)
+    ]
+    rows = {r.image_id: i for i, r in enumerate(records)}
+    data = input_pipeline.build_caption_data(
+        records, rows, vocab, max_len=config.data.max_caption_len, min_word_len=2
+    )
+    batches = input_pipeline.CaptionBatches(
+        data, batch_size=batch_size, num_buckets=num_buckets, seed=0, shuffle=True
+    )
+    features = jnp.asarray(np.random.default_rng(0).normal(size=(num_images, 2048)), jnp.float32)
+    model = models.create_model(config.model, len(vocab), (2048,), rngs=nnx.Rngs(0))
+    graphdef, state, tx, _ = train.init_train_state(config, model, total_steps=10_000)
+    train_step, _ = train.make_steps(graphdef, tx, config.model)
+    train_step = jax.jit(train_step, donate_argnums=(0, 1))
+    params, opt_state = state["params"], state["opt_state"]
+    key = jax.random.key(0)
+
+    start = time.perf_counter()
+    compiled = train.compile_for_buckets(
+        train_step, lambda b: (params, opt_state, features, b, key, 0), batches
+    )
+    compile_s = time.perf_counter() - start
+
+    counter = _CompileCounter()
+    step, targets, timed_start, timed_targets = 0, 0, None, 0
+    warmup_steps = 2 * len(compiled)  # Every bucket runs at least once before timing.
+    epoch = 0
+    while True:
+        for batch in batches.epoch(epoch):
+            params, opt_state, stats = compiled[batch["inputs"].shape[1]](
+                params, opt_state, features, batch, key, step
+            )
+            real = int((batch["targets"] != text.PAD_ID).sum())  # Host-side: no device sync.
+            step += 1
+            if step == warmup_steps:
+                jax.block_until_ready(params)
+                timed_start, timed_targets = time.perf_counter(), 0
+                counter.active = True
+            elif timed_start is not None:
+                timed_targets += real
+                if time.perf_counter() - timed_start > seconds:
+                    break
+            targets += real
+        else:
+            epoch += 1
+            continue
+        break
+    jax.block_until_ready(params)
+    elapsed = time.perf_counter() - timed_start
+    counter.active = False
+    figures = {
+        "train_targets_per_s": round(timed_targets / elapsed, 1),
+        "train_steps_timed": step - warmup_steps,
+        "train_loss_last": round(float(stats["loss_sum"] / stats["count"]), 3),
+        "first_step_compile_s": round(compile_s, 2),
+        "recompiles_after_first_step": counter.count,
+        "vocab_size": len(vocab),
+        "batch_size": batch_size,
+        "bucket_lengths": batches.lengths,
+        "mean_targets_per_caption": round(float(data.lengths.mean()), 2),
+    }
+    return figures, graphdef, params
+
+
+def benchmark_decoding(graphdef, params, num_images, max_len):
+    """Greedy and beam-3 captions per second on random features (second call, compiled)."""
+    features = jnp.asarray(np.random.default_rng(1).normal(size=(num_images, 2048)), jnp.float32)
+    figures = {}
+    for name, method in (("greedy", "greedy"), ("beam", "beam")):
+        config = ml_collections.ConfigDict(
+            {
+                "method": method,
+                "max_len": max_len,
+                "beam_size": 3,
+                "length_penalty": 0.0,
+                "temperature": 1.0,
+                "top_k": 0,
+            }
+        )
+        fn = decode.decode_fn(graphdef, config)
+        jax.block_until_ready(fn(params, features))
+        start = time.perf_counter()
+        out = jax.block_until_ready(fn(params, features))
+        figures[f"{name}_captions_per_s"] = round(num_images / (time.perf_counter() - start), 1)
+        lengths = (np.asarray(out.tokens) != 0).sum(axis=1)
+        figures[f"{name}_mean_length"] = round(float(lengths.mean()), 2)
+    return figures
+
+
+def benchmark_export(backbone, image_size, num_images):
+    """Feature export (files -> store) vs the bare Keras backbone on the same batches."""
+    from PIL import Image
+
+    from captioning import features as features_lib
+
+    encoder = ml_collections.ConfigDict(
+        {
+            "backbone": backbone,
+            "weights": "none",
+            "image_size": image_size,
+            "pooling": "avg",
+            "batch_size": 32,
+            "dtype": "float32",
+            "layer": "",
+            "grid": 0,
+        }
+    )
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        pixels = rng.integers(0, 255, (num_images, 375, 500, 3), np.uint8)  # Flickr-like JPEGs.
+        records = []
+        for i, image in enumerate(pixels):
+            path = os.path.join(tmp, f"{i:05d}.jpg")
+            Image.fromarray(image).save(path, quality=90)
+            records.append(ImageRecord(f"{i:05d}.jpg", path, ("x",), "train"))
+        resized = np.asarray(
+            jax.image.resize(
+                pixels[:32].astype(np.float32), (32, image_size, image_size, 3), "linear"
+            )
+        )
+        tiled = np.tile(resized, (num_images // 32, 1, 1, 1)).astype(np.uint8)
+        bare = features_lib.backbone_throughput(encoder, tiled, repeats=1)
+        result = features_lib.export_features(records, encoder, os.path.join(tmp, "store"), seed=0)
+        export = result.images_per_second
+        bare_again = features_lib.backbone_throughput(encoder, tiled, repeats=1)
+    bare = max(bare, bare_again)
+    return {
+        "export_images_per_s": round(export, 2),
+        "backbone_images_per_s": round(bare, 2),
+        "export_vs_backbone": round(export / bare, 3),
+        "export_backbone": f"{backbone} {image_size}px random weights, batch 32",
+    }
+
+
+def main(argv):
+    del argv
+    config = _model_config(FLAGS.dtype)
+    tokenized, source = _flickr8k_captions()
+    results = {
+        "device": f"{jax.devices()[0].device_kind} x{jax.device_count()}",
+        "platform": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "captions": source,
+        "dtype": FLAGS.dtype,
+    }
+    train_figures, graphdef, params = benchmark_training(
+        config, tokenized, FLAGS.batch_size, FLAGS.num_buckets, FLAGS.train_seconds
+    )
+    results.update(train_figures)
+    results.update(
+        benchmark_decoding(graphdef, params, FLAGS.decode_images, config.decode.max_len + 2)
+    )
+    if FLAGS.export_images:
+        results.update(benchmark_export(FLAGS.backbone, FLAGS.image_size, FLAGS.export_images))
+    results["peak_rss_mb"] = round(_peak_rss_mb(), 1)
+    print(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    app.run(main)

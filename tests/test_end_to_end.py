@@ -1,0 +1,146 @@
+"""End to end on the tiny scenes config: main.py, resume after a crash, no recompilation."""
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from captioning import input_pipeline, train
+from configs import test as test_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+METRICS = ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "ROUGE_L", "CIDEr", "attribute_accuracy"]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("cache"))
+
+
+def _config(cache_dir):
+    config = test_config.get_config()
+    config.data.cache_dir = cache_dir
+    return config
+
+
+def test_main_py_runs_the_tiny_config(tmp_path, cache_dir):
+    workdir = tmp_path / "run"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "main.py",
+            "--config=configs/test.py",
+            f"--workdir={workdir}",
+            f"--config.data.cache_dir={cache_dir}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in ["config.json", "vocab.json", "history.json", "samples.png", "curves.png"]:
+        assert (workdir / name).exists(), name
+    report = json.loads((workdir / "eval" / "test_greedy.json").read_text())
+    assert set(METRICS) <= set(report["metrics"])
+    assert len(report["captions"]) == 8 and report["step"] > 0
+    assert report["decode"]["method"] == "greedy"
+    assert "| greedy |" in (workdir / "results.md").read_text()
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir))
+    assert os.listdir(workdir / "checkpoints" / "best")
+    # Evaluate mode reads the run's own config and writes the same report again.
+    result = subprocess.run(
+        [sys.executable, "main.py", "--mode=evaluate", f"--workdir={workdir}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    again = json.loads((workdir / "eval" / "test_greedy.json").read_text())
+    assert again["metrics"] == report["metrics"]
+
+
+def _latest_params(workdir):
+    with ocp.CheckpointManager(os.path.join(workdir, "checkpoints", "latest")) as manager:
+        step = manager.latest_step()
+        return step, manager.restore(step)["params"]
+
+
+class _Crash(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _compiles_per_epoch(monkeypatch):
+    """Counts XLA compilations while each training epoch (and its validation) runs."""
+    counts, current = {}, []
+    original_epoch = input_pipeline.CaptionBatches.epoch
+
+    def listener(name, *_, **__):
+        if name == "/jax/core/compile/backend_compile_duration" and current:
+            counts[current[-1]] = counts.get(current[-1], 0) + 1
+
+    def watched_epoch(self, epoch):
+        if self.shuffle:
+            current.append(epoch)
+        yield from original_epoch(self, epoch)
+
+    monkeypatch.setattr(input_pipeline.CaptionBatches, "epoch", watched_epoch)
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield counts
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+        monkeypatch.setattr(input_pipeline.CaptionBatches, "epoch", original_epoch)
+
+
+def test_resume_after_crash_equals_uninterrupted_run(tmp_path, cache_dir, monkeypatch):
+    config = _config(cache_dir)
+    config.train.num_epochs = 3
+    with _compiles_per_epoch(monkeypatch) as compiles:
+        whole = train.train_and_evaluate(config, str(tmp_path / "whole"))
+    # Epoch 0 compiles the decoder in its validation; epoch 1 (training and validation) compiles
+    # nothing. (Epoch 2 is followed by the final evaluation, which builds its own decoder.)
+    assert compiles.get(0, 0) > 0
+    assert compiles.get(1, 0) == 0
+
+    original_epoch = input_pipeline.CaptionBatches.epoch
+
+    def crashing_epoch(self, epoch):
+        for i, batch in enumerate(original_epoch(self, epoch)):
+            if self.shuffle and epoch == 1 and i == 1:  # Mid-epoch, after a checkpoint.
+                raise _Crash()
+            yield batch
+
+    monkeypatch.setattr(input_pipeline.CaptionBatches, "epoch", crashing_epoch)
+    with pytest.raises(_Crash):
+        train.train_and_evaluate(config, str(tmp_path / "resumed"))
+    step, _ = _latest_params(str(tmp_path / "resumed"))
+    monkeypatch.setattr(input_pipeline.CaptionBatches, "epoch", original_epoch)
+    resumed = train.train_and_evaluate(config, str(tmp_path / "resumed"))
+
+    whole_step, whole_params = _latest_params(str(tmp_path / "whole"))
+    resumed_step, resumed_params = _latest_params(str(tmp_path / "resumed"))
+    assert 0 < step < resumed_step == whole_step
+    for a, b in zip(jax.tree.leaves(whole_params), jax.tree.leaves(resumed_params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert resumed["metrics"] == whole["metrics"]
+    assert resumed["captions"] == whole["captions"]
+    history = json.loads((tmp_path / "resumed" / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+
+
+def test_changed_config_in_same_workdir_is_refused(tmp_path, cache_dir):
+    config = _config(cache_dir)
+    config.train.num_epochs = 1
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+    config.model.hidden_size = 64
+    with pytest.raises(ValueError, match="model.hidden_size"):
+        train.train_and_evaluate(config, str(tmp_path / "run"))

@@ -1,0 +1,77 @@
+"""Data parallelism: 8 (simulated CPU) devices give the same training as 1 for the same batch."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+SCRIPT = textwrap.dedent(
+    """
+    import jax, numpy as np
+    from flax import nnx
+    from captioning import models, parallel, text, train
+    from configs import test as test_config
+
+    assert len(jax.devices()) == 8, jax.devices()
+    config = test_config.get_config()
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(4, 13, (16, 7)).astype(np.int32)
+    tokens[:, 0] = text.START_ID
+    tokens[:, -1] = text.END_ID
+    batch = {"image_index": np.arange(16, dtype=np.int32) % 5,
+             "inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+    features_np = rng.normal(size=(5, 10)).astype(np.float32)
+
+    def run(devices):
+        mesh = parallel.make_mesh(devices)
+        model = models.create_model(config.model, 13, (10,), rngs=nnx.Rngs(0))
+        graphdef, state, tx, _ = train.init_train_state(config, model, total_steps=10)
+        step_fn, _ = train.make_steps(graphdef, tx, config.model)
+        step_fn = jax.jit(step_fn)
+        params = parallel.replicate(state["params"], mesh)
+        opt_state = parallel.replicate(state["opt_state"], mesh)
+        features = parallel.replicate(features_np, mesh)
+        losses = []
+        for step in range(3):
+            sharded = parallel.shard_batch(batch, mesh)
+            params, opt_state, stats = step_fn(params, opt_state, features, sharded,
+                                               jax.random.key(0), step)
+            losses.append(float(stats["loss_sum"] / stats["count"]))
+        assert len(sharded["inputs"].sharding.device_set) == len(devices)
+        return losses, jax.tree.leaves(params)
+
+    one_losses, one_params = run(jax.devices()[:1])
+    all_losses, all_params = run(jax.devices())
+    np.testing.assert_allclose(all_losses, one_losses, rtol=1e-5)
+    for a, b in zip(one_params, all_params):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+    try:
+        parallel.check_batch_size(12, parallel.make_mesh(), "config.train.batch_size")
+    except ValueError as e:
+        assert "config.train.batch_size=12" in str(e)
+    else:
+        raise AssertionError("batch 12 on 8 devices must be refused")
+    print("SAME", one_losses, all_losses)
+    """
+)
+
+
+def test_eight_devices_train_like_one():
+    env = dict(
+        os.environ,
+        XLA_FLAGS="--xla_force_host_platform_device_count=8",
+        JAX_PLATFORMS="cpu",
+        PYTHONPATH=REPO,
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", SCRIPT],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "SAME" in result.stdout
