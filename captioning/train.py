@@ -279,12 +279,27 @@ def init_train_state(config: ml_collections.ConfigDict, model: nnx.Module, total
 
 
 def decode_split(
-    decode_callable: Callable, params, features: np.ndarray, rows: np.ndarray, batch_size: int
+    decode_callable: Callable,
+    params,
+    features: np.ndarray,
+    rows: np.ndarray,
+    batch_size: int,
+    *,
+    key: Array | None = None,
 ) -> decode.DecodeOutput:
-    """Decodes the images at `rows` in fixed-size batches (last padded) -> stacked outputs."""
+    """Decodes the images at `rows` in fixed-size batches (last padded) -> stacked outputs.
+
+    With a `key` (sampling), batch i draws with `fold_in(key, i)`: independent batches,
+    reproducible for a fixed key.
+    """
     outputs = []
-    for batch_rows, valid in input_pipeline.padded_image_batches(len(rows), batch_size):
-        out = decode_callable(params, jnp.asarray(features[rows[batch_rows]]))
+    batches = input_pipeline.padded_image_batches(len(rows), batch_size)
+    for i, (batch_rows, valid) in enumerate(batches):
+        batch_features = jnp.asarray(features[rows[batch_rows]])
+        if key is None:
+            out = decode_callable(params, batch_features)
+        else:
+            out = decode_callable(params, batch_features, jax.random.fold_in(key, i))
         outputs.append(jax.tree.map(lambda x, v=valid: np.asarray(x)[:v], out))
     return jax.tree.map(lambda *xs: np.concatenate(xs), *outputs)
 
@@ -708,12 +723,14 @@ def evaluate(
     rows = np.asarray([data.image_row[r.image_id] for r in records], np.int32)
     method = config.decode.method
     start = time.perf_counter()
+    sample_key = jax.random.key(config.decode.get("seed", 0)) if method == "sample" else None
     decoded = decode_split(
         decode.decode_fn(graphdef, config.decode),
         params,
         data.features,
         rows,
         config.decode.batch_size,
+        key=sample_key,
     )
     decode_seconds = time.perf_counter() - start
     captions = vocab.decode_batch(decoded.tokens)
@@ -766,10 +783,30 @@ def evaluate(
 
     from captioning import visualize
 
+    # samples.png: greedy and beam side by side (plus the evaluated method) and a reference.
+    shown = records[: config.eval.num_samples]
+    shown_captions = {method: captions[: len(shown)]}
+    for other in ("greedy", "beam"):
+        if other != method and shown:
+            other_config = ml_collections.ConfigDict(config.decode.to_dict())
+            other_config.method = other
+            out = decode_split(
+                decode.decode_fn(graphdef, other_config),
+                params,
+                data.features,
+                rows[: len(shown)],
+                len(shown),
+            )
+            shown_captions[other] = vocab.decode_batch(out.tokens)
+    if "beam" in shown_captions:
+        shown_captions = {
+            f"beam{config.decode.beam_size}" if k == "beam" else k: v
+            for k, v in shown_captions.items()
+        }
     visualize.save_samples(
         os.path.join(workdir, "samples.png"),
-        [r.image_path for r in records[: config.eval.num_samples]],
-        {method: captions[: config.eval.num_samples]},
-        [r.captions[0] for r in records[: config.eval.num_samples]],
+        [r.image_path for r in shown],
+        shown_captions,
+        [r.captions[0] for r in shown],
     )
     return report

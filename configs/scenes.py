@@ -73,6 +73,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.decode.temperature = 1.0  # Sampling temperature for method=sample.
     config.decode.top_k = 0  # Sample among the k most likely words (0 = all).
     config.decode.batch_size = 256  # Images decoded per call.
+    config.decode.seed = 0  # PRNG seed of method=sample (batch i draws with fold_in(seed, i)).
 
     config.eval = ml_collections.ConfigDict()
     config.eval.split = "test"  # Split scored by --mode=evaluate and at the end of training.
@@ -80,4 +81,5 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval.meteor = True  # METEOR needs Java; reported as skipped when Java is missing.
     config.eval.spice = False  # SPICE needs Java and Stanford CoreNLP jars; skipped if absent.
     config.eval.num_samples = 12  # Images drawn in samples.png.
+    config.eval.attention_maps = False  # Attention decoder: also draw per-word attention PNGs.
     return config

@@ -144,3 +144,45 @@ def test_changed_config_in_same_workdir_is_refused(tmp_path, cache_dir):
     config.model.hidden_size = 64
     with pytest.raises(ValueError, match="model.hidden_size"):
         train.train_and_evaluate(config, str(tmp_path / "run"))
+
+
+def test_evaluate_with_beam_and_sampling_adds_reports(tmp_path, cache_dir):
+    from captioning import cli
+
+    config = _config(cache_dir)
+    config.train.num_epochs = 1
+    workdir = str(tmp_path / "run")
+    train.train_and_evaluate(config, workdir)
+    config.decode.method = "beam"
+    beam = cli.run("evaluate", config, workdir)
+    config.decode.method = "sample"
+    sample = cli.run("evaluate", config, workdir)
+    again = cli.run("evaluate", config, workdir)
+    assert beam["decode"]["method"] == "beam" and sample["decode"]["method"] == "sample"
+    assert again["captions"] == sample["captions"]  # Sampling is reproducible (decode.seed).
+    for name in ["test_greedy.json", "test_beam.json", "test_sample.json"]:
+        assert (tmp_path / "run" / "eval" / name).exists()
+    rows = (tmp_path / "run" / "results.md").read_text().splitlines()
+    assert [r.split("|")[1].strip() for r in rows[2:]] == ["greedy", "beam", "sample", "sample"]
+
+
+def test_early_stopping_with_patience(tmp_path, cache_dir, monkeypatch):
+    config = _config(cache_dir)
+    config.train.num_epochs = 5
+    config.train.patience = 1
+    scores = iter([0.5, 0.4, 0.3, 0.2, 0.1])  # Validation CIDEr only gets worse.
+    original = train.score_split
+
+    def fake_score(records, captions, **kwargs):
+        result = original(records, captions, **kwargs)
+        if not kwargs["meteor"]:  # Per-epoch validation (the final test scoring keeps METEOR).
+            result["scores"]["CIDEr"] = next(scores)
+        return result
+
+    config.eval.meteor = True
+    monkeypatch.setattr(train, "score_split", fake_score)
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2]  # Epoch 2 did not improve: stop.
+    with ocp.CheckpointManager(str(tmp_path / "run" / "checkpoints" / "best")) as manager:
+        assert manager.latest_step() == history[0]["step"]
