@@ -5,6 +5,7 @@ import contextlib
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from captioning import models, text, train
@@ -27,8 +28,9 @@ def count_compiles():
         jax.monitoring.unregister_event_duration_listener(listener)
 
 
-def _setup(vocab=13, batch=8, length=6, seed=0):
+def _setup(vocab=13, batch=8, length=6, seed=0, dtype="float32"):
     config = test_config.get_config()
+    config.model.dtype = dtype
     config.model.dropout = 0.0  # Memorizing a fixed batch is the point here.
     config.train.learning_rate = 1e-2
     model = models.create_model(config.model, vocab, (10,), rngs=nnx.Rngs(seed))
@@ -47,8 +49,9 @@ def _setup(vocab=13, batch=8, length=6, seed=0):
     return state, jax.jit(train_step), jax.jit(eval_step), features, batch
 
 
-def test_a_few_steps_lower_the_loss_on_a_fixed_batch():
-    state, train_step, eval_step, features, batch = _setup()
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_few_steps_lower_the_loss_on_a_fixed_batch(dtype):
+    state, train_step, eval_step, features, batch = _setup(dtype=dtype)
     params, opt_state = state["params"], state["opt_state"]
     key = jax.random.key(0)
     first = eval_step(params, features, batch)
@@ -58,6 +61,8 @@ def test_a_few_steps_lower_the_loss_on_a_fixed_batch():
     first_loss = float(first["loss_sum"] / first["count"])
     last_loss = float(last["loss_sum"] / last["count"])
     assert last_loss < 0.5 * first_loss
+    # Mixed precision keeps parameters and optimizer state in float32.
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
 
 
 def test_padding_targets_carry_no_loss():
