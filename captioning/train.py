@@ -354,7 +354,17 @@ def _check_resumable_config(config: ml_collections.ConfigDict, workdir: str) -> 
     with open(path, encoding="utf-8") as f:
         saved = json.load(f)
     current = json.loads(config.to_json())
-    ignore = {("train", "num_epochs"), ("train", "patience"), ("eval",), ("decode",)}
+    # Fields that only change how long, how loudly or how it is scored, not what is learned.
+    ignore = {
+        ("train", "num_epochs"),
+        ("train", "patience"),
+        ("train", "log_every"),
+        ("train", "keep_checkpoints"),
+        ("data", "cache_dir"),
+        ("data", "skip_bad_images"),  # Retrying after a bad image was named.
+        ("eval",),
+        ("decode",),
+    }
     diffs = []
     for section, values in current.items():
         if not isinstance(values, dict):

@@ -19,6 +19,7 @@ def get_config():
     config.train.num_epochs = 2  # Two epochs: enough to test checkpoint and resume.
     config.train.batch_size = 32  # Captions per step.
     config.train.warmup_steps = 2  # Short warm-up.
+    config.train.num_buckets = 2  # Fewer compiled steps keep the tests fast.
     config.train.log_every = 2  # Log often.
     config.decode.batch_size = 8  # Images per decode call.
     config.eval.meteor = False  # Java start-up is slow; the metrics tests cover METEOR.
