@@ -30,6 +30,7 @@ def get_config():
     config.model.decoder = "merge"  # The seed's merge architecture.
     config.model.embed_dim = 200  # GloVe 200-d.
     config.model.hidden_size = 256  # The seed's LSTM size.
+    config.model.dropout = 0.5  # The seed's dropout (real photos overfit fast).
     config.model.glove_path = ""  # e.g. /data/glove/glove.6B.200d.txt ('' = learned from scratch).
     config.model.train_embeddings = False  # The seed freezes the GloVe embedding layer.
 
