@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from captioning import caption, cli, models, text, train
+from captioning import caption, cli, features, models, text, train
 from configs import test as test_config
 
 WORDS = ["red", "blue", "circle", "square", "left", "of"]
@@ -26,7 +26,8 @@ def run_dir(tmp_path_factory):
         json.dump(json.loads(config.to_json()), f)
     vocab = text.Vocabulary(WORDS)
     vocab.save(os.path.join(workdir, "vocab.json"))
-    feature_dim = 2048  # Pooled InceptionV3 (the test config's backbone).
+    # Whatever the test config's backbone, layer and pooling give.
+    feature_dim = features.build_backbone(config.encoder, seed=config.seed)[0].output_shape[-1]
     np.savez(
         os.path.join(workdir, "feature_stats.npz"),
         mean=np.full([feature_dim], 0.1, np.float32),
