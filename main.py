@@ -19,7 +19,7 @@ flags.DEFINE_enum(
     "mode", "train", ["train", "evaluate", "caption", "export_features"], "What to do."
 )
 flags.DEFINE_string("images", None, "caption mode: an image file, a folder or a glob pattern.")
-flags.DEFINE_string("output", None, "caption mode: JSON file for the captions (default in workdir).")
+flags.DEFINE_string("output", None, "caption mode: JSON file for the captions (default: workdir).")
 flags.mark_flag_as_required("workdir")
 
 

@@ -6,7 +6,9 @@ saw: the run's backbone and preprocessing (`config.encoder`), its feature statis
 (`feature_stats.npz`), vocabulary (`vocab.json`) and best checkpoint; `config.decode` picks the
 decoding method. Captions are printed as `path<TAB>caption` lines and written as JSON (default
 `RUN/captions/captions_<method>.json`). An unreadable image is logged and listed in the JSON with
-its error; the other images are still captioned.
+its error; the other images are still captioned. With `--config.eval.attention_maps=true` and an
+attention decoder, one PNG per image shows the attention over the image for each word
+(`RUN/captions/attention_<method>/`).
 """
 
 from __future__ import annotations
@@ -67,14 +69,17 @@ def load_feature_stats(workdir: str) -> tuple[np.ndarray, np.ndarray]:
     return stats["mean"].astype(np.float32), stats["std"].astype(np.float32)
 
 
-def _decode_batches(decode_callable, params, features: np.ndarray, decode_config) -> np.ndarray:
-    """features [N, ...] -> tokens [N, max_len], in batches of one fixed size (compiled once)."""
+def _decode_batches(
+    decode_callable, params, features: np.ndarray, decode_config
+) -> tuple[np.ndarray, np.ndarray]:
+    """features [N, ...] -> (tokens [N, max_len], attention [N, max_len, L]), in batches of one
+    fixed size (compiled once)."""
     # Never pad a handful of images up to a large configured batch: min(batch_size, N).
     batch_size = max(1, min(int(decode_config.batch_size), len(features)))
     sample_key = None
     if decode_config.method == "sample":
         sample_key = jax.random.key(int(decode_config.get("seed", 0)))
-    tokens = []
+    tokens, attention = [], []
     batches = input_pipeline.padded_image_batches(len(features), batch_size)
     for index, (rows, valid) in enumerate(batches):
         batch = jnp.asarray(features[rows])
@@ -83,7 +88,27 @@ def _decode_batches(decode_callable, params, features: np.ndarray, decode_config
         else:  # Independent draws per batch, reproducible from the seed.
             out = decode_callable(params, batch, key=jax.random.fold_in(sample_key, index))
         tokens.append(np.asarray(out.tokens)[:valid])
-    return np.concatenate(tokens)
+        attention.append(np.asarray(out.attention)[:valid])
+    return np.concatenate(tokens), np.concatenate(attention)
+
+
+def _save_attention_maps(output, workdir, method, paths, tokens, attention, vocab, grid_shape):
+    """config.eval.attention_maps: one PNG per image next to the captions -> {path: png}."""
+    from captioning import visualize
+
+    if attention.shape[-1] == 0 or len(grid_shape) != 2:
+        logging.warning("eval.attention_maps: the run's decoder has no attention; no maps drawn.")
+        return {}
+    folder = os.path.join(
+        os.path.dirname(os.path.abspath(output)) if output else os.path.join(workdir, "captions"),
+        f"attention_{method}",
+    )
+    names = [f"{i:03d}_{os.path.splitext(os.path.basename(p))[0]}.png" for i, p in enumerate(paths)]
+    files = visualize.save_attention_maps(
+        folder, paths, tokens, attention, vocab.itos, grid_shape, names=names
+    )
+    logging.info("Attention maps of %d images -> %s", len(files), folder)
+    return dict(zip(paths, files, strict=True))
 
 
 def caption_images(
@@ -117,6 +142,7 @@ def caption_images(
         logging.warning("Cannot caption %s: %s", path, reason)
 
     captions: dict[str, str] = {}
+    maps: dict[str, str] = {}
     step = None
     if ok_paths:
         if raw.shape[-1] != mean.shape[-1]:
@@ -130,13 +156,19 @@ def caption_images(
             config, workdir, len(vocab), features.shape[1:]
         )
         decode_callable = decode.decode_fn(graphdef, config.decode)
-        tokens = _decode_batches(decode_callable, params, features, config.decode)
+        tokens, attention = _decode_batches(decode_callable, params, features, config.decode)
         captions = dict(zip(ok_paths, vocab.decode_batch(tokens), strict=True))
+        if config.eval.get("attention_maps", False):
+            maps = _save_attention_maps(
+                output, workdir, method, ok_paths, tokens, attention, vocab, features.shape[1:-1]
+            )
 
     results = []
     for path in paths:
         if path in captions:
             results.append({"path": path, "caption": captions[path], "method": method})
+            if path in maps:
+                results[-1]["attention_map"] = maps[path]
             print(f"{path}\t{captions[path]}", file=sys.stdout)
         else:
             reason = errors.get(path, "not returned by the image encoder")

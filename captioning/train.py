@@ -176,8 +176,10 @@ def aux_loss(aux: Mapping[str, Array], targets: Array, model_config) -> Array:
     mask = (targets != text.PAD_ID).astype(jnp.float32)[..., None]  # [B, T, 1]
     attention = aux["attention"] * mask  # [B, T, L]
     total = jnp.sum(attention, axis=1)  # [B, L]
-    per_caption = jnp.sum((1.0 - total) ** 2, axis=-1)
-    return model_config.get("attention_reg", 0.0) * jnp.mean(per_caption)
+    penalty = jnp.sum((1.0 - total) ** 2)  # Summed over captions and locations.
+    # Xu et al. add lambda * penalty to each caption's *summed* word NLL; our cross-entropy is a
+    # mean per word, so the penalty is divided by the same word count to keep their balance.
+    return model_config.get("attention_reg", 0.0) * penalty / jnp.maximum(jnp.sum(mask), 1.0)
 
 
 def make_steps(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, model_config):
@@ -819,4 +821,14 @@ def evaluate(
         shown_captions,
         [r.captions[0] for r in shown],
     )
+    if config.eval.get("attention_maps", False) and decoded.attention.shape[-1] > 0:
+        visualize.save_attention_maps(
+            os.path.join(workdir, "attention", f"{split}_{method}"),
+            [r.image_path for r in shown],
+            decoded.tokens[: len(shown)],
+            decoded.attention[: len(shown)],
+            vocab.itos,
+            data.features.shape[1:3],
+            names=[f"{r.image_id}.png" for r in shown],
+        )
     return report

@@ -38,6 +38,7 @@ def get_config():
     config.model.embed_dim = 512  # arctic-captions dim_word.
     config.model.hidden_size = 1000  # arctic-captions dim (1800 for COCO).
     config.model.attention_dim = 512  # Attention MLP size.
+    config.model.attention_positions = False  # As the paper: features only (scenes add positions).
     config.model.dropout = 0.5  # On embeddings, LSTM output and the deep output layer.
     config.model.attention_reg = 1.0  # Doubly stochastic lambda (arctic-captions alpha_c=1).
     config.model.glove_path = ""  # Embeddings learned from scratch, as in the paper.

@@ -51,6 +51,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.glove_path = ""  # GloVe text file (.txt/.gz/.zip) to initialize embeddings.
     config.model.train_embeddings = True  # False freezes the (GloVe) embedding matrix.
     config.model.attention_reg = 1.0  # Attention decoder: doubly stochastic regularization weight.
+    config.model.attention_dim = 128  # Attention decoder: hidden size of the attention MLP.
+    config.model.attention_positions = True  # Attention decoder: add (row, col) to each location.
     config.model.dtype = "float32"  # float32 | bfloat16 matmuls (state, loss, optimizer stay fp32).
 
     config.train = ml_collections.ConfigDict()

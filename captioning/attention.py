@@ -1,0 +1,274 @@
+"""Soft-attention LSTM decoder of Show, Attend and Tell (Xu et al. 2015, "deterministic" attention).
+
+Built by `captioning.models.create_model` for `config.model.decoder='attention'`; it has the same
+three entry points as every decoder there (teacher forcing, `init_decode`, `decode_step`), so
+training, greedy, beam search and sampling work unchanged and return the attention weights of every
+generated word.
+
+Per image: the spatial features a_1..a_L ([L, C], L = H*W locations) give the initial state
+h_0 = tanh(W_h mean(a)), c_0 = tanh(W_c mean(a)). Per word t (paper eqs. 4-7 and section 4.2.1):
+
+    e_ti    = w^T tanh(W_a a_i + U_a h_{t-1})          additive attention       [L]
+    alpha_t = softmax_i(e_ti)                          sums to one over locations
+    beta_t  = sigmoid(f_beta(h_{t-1}))                 gating scalar
+    z_t     = beta_t * sum_i alpha_ti a_i              gated context            [C]
+    h_t     = LSTM(h_{t-1}, [E y_{t-1}; z_t])
+    logits  = L_o tanh(E y_{t-1} + L_h h_t + L_z z_t)  deep output layer
+
+Locations (`config.model.attention_positions`, an addition to the paper): a conv feature says
+*what* is at a location but hardly *where* (convolutions are translation-equivariant), so z_t, a
+weighted mean of features, tells the LSTM what it looked at and not where, and captions that state
+spatial relations ("left of") need the latter. With the option on, a_i gets its (row, column) in
+[-1, 1] appended (C + 2 channels), so z_t also holds the attended position.
+
+Training adds the doubly stochastic regularization lambda * sum_i (1 - sum_t alpha_ti)^2
+(`captioning.train.aux_loss`, weight `config.model.attention_reg`) from the returned attention.
+
+Speed: what does not depend on the step is hoisted out of the time loop. W_a a_i + b is computed
+once per image (`AttentionContext.keys`), the word embeddings' gate inputs of the whole sequence
+are one matmul before the scan, and the deep output of all steps one matmul after it (the scan
+returns h_t and z_t). Inside the scan remain the attention scores (tanh over [B, L, A], the main
+cost on a CPU), the weighted sum over locations, z_t @ W_z and h @ W_rec. (Projecting the features
+to the gates once per image, alpha_t @ (a W_z), saves multiply-adds but reads a [B, L, 4H] tensor
+every step and accumulates its gradient every step: measured ~2x slower here.)
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from captioning.models import LSTM, Dense, compute_dtype, dropout, matmul
+
+Array = jax.Array
+
+
+class AttentionContext(NamedTuple):
+    """Per-image constants of decoding (rows are images, or image-beams in beam search).
+
+    values: [B, L, C] (compute dtype) the annotation vectors a_i.
+    keys: [B, L, A] float32 W_a a_i + b, the feature part of the attention scores.
+    """
+
+    values: Array
+    keys: Array
+
+
+def _param(rngs: nnx.Rngs, shape: tuple[int, ...]) -> nnx.Param:
+    """A bias-free weight matrix (lecun normal)."""
+    return nnx.Param(nnx.initializers.lecun_normal()(rngs.params(), shape, jnp.float32))
+
+
+def _weighted(weights: Array, values: Array, dtype: Any) -> Array:
+    """weights [B, (T,) L] x values [B, L, D] -> [B, (T,) D] float32 (sum over locations)."""
+    spec = "btl,bld->btd" if weights.ndim == 3 else "bl,bld->bd"
+    return jnp.einsum(
+        spec, weights.astype(dtype), values.astype(dtype), preferred_element_type=jnp.float32
+    )
+
+
+def flatten_locations(features: Array) -> Array:
+    """[B, H, W, C] -> [B, H*W, C] (row-major: location i is row i // W, column i % W).
+
+    [B, L, C] passes through unchanged.
+    """
+    if features.ndim == 4:
+        batch, height, width, channels = features.shape
+        return features.reshape(batch, height * width, channels)
+    if features.ndim != 3:
+        raise ValueError(
+            f"The attention decoder needs spatial features [B, H, W, C] or [B, L, C], got shape "
+            f"{features.shape}: set config.encoder.pooling='none'."
+        )
+    return features
+
+
+def append_positions(features: Array) -> Array:
+    """[B, H, W, C] (or [B, L, C] with L a square) -> [B, H, W, C + 2]: each location's row and
+    column centre in [-1, 1] appended to its features (top left = (-1, -1), approximately)."""
+    if features.ndim == 3:
+        side = round(features.shape[1] ** 0.5)
+        if side * side != features.shape[1]:
+            raise ValueError(
+                f"config.model.attention_positions needs the feature map's height and width; "
+                f"got {features.shape[1]} flat locations (not a square): pass [B, H, W, C]."
+            )
+        features = features.reshape(features.shape[0], side, side, features.shape[2])
+    batch, height, width, _ = features.shape
+    rows = (2.0 * jnp.arange(height) + 1.0) / height - 1.0
+    cols = (2.0 * jnp.arange(width) + 1.0) / width - 1.0
+    grid = jnp.stack(jnp.meshgrid(rows, cols, indexing="ij"), axis=-1)  # [H, W, 2]
+    grid = jnp.broadcast_to(grid, (batch, height, width, 2)).astype(features.dtype)
+    return jnp.concatenate([features, grid], axis=-1)
+
+
+class AttentionDecoder(nnx.Module):
+    """Show, Attend and Tell soft-attention LSTM over [B, H, W, C] (or [B, L, C]) features."""
+
+    def __init__(
+        self,
+        vocab_size: int,
+        feature_dim: int,
+        *,
+        embed_dim: int,
+        hidden_size: int,
+        attention_dim: int,
+        dropout_rate: float,
+        use_image: bool,
+        rngs: nnx.Rngs,
+        positions: bool = False,
+        dtype: Any = jnp.float32,
+    ):
+        self.dropout_rate = dropout_rate
+        self.use_image = use_image
+        self.positions = positions
+        self.dtype = dtype
+        feature_dim += 2 if positions else 0  # (row, column) appended to every location.
+        # Initial state from the mean annotation vector (paper section 3.1.2).
+        self.init_h = Dense(feature_dim, hidden_size, rngs=rngs, dtype=dtype)
+        self.init_c = Dense(feature_dim, hidden_size, rngs=rngs, dtype=dtype)
+        # Additive attention: w^T tanh(W_a a_i + b + U_a h).
+        self.att_keys = Dense(feature_dim, attention_dim, rngs=rngs, dtype=dtype)
+        self.att_query = _param(rngs, (hidden_size, attention_dim))
+        self.att_score = _param(rngs, (attention_dim, 1))
+        # Gating scalar beta = sigmoid(f_beta(h)) (section 4.2.1).
+        self.gate = Dense(hidden_size, 1, rngs=rngs, dtype=dtype)
+        # LSTM over [E y; z]: `lstm.w_in` holds the word part, `context_w` the context part (the
+        # same parameters as one matrix over the concatenation, split so the two can be hoisted).
+        self.embed = nnx.Embed(vocab_size, embed_dim, rngs=rngs)
+        self.lstm = LSTM(embed_dim, hidden_size, rngs=rngs, dtype=dtype)
+        self.context_w = _param(rngs, (feature_dim, 4 * hidden_size))
+        # Deep output: L_o tanh(E y + L_h h + L_z z).
+        self.out_state = Dense(hidden_size, embed_dim, rngs=rngs, dtype=dtype)
+        self.out_context = _param(rngs, (feature_dim, embed_dim))
+        self.out_proj = Dense(embed_dim, vocab_size, rngs=rngs, dtype=dtype)
+
+    # -- per image -------------------------------------------------------------------------------
+
+    def _prepare(self, features: Array) -> tuple[AttentionContext, tuple[Array, Array]]:
+        """features [B, H, W, C] | [B, L, C] -> (context, initial LSTM state (h, c) [B, H])."""
+        feats = features.astype(jnp.float32)
+        if not self.use_image:
+            feats = jnp.zeros_like(feats)
+        if self.positions:
+            feats = append_positions(feats)
+        feats = flatten_locations(feats)
+        mean = feats.mean(axis=1)
+        state = (jnp.tanh(self.init_h(mean)), jnp.tanh(self.init_c(mean)))
+        context = AttentionContext(values=feats.astype(self.dtype), keys=self.att_keys(feats))
+        return context, state
+
+    # -- per word --------------------------------------------------------------------------------
+
+    def _attend(self, context: AttentionContext, h: Array) -> tuple[Array, Array]:
+        """h [B, H] (the previous state) -> (alpha [B, L] summing to 1, beta [B, 1])."""
+        query = matmul(h, self.att_query[...], self.dtype)  # [B, A]
+        hidden = jnp.tanh(context.keys + query[:, None, :])  # [B, L, A]
+        scores = matmul(hidden, self.att_score[...], self.dtype)[..., 0]  # [B, L]
+        alpha = jax.nn.softmax(scores, axis=-1)
+        beta = jax.nn.sigmoid(self.gate(h))
+        return alpha, beta
+
+    def _step(
+        self, context: AttentionContext, state: tuple[Array, Array], word_gates: Array
+    ) -> tuple[tuple[Array, Array], Array, Array]:
+        """One LSTM step from the words' gate inputs [B, 4H] -> (state, alpha [B, L], z [B, C])."""
+        alpha, beta = self._attend(context, state[0])
+        z = beta * _weighted(alpha, context.values, self.dtype)  # gated context [B, C]
+        gates = word_gates + matmul(z, self.context_w[...], self.dtype)
+        return self.lstm.cell(state, gates), alpha, z
+
+    def _readout(
+        self,
+        words: Array,
+        h: Array,
+        z: Array,
+        keys: tuple[Array | None, Array | None],
+        train: bool,
+    ) -> Array:
+        """Deep output: words [B, T, E], h [B, T, H], z [B, T, C] -> logits [B, T, V] float32."""
+        k_h, k_out = keys
+        h = dropout(h, self.dropout_rate, k_h, train)
+        z_out = matmul(z, self.out_context[...], self.dtype)
+        deep = jnp.tanh(words + self.out_state(h) + z_out)
+        return self.out_proj(dropout(deep, self.dropout_rate, k_out, train))
+
+    # -- the decoder interface -------------------------------------------------------------------
+
+    def __call__(
+        self, features: Array, tokens_in: Array, *, train: bool = False, key: Array | None = None
+    ) -> tuple[Array, dict[str, Array]]:
+        """Teacher forcing in one scan.
+
+        Args:
+          features: [B, H, W, C] or [B, L, C] float spatial features.
+          tokens_in: [B, T] int32 input words (`<start>` first).
+          train: enables dropout (with `key`).
+          key: PRNG key for dropout.
+
+        Returns:
+          logits [B, T, V] float32 and {"attention": [B, T, L] float32, each row summing to 1}.
+        """
+        k_emb, k_h, k_out = jax.random.split(key, 3) if key is not None else (None,) * 3
+        context, state = self._prepare(features)
+        words = dropout(self.embed(tokens_in), self.dropout_rate, k_emb, train)  # [B, T, E]
+        word_gates = self.lstm.project_inputs(words)  # [B, T, 4H], one matmul for all steps
+
+        def scan_step(state, gates_t):
+            state, alpha, z = self._step(context, state, gates_t)
+            return state, (state[0], alpha, z)
+
+        _, (h, alpha, z) = jax.lax.scan(scan_step, state, jnp.swapaxes(word_gates, 0, 1))
+        h, alpha, z = (jnp.swapaxes(x, 0, 1) for x in (h, alpha, z))  # batch-major
+        logits = self._readout(words, h, z, (k_h, k_out), train)
+        return logits, {"attention": alpha}
+
+    def init_decode(self, features: Array) -> tuple[AttentionContext, tuple[Array, Array]]:
+        """features [B, H, W, C] | [B, L, C] -> (AttentionContext, LSTM state (h, c))."""
+        return self._prepare(features)
+
+    def decode_step(
+        self, context: AttentionContext, state: tuple[Array, Array], tokens: Array
+    ) -> tuple[tuple[Array, Array], Array, Array]:
+        """tokens [B] -> (state, logits [B, V] float32, attention [B, L] of this word)."""
+        words = self.embed(tokens)  # [B, E]
+        state, alpha, z = self._step(context, state, self.lstm.project_inputs(words))
+        logits = self._readout(words[:, None], state[0][:, None], z[:, None], (None, None), False)
+        return state, logits[:, 0], alpha
+
+
+def create_attention_decoder(
+    model_config: ml_collections.ConfigDict,
+    vocab_size: int,
+    feature_shape: tuple[int, ...],
+    *,
+    rngs: nnx.Rngs,
+) -> AttentionDecoder:
+    """The attention decoder for features of `feature_shape` ([H, W, C] or [L, C] per image).
+
+    `config.model.attention_dim` sizes the attention MLP (0 or absent: `hidden_size`);
+    `config.model.attention_positions` (absent: False) appends each location's coordinates.
+    """
+    if len(feature_shape) not in (2, 3):
+        raise ValueError(
+            f"config.model.decoder='attention' needs spatial features, but the feature store has "
+            f"shape {tuple(feature_shape)} per image: set config.encoder.pooling='none' "
+            "(optionally config.encoder.grid to resize the map)."
+        )
+    attention_dim = int(model_config.get("attention_dim", 0) or model_config.hidden_size)
+    return AttentionDecoder(
+        vocab_size,
+        feature_shape[-1],
+        embed_dim=model_config.embed_dim,
+        hidden_size=model_config.hidden_size,
+        attention_dim=attention_dim,
+        dropout_rate=model_config.dropout,
+        use_image=model_config.use_image,
+        rngs=rngs,
+        positions=bool(model_config.get("attention_positions", False)),
+        dtype=compute_dtype(model_config.dtype),
+    )

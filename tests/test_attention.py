@@ -1,0 +1,279 @@
+"""Soft-attention decoder: attention sums to one, shapes, teacher forcing equals step-by-step
+decoding, one train step lowers the loss of every decoder, greedy/beam return attention for every
+word, attention-map PNGs."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from PIL import Image
+
+from captioning import attention, decode, models, search, text, train, visualize
+from configs import test as test_config
+
+VOCAB = 11
+SPATIAL = (3, 4, 12)  # H, W, C: L = 12 locations, non-square to catch row/column mix-ups.
+
+
+def _model(decoder="attention", feature_shape=SPATIAL, **overrides):
+    config = test_config.get_config().model
+    config.decoder = decoder
+    for k, v in overrides.items():
+        config[k] = v
+    return models.create_model(config, VOCAB, feature_shape, rngs=nnx.Rngs(0))
+
+
+def _features(batch=3, shape=SPATIAL, seed=1):
+    return 2.0 * jax.random.normal(jax.random.key(seed), (batch, *shape))
+
+
+def _tokens(batch=3, length=6, seed=2):
+    return jax.random.randint(jax.random.key(seed), (batch, length), 0, VOCAB)
+
+
+def test_shapes_and_attention_sums_to_one_over_locations():
+    model = _model()
+    logits, aux = model(_features(), _tokens())
+    assert logits.shape == (3, 6, VOCAB) and logits.dtype == jnp.float32
+    weights = aux["attention"]
+    assert weights.shape == (3, 6, 12)
+    assert np.all(np.asarray(weights) >= 0)
+    np.testing.assert_allclose(weights.sum(-1), 1.0, atol=1e-5)
+    context, state = model.init_decode(_features())
+    state, step_logits, step_attention = model.decode_step(context, state, _tokens()[:, 0])
+    assert step_logits.shape == (3, VOCAB) and step_attention.shape == (3, 12)
+    np.testing.assert_allclose(step_attention.sum(-1), 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("positions,shape", [(False, SPATIAL), (True, (3, 3, 12))])
+def test_flat_locations_equal_the_spatial_map(positions, shape):
+    model = _model(feature_shape=shape, attention_positions=positions)
+    features, tokens = _features(shape=shape), _tokens()
+    spatial, _ = model(features, tokens)
+    flat, _ = model(features.reshape(3, -1, 12), tokens)
+    np.testing.assert_allclose(spatial, flat, atol=1e-6)
+
+
+def test_pooled_features_are_refused():
+    with pytest.raises(ValueError, match="encoder.pooling='none'"):
+        _model(feature_shape=(12,))
+
+
+def test_teacher_forcing_matches_step_by_step():
+    model = _model()
+    features, tokens = _features(), _tokens()
+    logits, aux = model(features, tokens)
+    context, state = model.init_decode(features)
+    for t in range(tokens.shape[1]):
+        state, step_logits, step_attention = model.decode_step(context, state, tokens[:, t])
+        np.testing.assert_allclose(step_logits, logits[:, t], atol=1e-5)
+        np.testing.assert_allclose(step_attention, aux["attention"][:, t], atol=1e-6)
+
+
+def test_attention_depends_on_where_the_features_are():
+    # A location with a distinct feature vector gets a different weight than its copies elsewhere
+    # (without positions, identical features get identical weights wherever they are).
+    model = _model(attention_positions=False)
+    features = jnp.zeros((1, *SPATIAL)).at[0, 1, 2].set(5.0)
+    _, aux = model(features, _tokens(batch=1))
+    weights = np.asarray(aux["attention"][0, 0]).reshape(3, 4)
+    others = np.delete(weights.reshape(-1), 1 * 4 + 2)
+    assert np.allclose(others, others[0]) and not np.isclose(weights[1, 2], others[0])
+
+
+def test_dropout_keyed_and_image_blind_ablation():
+    model = _model(dropout=0.5)
+    features, tokens = _features(), _tokens()
+    key = jax.random.key(0)
+    a, _ = model(features, tokens, train=True, key=key)
+    b, _ = model(features, tokens, train=True, key=key)
+    evaluation, _ = model(features, tokens)
+    np.testing.assert_allclose(a, b)
+    assert not np.allclose(a, evaluation)
+    blind = _model(use_image=False)
+    x, _ = blind(features, tokens)
+    y, _ = blind(_features(seed=5), tokens)
+    np.testing.assert_allclose(x, y)
+
+
+def test_bfloat16_matmuls_keep_float32_outputs():
+    logits, aux = _model(dtype="bfloat16")(_features(), _tokens())
+    reference, _ = _model()(_features(), _tokens())
+    assert logits.dtype == jnp.float32 and aux["attention"].dtype == jnp.float32
+    np.testing.assert_allclose(logits, reference, atol=0.05)
+
+
+@pytest.mark.parametrize(
+    "decoder,feature_shape", [("merge", (12,)), ("inject", (12,)), ("attention", SPATIAL)]
+)
+def test_one_training_step_lowers_the_loss(decoder, feature_shape):
+    config = test_config.get_config()
+    config.model.decoder = decoder
+    config.model.dropout = 0.0  # The same function before and after the step.
+    config.train.learning_rate = 1e-2
+    config.train.warmup_steps = 0  # Step 0 at the peak rate (warm-up would start at 0).
+    model = models.create_model(config.model, VOCAB, feature_shape, rngs=nnx.Rngs(0))
+    graphdef, state, tx, _ = train.init_train_state(config, model, total_steps=10)
+    train_step, _ = train.make_steps(graphdef, tx, config.model)
+    tokens = np.asarray(_tokens(batch=4, length=7)).clip(4)
+    tokens[:, 0], tokens[:, -1] = text.START_ID, text.END_ID
+    batch = {
+        "image_index": np.arange(4, dtype=np.int32),
+        "inputs": tokens[:, :-1],
+        "targets": tokens[:, 1:],
+    }
+    features = _features(batch=4, shape=feature_shape)
+
+    def total_loss(params):
+        logits, aux = nnx.merge(graphdef, params)(features, batch["inputs"])
+        loss_sum, count = train.masked_cross_entropy(logits, batch["targets"])
+        return float(loss_sum / count + train.aux_loss(aux, batch["targets"], config.model))
+
+    params, _, _ = jax.jit(train_step)(
+        state["params"], state["opt_state"], features, batch, jax.random.key(0), np.int32(0)
+    )
+    assert total_loss(params) < total_loss(state["params"])
+
+
+def test_doubly_stochastic_regularization_reaches_the_loss():
+    model = _model()
+    config = test_config.get_config().model
+    tokens = _tokens(length=5).clip(4)
+    _, aux = model(_features(), tokens)
+    config.attention_reg = 1.0
+    penalty = float(train.aux_loss(aux, tokens, config))
+    # sum_t alpha_ti over 5 words spread over 12 locations cannot be 1 everywhere.
+    assert penalty > 0
+    config.attention_reg = 0.0
+    assert float(train.aux_loss(aux, tokens, config)) == 0.0
+
+
+def _check_decoded_attention(tokens, weights):
+    """Every generated word (up to and including <end>) has a distribution; the rest are 0."""
+    tokens, weights = np.asarray(tokens), np.asarray(weights)
+    for row, row_weights in zip(tokens, weights, strict=True):
+        ends = np.flatnonzero(row == text.END_ID)
+        length = ends[0] + 1 if len(ends) else len(row)
+        np.testing.assert_allclose(row_weights[:length].sum(-1), 1.0, atol=1e-5)
+        assert np.all(row_weights[length:] == 0)
+
+
+@pytest.mark.parametrize("method", ["greedy", "beam"])
+def test_decoding_returns_attention_for_every_word(method):
+    model = _model()
+    graphdef, params = nnx.split(model)
+    config = test_config.get_config().decode
+    config.method, config.beam_size, config.max_len = method, 3, 8
+    out = decode.decode_fn(graphdef, config)(params, _features(batch=4))
+    assert out.tokens.shape == (4, 8) and out.attention.shape == (4, 8, 12)
+    _check_decoded_attention(out.tokens, out.attention)
+
+
+def test_beam_search_keeps_each_hypothesis_attention():
+    model = _model()
+    beams = search.beam_search_beams(model, _features(batch=2), beam_size=3, max_len=6)
+    assert beams.attention.shape == (2, 3, 6, 12)
+    for k in range(3):
+        _check_decoded_attention(beams.tokens[:, k], beams.attention[:, k])
+    # Width 1 is greedy decoding, attention included.
+    greedy = decode.greedy_decode(model, _features(batch=2), 6)
+    single = search.beam_search(model, _features(batch=2), beam_size=1, max_len=6)
+    np.testing.assert_array_equal(single.tokens, greedy.tokens)
+    np.testing.assert_allclose(single.attention, greedy.attention, atol=1e-6)
+
+
+def test_positions_are_appended_row_major_and_break_ties():
+    features = jnp.zeros((2, 3, 4, 5))
+    with_positions = attention.append_positions(features)
+    assert with_positions.shape == (2, 3, 4, 7)
+    np.testing.assert_allclose(with_positions[0, :, 0, 5], [-2 / 3, 0, 2 / 3], atol=1e-6)  # rows
+    np.testing.assert_allclose(with_positions[0, 0, :, 6], [-0.75, -0.25, 0.25, 0.75])  # columns
+    flat = attention.append_positions(jnp.zeros((1, 9, 5)))  # 3 x 3 from a square L.
+    assert flat.shape == (1, 3, 3, 7)
+    with pytest.raises(ValueError, match="attention_positions"):
+        attention.append_positions(jnp.zeros((1, 12, 5)))
+    # Identical features everywhere: only the positions tell the locations apart.
+    model = _model(attention_positions=True)
+    _, aux = model(jnp.ones((1, *SPATIAL)), _tokens(batch=1))
+    assert np.ptp(np.asarray(aux["attention"][0, 0])) > 1e-4
+    plain = _model(attention_positions=False)
+    _, aux = plain(jnp.ones((1, *SPATIAL)), _tokens(batch=1))
+    np.testing.assert_allclose(aux["attention"][0, 0], 1 / 12, atol=1e-6)
+
+
+def test_flatten_locations_is_row_major():
+    features = jnp.arange(2 * 3 * 4 * 1, dtype=jnp.float32).reshape(2, 3, 4, 1)
+    flat = attention.flatten_locations(features)
+    assert flat.shape == (2, 12, 1) and float(flat[0, 1 * 4 + 2, 0]) == float(features[0, 1, 2, 0])
+
+
+def test_save_attention_maps_writes_one_png_per_image(tmp_path):
+    image = tmp_path / "photo.png"
+    Image.fromarray(np.full((40, 60, 3), 200, np.uint8)).save(image)
+    itos = [*text.SPECIAL_TOKENS, "red", "circle"]
+    red, circle = itos.index("red"), itos.index("circle")
+    tokens = np.array([[red, circle, text.END_ID, 0], [circle, text.END_ID, 0, 0]])
+    weights = np.full((2, 4, 12), 1 / 12, np.float32)
+    paths = visualize.save_attention_maps(
+        str(tmp_path / "maps"),
+        [str(image), str(tmp_path / "missing.png")],
+        tokens,
+        weights,
+        itos,
+        (3, 4),
+    )
+    assert [p.rsplit("/", 1)[-1] for p in paths] == ["000_photo.png", "001_missing.png"]
+    for path in paths:
+        with Image.open(path) as png:
+            assert png.size[0] > 100
+    with pytest.raises(ValueError, match="grid_shape"):
+        visualize.save_attention_maps(str(tmp_path), [str(image)], tokens, weights, itos, (4, 4))
+
+
+def test_caption_mode_writes_attention_maps(tmp_path):
+    """--mode=caption with eval.attention_maps on a run directory of an (untrained) attention
+    model: one PNG per image, named in the captions JSON."""
+    import json
+    import os
+
+    import orbax.checkpoint as ocp
+
+    from captioning import caption, features
+
+    workdir = str(tmp_path / "run")
+    os.makedirs(workdir)
+    config = test_config.get_config()
+    config.model.decoder = "attention"
+    config.encoder.pooling = "none"  # The test backbone's spatial map.
+    config.eval.attention_maps = True
+    config.decode.max_len = 5
+    vocab = text.Vocabulary(["red", "circle", "left", "of"])
+    vocab.save(os.path.join(workdir, "vocab.json"))
+    # Whatever map the test config's backbone and layer give: [H, W, C].
+    feature_shape = features.build_backbone(config.encoder, seed=config.seed)[0].output_shape[1:]
+    np.savez(
+        os.path.join(workdir, "feature_stats.npz"),
+        mean=np.zeros([feature_shape[-1]], np.float32),
+        std=np.ones([feature_shape[-1]], np.float32),
+    )
+    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(json.loads(config.to_json()), f)
+    model = models.create_model(config.model, len(vocab), feature_shape, rngs=nnx.Rngs(0))
+    _, state, _, _ = train.init_train_state(config, model, total_steps=2)
+    latest, best = train.checkpoint_managers(workdir, keep=1)
+    best.save(1, args=ocp.args.StandardSave(state))
+    best.wait_until_finished()
+    latest.close()
+    best.close()
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("a.png", "b.png"):
+        Image.fromarray(rng.integers(0, 255, (50, 70, 3), dtype=np.uint8)).save(images / name)
+
+    results = caption.caption_images(config, workdir, str(images))
+    for result, name in zip(results, ("a", "b"), strict=True):
+        assert result["attention_map"].endswith(f"_{name}.png")
+        assert os.path.exists(result["attention_map"])
+    assert os.path.dirname(results[0]["attention_map"]).endswith("attention_greedy")
