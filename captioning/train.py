@@ -505,116 +505,122 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     step = start_epoch * steps_per_epoch
     run_start = time.perf_counter()
     steps_this_run = 0
-    for epoch in range(start_epoch, config.train.num_epochs):
-        if config.train.patience and epochs_since_best >= config.train.patience:
-            logging.info(
-                "Early stop: no better %s for %d epochs.",
-                config.train.val_metric,
-                epochs_since_best,
-            )
-            break
-        epoch_start = time.perf_counter()
-        loss_sum = count = 0.0
-        window = {
-            "loss_sum": 0.0,
-            "count": 0.0,
-            "grad_norm": 0.0,
-            "steps": 0,
-            "time": time.perf_counter(),
-        }
-        pending = None  # Read metrics back one step late, so the host never waits on the device.
-        for batch in train_batches.epoch(epoch):
-            params, opt_state, stats = compiled_train[batch["inputs"].shape[1]](
-                params, opt_state, features, parallel.shard_batch(batch, mesh), base_key, step
-            )
-            if pending is not None:
-                _accumulate(window, pending)
-            pending = stats
-            step += 1
-            steps_this_run += 1
-            if step % config.train.log_every == 0:
-                _accumulate(window, jax.device_get(pending))
-                pending = None
-                loss_sum += window["loss_sum"]
-                count += window["count"]
-                _log_train(
-                    writer,
-                    window,
-                    step,
-                    total_steps,
-                    steps_this_run,
-                    run_start,
-                    float(schedule(step)),
+    # Pending (asynchronous) checkpoint writes finish even when training is interrupted by an
+    # exception, so a rerun resumes from the newest finished epoch.
+    try:
+        for epoch in range(start_epoch, config.train.num_epochs):
+            if config.train.patience and epochs_since_best >= config.train.patience:
+                logging.info(
+                    "Early stop: no better %s for %d epochs.",
+                    config.train.val_metric,
+                    epochs_since_best,
                 )
-                window = {
-                    "loss_sum": 0.0,
-                    "count": 0.0,
-                    "grad_norm": 0.0,
-                    "steps": 0,
-                    "time": time.perf_counter(),
-                }
-        if pending is not None:
-            _accumulate(window, jax.device_get(pending))
-        loss_sum += window["loss_sum"]
-        count += window["count"]
-
-        # ---- validation -----------------------------------------------------------------
-        val_loss_sum = val_count = 0.0
-        for batch in val_batches.epoch(0):
-            out = compiled_eval[batch["inputs"].shape[1]](
-                params, features, parallel.shard_batch(batch, mesh)
+                break
+            epoch_start = time.perf_counter()
+            loss_sum = count = 0.0
+            window = {
+                "loss_sum": 0.0,
+                "count": 0.0,
+                "grad_norm": 0.0,
+                "steps": 0,
+                "time": time.perf_counter(),
+            }
+            pending = (
+                None  # Read metrics back one step late, so the host never waits on the device.
             )
-            val_loss_sum += float(out["loss_sum"])
-            val_count += float(out["count"])
-        decoded = decode_split(
-            decode_callable, params, data.features, val_rows, config.decode.batch_size
-        )
-        val_captions = data.vocab.decode_batch(decoded.tokens)
-        scores = score_split(
-            data.splits["val"], val_captions, eval_config=config.eval, meteor=False, spice=False
-        )
-        val_metric = float(scores["scores"][config.train.val_metric])
-        epoch_metrics = {
-            "train_loss": loss_sum / max(count, 1.0),
-            "eval_loss": val_loss_sum / max(val_count, 1.0),
-            f"eval_{config.train.val_metric}": val_metric,
-            **{
-                f"eval_{k}": v
-                for k, v in attribute_scores(data.splits["val"], val_captions).items()
-            },
-        }
-        writer.write_scalars(step, epoch_metrics)
-        improved = val_metric > best_metric
-        if improved:
-            best_metric, epochs_since_best = val_metric, 0
-        else:
-            epochs_since_best += 1
-        history.append({"epoch": epoch + 1, "step": step, **epoch_metrics})
-        _save_json(history_path, history)
-        train_state = {
-            "params": params,
-            "opt_state": opt_state,
-            "epoch": np.array(epoch + 1, np.int32),
-            "best_metric": np.array(best_metric, np.float32),
-            "epochs_since_best": np.array(epochs_since_best, np.int32),
-        }
-        latest_mgr.save(step, args=ocp.args.StandardSave(train_state))
-        if improved:
-            best_mgr.save(step, args=ocp.args.StandardSave(train_state))
-        logging.info(
-            "Epoch %d/%d (step %d) in %.1fs: %s%s",
-            epoch + 1,
-            config.train.num_epochs,
-            step,
-            time.perf_counter() - epoch_start,
-            ", ".join(f"{k} {v:.4f}" for k, v in epoch_metrics.items()),
-            " (best)" if improved else "",
-        )
-    latest_mgr.wait_until_finished()
-    best_mgr.wait_until_finished()
-    latest_mgr.close()
-    best_mgr.close()
-    writer.flush()
+            for batch in train_batches.epoch(epoch):
+                params, opt_state, stats = compiled_train[batch["inputs"].shape[1]](
+                    params, opt_state, features, parallel.shard_batch(batch, mesh), base_key, step
+                )
+                if pending is not None:
+                    _accumulate(window, pending)
+                pending = stats
+                step += 1
+                steps_this_run += 1
+                if step % config.train.log_every == 0:
+                    _accumulate(window, jax.device_get(pending))
+                    pending = None
+                    loss_sum += window["loss_sum"]
+                    count += window["count"]
+                    _log_train(
+                        writer,
+                        window,
+                        step,
+                        total_steps,
+                        steps_this_run,
+                        run_start,
+                        float(schedule(step)),
+                    )
+                    window = {
+                        "loss_sum": 0.0,
+                        "count": 0.0,
+                        "grad_norm": 0.0,
+                        "steps": 0,
+                        "time": time.perf_counter(),
+                    }
+            if pending is not None:
+                _accumulate(window, jax.device_get(pending))
+            loss_sum += window["loss_sum"]
+            count += window["count"]
+
+            # ---- validation -----------------------------------------------------------------
+            val_loss_sum = val_count = 0.0
+            for batch in val_batches.epoch(0):
+                out = compiled_eval[batch["inputs"].shape[1]](
+                    params, features, parallel.shard_batch(batch, mesh)
+                )
+                val_loss_sum += float(out["loss_sum"])
+                val_count += float(out["count"])
+            decoded = decode_split(
+                decode_callable, params, data.features, val_rows, config.decode.batch_size
+            )
+            val_captions = data.vocab.decode_batch(decoded.tokens)
+            scores = score_split(
+                data.splits["val"], val_captions, eval_config=config.eval, meteor=False, spice=False
+            )
+            val_metric = float(scores["scores"][config.train.val_metric])
+            epoch_metrics = {
+                "train_loss": loss_sum / max(count, 1.0),
+                "eval_loss": val_loss_sum / max(val_count, 1.0),
+                f"eval_{config.train.val_metric}": val_metric,
+                **{
+                    f"eval_{k}": v
+                    for k, v in attribute_scores(data.splits["val"], val_captions).items()
+                },
+            }
+            writer.write_scalars(step, epoch_metrics)
+            improved = val_metric > best_metric
+            if improved:
+                best_metric, epochs_since_best = val_metric, 0
+            else:
+                epochs_since_best += 1
+            history.append({"epoch": epoch + 1, "step": step, **epoch_metrics})
+            _save_json(history_path, history)
+            train_state = {
+                "params": params,
+                "opt_state": opt_state,
+                "epoch": np.array(epoch + 1, np.int32),
+                "best_metric": np.array(best_metric, np.float32),
+                "epochs_since_best": np.array(epochs_since_best, np.int32),
+            }
+            latest_mgr.save(step, args=ocp.args.StandardSave(train_state))
+            if improved:
+                best_mgr.save(step, args=ocp.args.StandardSave(train_state))
+            logging.info(
+                "Epoch %d/%d (step %d) in %.1fs: %s%s",
+                epoch + 1,
+                config.train.num_epochs,
+                step,
+                time.perf_counter() - epoch_start,
+                ", ".join(f"{k} {v:.4f}" for k, v in epoch_metrics.items()),
+                " (best)" if improved else "",
+            )
+    finally:
+        latest_mgr.wait_until_finished()
+        best_mgr.wait_until_finished()
+        latest_mgr.close()
+        best_mgr.close()
+        writer.flush()
 
     from captioning import visualize
 
@@ -819,7 +825,7 @@ def evaluate(
         os.path.join(workdir, "samples.png"),
         [r.image_path for r in shown],
         shown_captions,
-        [r.captions[0] for r in shown],
+        [" | ".join(r.captions) for r in shown],  # Every reference, as annotators wrote them.
     )
     if config.eval.get("attention_maps", False) and decoded.attention.shape[-1] > 0:
         visualize.save_attention_maps(

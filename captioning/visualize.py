@@ -29,7 +29,7 @@ def save_samples(
     references: Sequence[str] | None = None,
     columns: int = 4,
 ) -> None:
-    """A grid of images, each titled with its caption per method and one reference."""
+    """A grid of images, each titled with its caption per method and its reference text."""
     if not image_paths:
         return
     rows = math.ceil(len(image_paths) / columns)
@@ -37,7 +37,7 @@ def save_samples(
     for i in range(len(image_paths)):
         lines = [f"{method}: {caps[i]}" for method, caps in captions.items()]
         if references is not None:
-            lines.append(f"ref: {references[i]}")
+            lines.append(f"refs: {references[i]}")
         titles.append("\n".join(textwrap.fill(line, 44) for line in lines))
     # Room for the longest wrapped title above each image (8 pt text is ~0.14 inch a line).
     image_h = 3.6
