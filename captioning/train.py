@@ -407,29 +407,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         data.feature_metadata.get("backbone"),
     )
 
-    def captions_of(split: str) -> input_pipeline.CaptionData:
-        return input_pipeline.build_caption_data(
+    def batches_of(split: str, shuffle: bool) -> input_pipeline.CaptionBatches:
+        captions = input_pipeline.build_caption_data(
             data.splits[split],
             data.image_row,
             data.vocab,
             max_len=config.data.max_caption_len,
             min_word_len=config.data.min_word_len,
         )
+        return input_pipeline.CaptionBatches(
+            captions,
+            batch_size=config.train.batch_size,
+            num_buckets=config.train.num_buckets,
+            seed=config.seed,
+            shuffle=shuffle,
+        )
 
-    train_batches = input_pipeline.CaptionBatches(
-        captions_of("train"),
-        batch_size=config.train.batch_size,
-        num_buckets=config.train.num_buckets,
-        seed=config.seed,
-        shuffle=True,
-    )
-    val_batches = input_pipeline.CaptionBatches(
-        captions_of("val"),
-        batch_size=config.train.batch_size,
-        num_buckets=config.train.num_buckets,
-        seed=config.seed,
-        shuffle=False,
-    )
+    train_batches = batches_of("train", shuffle=True)
+    val_batches = batches_of("val", shuffle=False)
     steps_per_epoch = train_batches.num_batches
     total_steps = steps_per_epoch * config.train.num_epochs
 
