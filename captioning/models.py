@@ -112,6 +112,12 @@ def _pool(features: Array) -> Array:
     return features
 
 
+def _image_input(features: Array, use_image: bool) -> Array:
+    """Pooled float32 features [B, C]; zeros for the image-blind ablation."""
+    feats = _pool(features).astype(jnp.float32)
+    return feats if use_image else jnp.zeros_like(feats)
+
+
 class MergeDecoder(nnx.Module):
     """The seed's merge model: the image joins the language LSTM's output, not its input.
 
@@ -140,11 +146,8 @@ class MergeDecoder(nnx.Module):
         self.out_proj = Dense(hidden_size, vocab_size, rngs=rngs, dtype=dtype)
 
     def _image_embedding(self, features: Array, key: Array | None, train: bool) -> Array:
-        feats = _pool(features).astype(jnp.float32)
-        if not self.use_image:
-            feats = jnp.zeros_like(feats)
-        feats = dropout(feats, self.dropout_rate, key, train)
-        return jax.nn.relu(self.image_proj(feats))
+        feats = _image_input(features, self.use_image)
+        return jax.nn.relu(self.image_proj(dropout(feats, self.dropout_rate, key, train)))
 
     def _readout(self, image_emb: Array, h: Array) -> Array:
         return self.out_proj(jax.nn.relu(self.merge_proj(image_emb + h)))
@@ -198,9 +201,7 @@ class InjectDecoder(nnx.Module):
         self.out_proj = Dense(hidden_size, vocab_size, rngs=rngs, dtype=dtype)
 
     def _initial_state(self, features: Array, key: Array | None, train: bool):
-        feats = _pool(features).astype(jnp.float32)
-        if not self.use_image:
-            feats = jnp.zeros_like(feats)
+        feats = _image_input(features, self.use_image)
         image_emb = self.image_proj(dropout(feats, self.dropout_rate, key, train))
         zero = self.lstm.zero_state(features.shape[0])
         return self.lstm.cell(zero, self.lstm.project_inputs(image_emb))

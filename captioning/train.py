@@ -513,13 +513,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 break
             epoch_start = time.perf_counter()
             loss_sum = count = 0.0
-            window = {
-                "loss_sum": 0.0,
-                "count": 0.0,
-                "grad_norm": 0.0,
-                "steps": 0,
-                "time": time.perf_counter(),
-            }
+            window = _new_window()
             pending = (
                 None  # Read metrics back one step late, so the host never waits on the device.
             )
@@ -546,13 +540,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                         run_start,
                         float(schedule(step)),
                     )
-                    window = {
-                        "loss_sum": 0.0,
-                        "count": 0.0,
-                        "grad_norm": 0.0,
-                        "steps": 0,
-                        "time": time.perf_counter(),
-                    }
+                    window = _new_window()
             if pending is not None:
                 _accumulate(window, jax.device_get(pending))
             loss_sum += window["loss_sum"]
@@ -635,6 +623,17 @@ def _freeze_embeddings(tx, params):
         lambda path, _: "frozen" if any("embed" in str(p) for p in path) else "trained", params
     )
     return optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()}, labels)
+
+
+def _new_window() -> dict[str, float]:
+    """Sums of the training statistics between two log lines."""
+    return {
+        "loss_sum": 0.0,
+        "count": 0.0,
+        "grad_norm": 0.0,
+        "steps": 0,
+        "time": time.perf_counter(),
+    }
 
 
 def _accumulate(window: dict, stats: Mapping[str, Any]) -> None:
