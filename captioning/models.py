@@ -40,11 +40,21 @@ def matmul(x: Array, w: Array, dtype: Any) -> Array:
 
 
 def dropout(x: Array, rate: float, key: Array | None, train: bool) -> Array:
-    """Inverted dropout driven by an explicit key; identity at eval time."""
+    """Inverted dropout driven by an explicit key; identity at eval time.
+
+    The keep mask compares random bytes against round(rate * 256): one 32-bit draw gives four
+    elements' bits, which makes mask generation >10x cheaper on CPU than `random.bernoulli` (one
+    float per element). The rate is thus quantised to 1/256; the kept values are scaled by the
+    exact keep probability, so the layer stays unbiased.
+    """
     if not train or rate <= 0.0 or key is None:
         return x
-    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
+    threshold = min(max(round(rate * 256), 1), 255)
+    keep_prob = 1.0 - threshold / 256
+    words = jax.random.bits(key, (-(-x.size // 4),), jnp.uint32)
+    random_bytes = jax.lax.bitcast_convert_type(words, jnp.uint8).reshape(-1)[: x.size]
+    keep = random_bytes.reshape(x.shape) >= threshold
+    return jnp.where(keep, x / keep_prob, 0.0).astype(x.dtype)
 
 
 class Dense(nnx.Module):

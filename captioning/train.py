@@ -182,15 +182,41 @@ def aux_loss(aux: Mapping[str, Array], targets: Array, model_config) -> Array:
     return model_config.get("attention_reg", 0.0) * penalty / jnp.maximum(jnp.sum(mask), 1.0)
 
 
-def make_steps(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, model_config):
+def embeddings_frozen(model_config: ml_collections.ConfigDict) -> bool:
+    """True when pretrained (GloVe) word vectors are loaded and kept fixed, as the seed does."""
+    return bool(model_config.get("glove_path")) and not model_config.get("train_embeddings", True)
+
+
+def _is_embedding(path) -> bool:
+    return any("embed" in str(p) for p in path)
+
+
+def make_steps(
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    model_config,
+    *,
+    freeze_embeddings: bool | None = None,
+):
     """-> (train_step, eval_step), pure functions to be jitted.
+
+    With frozen embeddings (default: `embeddings_frozen(model_config)`) the embedding matrix is
+    behind a stop_gradient, so XLA skips its gradient (a scatter-add) and the gradient of the
+    embedded words (a [B*T, 4H] x [4H, E] matmul) instead of computing and discarding them.
 
     train_step(params, opt_state, features, batch, base_key, step)
         -> (params, opt_state, {loss_sum, count, grad_norm})
     eval_step(params, features, batch) -> {loss_sum, count}
     """
 
+    if freeze_embeddings is None:
+        freeze_embeddings = embeddings_frozen(model_config)
+
     def loss_fn(params, features, batch, key, train):
+        if freeze_embeddings:
+            params = jax.tree_util.tree_map_with_path(
+                lambda path, x: jax.lax.stop_gradient(x) if _is_embedding(path) else x, params
+            )
         model = nnx.merge(graphdef, params)
         image_features = jnp.take(features, batch["image_index"], axis=0)
         logits, aux = model(image_features, batch["inputs"], train=train, key=key)
@@ -259,11 +285,23 @@ def restore_train_state(workdir: str, abstract_state: dict, which: str = "best")
     )
 
 
-def init_train_state(config: ml_collections.ConfigDict, model: nnx.Module, total_steps: int):
-    """-> (graphdef, train_state, tx, schedule); train_state is a pytree Orbax can save."""
+def init_train_state(
+    config: ml_collections.ConfigDict,
+    model: nnx.Module,
+    total_steps: int,
+    *,
+    freeze_embeddings: bool | None = None,
+):
+    """-> (graphdef, train_state, tx, schedule); train_state is a pytree Orbax can save.
+
+    freeze_embeddings (default: `embeddings_frozen(config.model)`) leaves the embedding matrix
+    out of the optimizer's updates.
+    """
     graphdef, params = nnx.split(model)
     tx, schedule = create_optimizer(config.train, total_steps)
-    if config.model.get("glove_path") and not config.model.get("train_embeddings", True):
+    if freeze_embeddings is None:
+        freeze_embeddings = embeddings_frozen(config.model)
+    if freeze_embeddings:
         tx = _freeze_embeddings(tx, params)
     train_state = {
         "params": params,
@@ -620,7 +658,7 @@ def _greedy(decode_config):
 def _freeze_embeddings(tx, params):
     """Leaves the (GloVe) embedding matrix untouched by the optimizer."""
     labels = jax.tree_util.tree_map_with_path(
-        lambda path, _: "frozen" if any("embed" in str(p) for p in path) else "trained", params
+        lambda path, _: "frozen" if _is_embedding(path) else "trained", params
     )
     return optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()}, labels)
 

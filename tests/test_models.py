@@ -58,6 +58,16 @@ def test_dropout_only_in_training_and_keyed():
     assert not np.allclose(train_a, eval_a) and not np.allclose(train_a, train_c)
 
 
+@pytest.mark.parametrize("rate", [0.1, 0.5])
+def test_dropout_rate_and_unbiased_scaling(rate):
+    x = jnp.ones((1001, 37))  # Odd size: the packed random bytes must cover every element.
+    out = np.asarray(models.dropout(x, rate, jax.random.key(3), train=True))
+    kept = out != 0
+    assert abs(kept.mean() - (1.0 - rate)) < 0.01
+    np.testing.assert_allclose(out.mean(), 1.0, atol=0.02)  # E[dropout(x)] = x.
+    assert np.allclose(out[kept], out[kept][0])  # One scale for every kept element.
+
+
 def test_image_blind_ablation_ignores_features():
     model = _model(use_image=False)
     tokens = jnp.ones((2, 4), jnp.int32)

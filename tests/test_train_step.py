@@ -94,3 +94,31 @@ def test_no_recompilation_after_first_step():
         small = {k: v[:4] for k, v in batch.items()}
         train_step(params, opt_state, features, small, key, np.int32(9))
     assert len(compiles) >= 1
+
+
+def test_frozen_embeddings_stay_fixed_and_the_rest_trains():
+    config = test_config.get_config()
+    config.model.glove_path = "glove.txt"  # Only its presence matters to the freezing rule.
+    config.model.train_embeddings = False
+    assert train.embeddings_frozen(config.model)
+    config.train.weight_decay = 0.1  # Decay must not touch the frozen matrix either.
+    model = models.create_model(config.model, 13, (10,), rngs=nnx.Rngs(0))
+    graphdef, state, tx, _ = train.init_train_state(config, model, total_steps=10)
+    train_step, _ = train.make_steps(graphdef, tx, config.model)
+    _, _, _, features, batch = _setup()
+    train_step = jax.jit(train_step)
+    params, opt_state = state["params"], state["opt_state"]
+    _, _, first_stats = train_step(params, opt_state, features, batch, jax.random.key(0), 0)
+    for step in range(3):  # The first update has learning rate 0 (warm-up).
+        params, opt_state, stats = train_step(
+            params, opt_state, features, batch, jax.random.key(0), step
+        )
+    np.testing.assert_array_equal(
+        params["embed"]["embedding"][...], state["params"]["embed"]["embedding"][...]
+    )
+    assert not np.allclose(params["lstm"]["w_rec"][...], state["params"]["lstm"]["w_rec"][...])
+    # The gradient never reached the embedding: the norm equals the one without it.
+    _, _, trained_stats = jax.jit(
+        train.make_steps(graphdef, tx, config.model, freeze_embeddings=False)[0]
+    )(state["params"], state["opt_state"], features, batch, jax.random.key(0), 0)
+    assert float(first_stats["grad_norm"]) < float(trained_stats["grad_norm"])
