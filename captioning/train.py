@@ -585,6 +585,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             count += window["count"]
 
             # ---- validation -----------------------------------------------------------------
+            train_seconds = time.perf_counter() - epoch_start
             val_loss_sum = val_count = 0.0
             for batch in val_batches.epoch(0):
                 out = compiled_eval[batch["inputs"].shape[1]](
@@ -628,11 +629,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             if improved:
                 best_mgr.save(step, args=ocp.args.StandardSave(train_state))
             logging.info(
-                "Epoch %d/%d (step %d) in %.1fs: %s%s",
+                "Epoch %d/%d (step %d) in %.1fs (train %.1fs, validation %.1fs): %s%s",
                 epoch + 1,
                 config.train.num_epochs,
                 step,
                 time.perf_counter() - epoch_start,
+                train_seconds,
+                time.perf_counter() - epoch_start - train_seconds,
                 ", ".join(f"{k} {v:.4f}" for k, v in epoch_metrics.items()),
                 " (best)" if improved else "",
             )

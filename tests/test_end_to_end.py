@@ -3,8 +3,10 @@
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -135,6 +137,50 @@ def test_resume_after_crash_equals_uninterrupted_run(tmp_path, cache_dir, monkey
     assert resumed["captions"] == whole["captions"]
     history = json.loads((tmp_path / "resumed" / "history.json").read_text())
     assert [h["epoch"] for h in history] == [1, 2, 3]
+
+
+def test_sigkill_mid_run_then_same_command_resumes_and_finishes(tmp_path, cache_dir):
+    """The README's promise, literally: kill -9 the process, rerun the same command."""
+    workdir = tmp_path / "run"
+    command = [
+        sys.executable,
+        "main.py",
+        "--config=configs/test.py",
+        f"--workdir={workdir}",
+        f"--config.data.cache_dir={cache_dir}",
+        "--config.train.num_epochs=20",
+    ]
+    latest = workdir / "checkpoints" / "latest"
+    process = subprocess.Popen(
+        command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.time() + 300
+        # Kill as soon as the first epoch's checkpoint is committed (Orbax renames a finished
+        # checkpoint to its bare step number).
+        while not (latest.exists() and any(p.name.isdigit() for p in latest.iterdir())):
+            assert process.poll() is None, process.stderr.read()[-3000:]
+            assert time.time() < deadline, "no checkpoint within 5 minutes"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == -signal.SIGKILL
+    assert not (workdir / "eval" / "test_greedy.json").exists(), "killed after the end"
+
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Resumed from" in result.stderr
+    history = json.loads((workdir / "history.json").read_text())
+    assert [h["epoch"] for h in history] == list(range(1, 21))
+    steps_per_epoch = history[0]["step"]
+    report = json.loads((workdir / "eval" / "test_greedy.json").read_text())
+    assert history[-1]["step"] == 20 * steps_per_epoch
+    step, _ = _latest_params(str(workdir))
+    assert step == 20 * steps_per_epoch
+    assert report["step"] <= step
 
 
 def test_changed_config_in_same_workdir_is_refused(tmp_path, cache_dir):
