@@ -11,6 +11,8 @@ Batch layout (dict of numpy arrays):
   image_index: [B] int32   row of the caption's image in the feature array
   inputs:      [B, T] int32 `<start> w1 .. wn` then `<pad>`
   targets:     [B, T] int32 `w1 .. wn <end>` then `<pad>` (mask = targets != 0)
+  concepts:    [B, K] uint8 (only with `concepts`): the words and frequent word pairs of the
+               caption's image's references, for the auxiliary concept loss
 """
 
 from __future__ import annotations
@@ -65,6 +67,34 @@ def build_caption_data(
     return CaptionData(np.asarray(rows, np.int32), tokens_arr, lengths)
 
 
+def concept_targets(data: CaptionData, num_rows: int, vocab_size: int, num_pairs: int):
+    """Per-image multi-hot targets of "which words and word pairs its captions use".
+
+    Concepts are every vocabulary word (ids 0..V-1; the special tokens stay 0) and the
+    `num_pairs` most frequent adjacent word pairs of these captions ("red circle", "black dog"),
+    the pairs saying which attribute goes with which object. Images without captions in `data`
+    (other splits) get all zeros.
+
+    Returns: [num_rows, vocab_size + num_pairs] uint8.
+    """
+    words = data.tokens[:, 1:]
+    pairs = words[:, :-1].astype(np.int64) * vocab_size + words[:, 1:]
+    real = (words[:, :-1] > text.END_ID) & (words[:, 1:] > text.END_ID)
+    pair_ids, counts = np.unique(pairs[real], return_counts=True)
+    order = np.argsort(-counts, kind="stable")[:num_pairs]
+    pair_column = dict(zip(pair_ids[order].tolist(), range(len(order)), strict=True))
+    targets = np.zeros((num_rows, vocab_size + num_pairs), np.uint8)
+    for row, caption_words, caption_pairs, caption_real in zip(
+        data.image_index, words, pairs, real, strict=True
+    ):
+        targets[row, caption_words[caption_words > text.END_ID]] = 1
+        for pair in caption_pairs[caption_real]:
+            column = pair_column.get(int(pair))
+            if column is not None:
+                targets[row, vocab_size + column] = 1
+    return targets
+
+
 def bucket_lengths(lengths: np.ndarray, num_buckets: int, max_targets: int) -> list[int]:
     """Static padded lengths (ascending) that minimise the total padded tokens.
 
@@ -108,6 +138,7 @@ class CaptionBatches:
         seed: int,
         shuffle: bool,
         prefetch: int = 2,
+        concepts: np.ndarray | None = None,
     ):
         if len(data) == 0:
             raise ValueError("No captions to batch: the split is empty after cleaning.")
@@ -116,6 +147,7 @@ class CaptionBatches:
         self.seed = seed
         self.shuffle = shuffle
         self.prefetch = prefetch
+        self.concepts = concepts  # [num_rows, K] uint8 or None (see concept_targets).
         max_targets = data.tokens.shape[1] - 1
         self.lengths = bucket_lengths(data.lengths, num_buckets, max_targets)
         bucket_of = np.searchsorted(np.asarray(self.lengths), data.lengths)
@@ -143,7 +175,10 @@ class CaptionBatches:
         if pad:  # Fill with all-padding rows: zero loss weight, static shape.
             tokens = np.concatenate([tokens, np.zeros((pad, length + 1), np.int32)])
             image_index = np.concatenate([image_index, np.zeros(pad, np.int32)])
-        return {"image_index": image_index, "inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+        batch = {"image_index": image_index, "inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+        if self.concepts is not None:
+            batch["concepts"] = self.concepts[image_index]
+        return batch
 
     def epoch(self, epoch: int) -> Iterator[dict[str, np.ndarray]]:
         """Yields `num_batches` batches, prefetched by tf.data in a background thread."""
@@ -158,6 +193,10 @@ class CaptionBatches:
             "inputs": tf.TensorSpec([self.batch_size, None], tf.int32),
             "targets": tf.TensorSpec([self.batch_size, None], tf.int32),
         }
+        if self.concepts is not None:
+            signature["concepts"] = tf.TensorSpec(
+                [self.batch_size, self.concepts.shape[1]], tf.uint8
+            )
         dataset = tf.data.Dataset.from_generator(generate, output_signature=signature)
         return dataset.prefetch(self.prefetch).as_numpy_iterator()
 

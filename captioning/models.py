@@ -146,6 +146,7 @@ class MergeDecoder(nnx.Module):
         use_image: bool,
         rngs: nnx.Rngs,
         dtype: Any = jnp.float32,
+        num_concepts: int = 0,
     ):
         self.dropout_rate = dropout_rate
         self.use_image = use_image
@@ -154,6 +155,10 @@ class MergeDecoder(nnx.Module):
         self.lstm = LSTM(embed_dim, hidden_size, rngs=rngs, dtype=dtype)
         self.merge_proj = Dense(hidden_size, hidden_size, rngs=rngs, dtype=dtype)
         self.out_proj = Dense(hidden_size, vocab_size, rngs=rngs, dtype=dtype)
+        # Auxiliary head (training only): which words / word pairs the image's captions use.
+        self.concept_proj = (
+            Dense(hidden_size, num_concepts, rngs=rngs, dtype=dtype) if num_concepts else None
+        )
 
     def _image_embedding(self, features: Array, key: Array | None, train: bool) -> Array:
         feats = _image_input(features, self.use_image)
@@ -172,7 +177,8 @@ class MergeDecoder(nnx.Module):
         h_bth = self.lstm.scan(
             self.lstm.zero_state(tokens_in.shape[0]), self.lstm.project_inputs(words)
         )
-        return self._readout(image_emb[:, None, :], h_bth), {}
+        aux = {} if self.concept_proj is None else {"concept_logits": self.concept_proj(image_emb)}
+        return self._readout(image_emb[:, None, :], h_bth), aux
 
     def init_decode(self, features: Array) -> tuple[Array, tuple[Array, Array]]:
         """-> (image embedding [B, H], LSTM state)."""
@@ -240,6 +246,16 @@ class InjectDecoder(nnx.Module):
 DECODERS = {"merge": MergeDecoder, "inject": InjectDecoder}
 
 
+def num_concepts(model_config: ml_collections.ConfigDict, vocab_size: int) -> int:
+    """Outputs of the merge decoder's auxiliary concept head: every word + the frequent pairs.
+
+    0 (no head) unless `config.model.concept_loss` > 0 (see input_pipeline.concept_targets).
+    """
+    if not model_config.get("concept_loss", 0.0):
+        return 0
+    return vocab_size + int(model_config.get("concept_pairs", 0))
+
+
 def create_model(
     model_config: ml_collections.ConfigDict,
     vocab_size: int,
@@ -268,4 +284,5 @@ def create_model(
         use_image=model_config.use_image,
         rngs=rngs,
         dtype=compute_dtype(model_config.dtype),
+        **({"num_concepts": num_concepts(model_config, vocab_size)} if name == "merge" else {}),
     )

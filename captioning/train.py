@@ -168,6 +168,22 @@ def masked_cross_entropy(logits: Array, targets: Array) -> tuple[Array, Array]:
     return jnp.sum(losses * mask), jnp.sum(mask)
 
 
+def concept_loss(aux: Mapping[str, Array], batch: Mapping[str, Array], model_config) -> Array:
+    """Auxiliary multi-label loss: the image embedding predicts its captions' words and pairs.
+
+    Mean sigmoid cross-entropy over concepts and real (non-padding) captions, times
+    `config.model.concept_loss`; zero when the decoder has no concept head.
+    """
+    if "concept_logits" not in aux or "concepts" not in batch:
+        return jnp.zeros((), jnp.float32)
+    real = (batch["targets"][:, 0] != text.PAD_ID).astype(jnp.float32)  # [B]
+    losses = optax.sigmoid_binary_cross_entropy(
+        aux["concept_logits"].astype(jnp.float32), batch["concepts"].astype(jnp.float32)
+    ).mean(axis=-1)
+    weight = model_config.get("concept_loss", 0.0)
+    return weight * jnp.sum(losses * real) / jnp.maximum(jnp.sum(real), 1.0)
+
+
 def aux_loss(aux: Mapping[str, Array], targets: Array, model_config) -> Array:
     """Extra loss terms a decoder asks for (doubly stochastic attention regularization)."""
     if "attention" not in aux:
@@ -222,6 +238,8 @@ def make_steps(
         logits, aux = model(image_features, batch["inputs"], train=train, key=key)
         loss_sum, count = masked_cross_entropy(logits, batch["targets"])
         loss = loss_sum / jnp.maximum(count, 1.0) + aux_loss(aux, batch["targets"], model_config)
+        if train:
+            loss = loss + concept_loss(aux, batch, model_config)
         return loss, (loss_sum, count)
 
     def train_step(params, opt_state, features, batch, base_key, step):
@@ -453,12 +471,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             max_len=config.data.max_caption_len,
             min_word_len=config.data.min_word_len,
         )
+        concepts = None
+        if models.num_concepts(config.model, len(data.vocab)):
+            concepts = input_pipeline.concept_targets(
+                captions, len(data.features), len(data.vocab), config.model.concept_pairs
+            )
         return input_pipeline.CaptionBatches(
             captions,
             batch_size=config.train.batch_size,
             num_buckets=config.train.num_buckets,
             seed=config.seed,
             shuffle=shuffle,
+            concepts=concepts,
         )
 
     train_batches = batches_of("train", shuffle=True)

@@ -50,6 +50,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.use_image = True  # False zeroes the features: the image-blind ablation.
     config.model.glove_path = ""  # GloVe text file (.txt/.gz/.zip) to initialize embeddings.
     config.model.train_embeddings = True  # False freezes the (GloVe) embedding matrix.
+    # Merge decoder: weight of an auxiliary loss in which the image embedding predicts which
+    # words and frequent word pairs ("red circle") its captions use (0 = off).
+    config.model.concept_loss = 0.0
+    config.model.concept_pairs = 256  # Most frequent adjacent word pairs used as concepts.
     config.model.attention_reg = 1.0  # Attention decoder: doubly stochastic regularization weight.
     config.model.attention_dim = 128  # Attention decoder: hidden size of the attention MLP.
     config.model.attention_positions = True  # Attention decoder: add (row, col) to each location.

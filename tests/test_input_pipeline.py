@@ -95,3 +95,35 @@ def test_padded_image_batches_cover_every_row_once():
     assert [valid for _, valid in got] == [4, 4, 2]
     assert all(len(rows) == 4 for rows, _ in got)
     assert np.concatenate([rows[:v] for rows, v in got]).tolist() == list(range(10))
+
+
+def test_concept_targets_mark_words_and_frequent_pairs_of_each_image():
+    records = [
+        ImageRecord("a", "", ("red circle", "a red circle", "red circle left"), "train"),
+        ImageRecord("b", "", ("blue square", "blue square", "a blue square"), "train"),
+    ]
+    vocab = text.Vocabulary.build(text.clean_caption(c) for r in records for c in r.captions)
+    rows = {"a": 0, "b": 2}  # Row 1 belongs to an image of another split.
+    data = input_pipeline.build_caption_data(records, rows, vocab, max_len=8, min_word_len=1)
+    targets = input_pipeline.concept_targets(data, 3, len(vocab), num_pairs=2)
+    assert targets.shape == (3, len(vocab) + 2) and targets.dtype == np.uint8
+    words_of = {
+        row: {vocab.itos[i] for i in np.flatnonzero(targets[row, : len(vocab)])} for row in (0, 2)
+    }
+    assert words_of == {0: {"red", "circle", "a", "left"}, 2: {"blue", "square", "a"}}
+    assert not targets[1].any()
+    # The two most frequent pairs are "red circle" (3x) and "blue square" (3x); "a red",
+    # "circle left" and "a blue" are left out.
+    assert targets[0, len(vocab) :].sum() == 1 and targets[2, len(vocab) :].sum() == 1
+    assert targets[0, len(vocab) :].tolist() != targets[2, len(vocab) :].tolist()
+
+
+def test_batches_carry_concepts_of_their_images():
+    records, vocab, data = _data()
+    concepts = input_pipeline.concept_targets(data, len(records), len(vocab), num_pairs=4)
+    batches = input_pipeline.CaptionBatches(
+        data, batch_size=16, num_buckets=2, seed=0, shuffle=True, concepts=concepts
+    )
+    for batch in batches.epoch(0):
+        np.testing.assert_array_equal(batch["concepts"], concepts[batch["image_index"]])
+    assert all("concepts" in b for b in batches.example_batches())

@@ -122,3 +122,36 @@ def test_frozen_embeddings_stay_fixed_and_the_rest_trains():
         train.make_steps(graphdef, tx, config.model, freeze_embeddings=False)[0]
     )(state["params"], state["opt_state"], features, batch, jax.random.key(0), 0)
     assert float(first_stats["grad_norm"]) < float(trained_stats["grad_norm"])
+
+
+def test_concept_loss_trains_its_head_and_ignores_padding_rows():
+    config = test_config.get_config()
+    config.model.concept_loss = 1.0
+    config.model.concept_pairs = 3
+    model = models.create_model(config.model, 13, (10,), rngs=nnx.Rngs(0))
+    graphdef, state, tx, _ = train.init_train_state(config, model, total_steps=10)
+    train_step, _ = train.make_steps(graphdef, tx, config.model)
+    _, _, _, features, batch = _setup()
+    rng = np.random.default_rng(1)
+    batch = dict(batch, concepts=rng.integers(0, 2, (8, 16)).astype(np.uint8))
+    batch["targets"] = batch["targets"].copy()
+    batch["targets"][-1] = text.PAD_ID  # A padding row.
+    logits, aux = model(features[batch["image_index"]], batch["inputs"])
+    assert aux["concept_logits"].shape == (8, 13 + 3)
+    loss = train.concept_loss(aux, batch, config.model)
+    other = dict(batch, concepts=batch["concepts"].copy())
+    other["concepts"][-1] = 1 - other["concepts"][-1]
+    assert float(train.concept_loss(aux, other, config.model)) == pytest.approx(float(loss))
+    other["concepts"][0] = 1 - other["concepts"][0]
+    assert float(train.concept_loss(aux, other, config.model)) != pytest.approx(float(loss))
+
+    params, opt_state = state["params"], state["opt_state"]
+    step_fn = jax.jit(train_step)
+    for step in range(3):
+        params, opt_state, _ = step_fn(params, opt_state, features, batch, jax.random.key(0), step)
+    before = state["params"]["concept_proj"]["kernel"][...]
+    assert not np.allclose(params["concept_proj"]["kernel"][...], before)
+    # Off by default: no head, no extra parameters.
+    config.model.concept_loss = 0.0
+    plain = models.create_model(config.model, 13, (10,), rngs=nnx.Rngs(0))
+    assert plain.concept_proj is None
