@@ -265,6 +265,11 @@ def create_model(
 ) -> nnx.Module:
     """Builds the decoder named by `config.model.decoder` for features of `feature_shape`."""
     name = model_config.decoder
+    if model_config.get("concept_loss", 0.0) and name != "merge":
+        raise ValueError(
+            f"config.model.concept_loss={model_config.concept_loss} needs the merge decoder "
+            f"(config.model.decoder={name!r}); set it to 0 for this decoder."
+        )
     if name == "attention":
         from captioning import attention  # Imported lazily: optional module.
 

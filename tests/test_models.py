@@ -89,3 +89,5 @@ def test_unknown_decoder_and_dtype_raise():
         _model("transformer")
     with pytest.raises(ValueError, match="config.model.dtype"):
         _model(dtype="float8")
+    with pytest.raises(ValueError, match="concept_loss"):
+        _model("inject", concept_loss=1.0)
