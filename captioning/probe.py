@@ -24,7 +24,6 @@ from ml_collections import config_flags
 
 from captioning.datasets.base import ImageRecord
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
 LAMBDAS = (0.1, 1.0, 10.0, 100.0, 1000.0)
 
 
@@ -102,7 +101,7 @@ def main(argv):
     del argv
     from captioning import train
 
-    config = _CONFIG.value
+    config = flags.FLAGS.config
     if config.data.dataset != "scenes":
         raise app.UsageError("The probe needs the scenes dataset (it reads each scene's objects).")
     with tempfile.TemporaryDirectory() as workdir:  # Only feature_stats.npz goes there.
@@ -117,5 +116,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    # Defined here, not at import: other modules (captioning.grid) define their own --config.
+    config_flags.DEFINE_config_file("config", None, "Experiment config file.")
     flags.mark_flags_as_required(["config"])
     app.run(main)
