@@ -238,8 +238,8 @@ def make_steps(
         logits, aux = model(image_features, batch["inputs"], train=train, key=key)
         loss_sum, count = masked_cross_entropy(logits, batch["targets"])
         loss = loss_sum / jnp.maximum(count, 1.0) + aux_loss(aux, batch["targets"], model_config)
-        if train:
-            loss = loss + concept_loss(aux, batch, model_config)
+        # Only training batches carry concept targets, so this is 0 in eval_step.
+        loss = loss + concept_loss(aux, batch, model_config)
         return loss, (loss_sum, count)
 
     def train_step(params, opt_state, features, batch, base_key, step):
@@ -471,8 +471,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             max_len=config.data.max_caption_len,
             min_word_len=config.data.min_word_len,
         )
-        concepts = None
-        if models.num_concepts(config.model, len(data.vocab)):
+        concepts = None  # Targets of the auxiliary concept loss: a training-only term.
+        if split == "train" and models.num_concepts(config.model, len(data.vocab)):
             concepts = input_pipeline.concept_targets(
                 captions, len(data.features), len(data.vocab), config.model.concept_pairs
             )
@@ -652,14 +652,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             latest_mgr.save(step, args=ocp.args.StandardSave(train_state))
             if improved:
                 best_mgr.save(step, args=ocp.args.StandardSave(train_state))
+            epoch_seconds = time.perf_counter() - epoch_start
             logging.info(
                 "Epoch %d/%d (step %d) in %.1fs (train %.1fs, validation %.1fs): %s%s",
                 epoch + 1,
                 config.train.num_epochs,
                 step,
-                time.perf_counter() - epoch_start,
+                epoch_seconds,
                 train_seconds,
-                time.perf_counter() - epoch_start - train_seconds,
+                epoch_seconds - train_seconds,
                 ", ".join(f"{k} {v:.4f}" for k, v in epoch_metrics.items()),
                 " (best)" if improved else "",
             )
