@@ -151,15 +151,17 @@ def test_sigkill_mid_run_then_same_command_resumes_and_finishes(tmp_path, cache_
         "--config.train.num_epochs=20",
     ]
     latest = workdir / "checkpoints" / "latest"
-    process = subprocess.Popen(
-        command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-    )
+    log = tmp_path / "killed_run.log"  # A file, not a pipe: a full pipe would block the run.
+    with open(log, "w") as log_file:
+        process = subprocess.Popen(
+            command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=log_file, text=True
+        )
     try:
         deadline = time.time() + 300
         # Kill as soon as the first epoch's checkpoint is committed (Orbax renames a finished
         # checkpoint to its bare step number).
         while not (latest.exists() and any(p.name.isdigit() for p in latest.iterdir())):
-            assert process.poll() is None, process.stderr.read()[-3000:]
+            assert process.poll() is None, log.read_text()[-3000:]
             assert time.time() < deadline, "no checkpoint within 5 minutes"
             time.sleep(0.05)
         process.send_signal(signal.SIGKILL)
