@@ -182,7 +182,7 @@ class AttentionDecoder(nnx.Module):
         gates = word_gates + matmul(z, self.context_w[...], self.dtype)
         return self.lstm.cell(state, gates), alpha, z
 
-    def _readout(
+    def _pre_logits(
         self,
         words: Array,
         h: Array,
@@ -190,12 +190,12 @@ class AttentionDecoder(nnx.Module):
         keys: tuple[Array | None, Array | None],
         train: bool,
     ) -> Array:
-        """Deep output: words [B, T, E], h [B, T, H], z [B, T, C] -> logits [B, T, V] float32."""
+        """Deep output up to L_o: words [B, T, E], h [B, T, H], z [B, T, C] -> [B, T, E]."""
         k_h, k_out = keys
         h = dropout(h, self.dropout_rate, k_h, train)
         z_out = matmul(z, self.out_context[...], self.dtype)
         deep = jnp.tanh(words + self.out_state(h) + z_out)
-        return self.out_proj(dropout(deep, self.dropout_rate, k_out, train))
+        return dropout(deep, self.dropout_rate, k_out, train)
 
     # -- the decoder interface -------------------------------------------------------------------
 
@@ -213,6 +213,13 @@ class AttentionDecoder(nnx.Module):
         Returns:
           logits [B, T, V] float32 and {"attention": [B, T, L] float32, each row summing to 1}.
         """
+        pre_logits, aux = self.pre_logits(features, tokens_in, train=train, key=key)
+        return self.out_proj(pre_logits), aux
+
+    def pre_logits(
+        self, features: Array, tokens_in: Array, *, train: bool = False, key: Array | None = None
+    ) -> tuple[Array, dict[str, Array]]:
+        """Teacher forcing up to the output layer: -> ([B, T, E] input of `out_proj`, aux)."""
         k_emb, k_h, k_out = jax.random.split(key, 3) if key is not None else (None,) * 3
         context, state = self._prepare(features)
         words = dropout(self.embed(tokens_in), self.dropout_rate, k_emb, train)  # [B, T, E]
@@ -224,8 +231,7 @@ class AttentionDecoder(nnx.Module):
 
         _, (h, alpha, z) = jax.lax.scan(scan_step, state, jnp.swapaxes(word_gates, 0, 1))
         h, alpha, z = (jnp.swapaxes(x, 0, 1) for x in (h, alpha, z))  # batch-major
-        logits = self._readout(words, h, z, (k_h, k_out), train)
-        return logits, {"attention": alpha}
+        return self._pre_logits(words, h, z, (k_h, k_out), train), {"attention": alpha}
 
     def init_decode(self, features: Array) -> tuple[AttentionContext, tuple[Array, Array]]:
         """features [B, H, W, C] | [B, L, C] -> (AttentionContext, LSTM state (h, c))."""
@@ -237,8 +243,8 @@ class AttentionDecoder(nnx.Module):
         """tokens [B] -> (state, logits [B, V] float32, attention [B, L] of this word)."""
         words = self.embed(tokens)  # [B, E]
         state, alpha, z = self._step(context, state, self.lstm.project_inputs(words))
-        logits = self._readout(words[:, None], state[0][:, None], z[:, None], (None, None), False)
-        return state, logits[:, 0], alpha
+        deep = self._pre_logits(words[:, None], state[0][:, None], z[:, None], (None, None), False)
+        return state, self.out_proj(deep)[:, 0], alpha
 
 
 def create_attention_decoder(

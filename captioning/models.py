@@ -1,10 +1,12 @@
 """Flax NNX caption decoders over precomputed CNN features.
 
-Every decoder exposes the same three entry points, so training and every decoding method (greedy,
+Every decoder exposes the same entry points, so training and every decoding method (greedy,
 beam, sampling) work with any of them:
 
   * `__call__(features, tokens_in, *, train, key) -> (logits [B, T, V], aux)`: teacher forcing over
     the whole sequence in one `lax.scan`; `aux` holds extra loss terms' inputs (e.g. attention).
+  * `pre_logits(...)`: the same up to the output layer `out_proj` -> ([B, T, D], aux); training
+    fuses `out_proj` with the loss (`captioning.losses`).
   * `init_decode(features) -> (context, state)`: per-image constants and the initial LSTM state.
   * `decode_step(context, state, tokens [B]) -> (state, logits [B, V], attention [B, L])`: one word.
 
@@ -164,13 +166,20 @@ class MergeDecoder(nnx.Module):
         feats = _image_input(features, self.use_image)
         return jax.nn.relu(self.image_proj(dropout(feats, self.dropout_rate, key, train)))
 
-    def _readout(self, image_emb: Array, h: Array) -> Array:
-        return self.out_proj(jax.nn.relu(self.merge_proj(image_emb + h)))
+    def _pre_logits(self, image_emb: Array, h: Array) -> Array:
+        return jax.nn.relu(self.merge_proj(image_emb + h))
 
     def __call__(
         self, features: Array, tokens_in: Array, *, train: bool = False, key: Array | None = None
     ) -> tuple[Array, dict[str, Array]]:
         """features [B, D] or [B, H, W, C], tokens_in [B, T] -> logits [B, T, V] float32."""
+        pre_logits, aux = self.pre_logits(features, tokens_in, train=train, key=key)
+        return self.out_proj(pre_logits), aux
+
+    def pre_logits(
+        self, features: Array, tokens_in: Array, *, train: bool = False, key: Array | None = None
+    ) -> tuple[Array, dict[str, Array]]:
+        """Teacher forcing up to the output layer: -> ([B, T, H] input of `out_proj`, aux)."""
         k_img, k_emb = jax.random.split(key) if key is not None else (None, None)
         image_emb = self._image_embedding(features, k_img, train)  # [B, H]
         words = dropout(self.embed(tokens_in), self.dropout_rate, k_emb, train)  # [B, T, E]
@@ -178,7 +187,7 @@ class MergeDecoder(nnx.Module):
             self.lstm.zero_state(tokens_in.shape[0]), self.lstm.project_inputs(words)
         )
         aux = {} if self.concept_proj is None else {"concept_logits": self.concept_proj(image_emb)}
-        return self._readout(image_emb[:, None, :], h_bth), aux
+        return self._pre_logits(image_emb[:, None, :], h_bth), aux
 
     def init_decode(self, features: Array) -> tuple[Array, tuple[Array, Array]]:
         """-> (image embedding [B, H], LSTM state)."""
@@ -187,7 +196,7 @@ class MergeDecoder(nnx.Module):
     def decode_step(self, context: Array, state: Any, tokens: Array) -> tuple[Any, Array, Array]:
         """tokens [B] -> (state, logits [B, V], attention [B, 0])."""
         state = self.lstm.cell(state, self.lstm.project_inputs(self.embed(tokens)))
-        logits = self._readout(context, state[0])
+        logits = self.out_proj(self._pre_logits(context, state[0]))
         return state, logits, jnp.zeros((tokens.shape[0], 0), jnp.float32)
 
 
@@ -226,11 +235,18 @@ class InjectDecoder(nnx.Module):
         self, features: Array, tokens_in: Array, *, train: bool = False, key: Array | None = None
     ) -> tuple[Array, dict[str, Array]]:
         """features [B, D] or [B, H, W, C], tokens_in [B, T] -> logits [B, T, V] float32."""
+        pre_logits, aux = self.pre_logits(features, tokens_in, train=train, key=key)
+        return self.out_proj(pre_logits), aux
+
+    def pre_logits(
+        self, features: Array, tokens_in: Array, *, train: bool = False, key: Array | None = None
+    ) -> tuple[Array, dict[str, Array]]:
+        """Teacher forcing up to the output layer: -> ([B, T, H] input of `out_proj`, {})."""
         k_img, k_emb, k_out = jax.random.split(key, 3) if key is not None else (None,) * 3
         state = self._initial_state(features, k_img, train)
         words = dropout(self.embed(tokens_in), self.dropout_rate, k_emb, train)
         h_bth = self.lstm.scan(state, self.lstm.project_inputs(words))
-        return self.out_proj(dropout(h_bth, self.dropout_rate, k_out, train)), {}
+        return dropout(h_bth, self.dropout_rate, k_out, train), {}
 
     def init_decode(self, features: Array) -> tuple[Array, tuple[Array, Array]]:
         """-> (empty context [B, 0], LSTM state after reading the image)."""

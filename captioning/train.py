@@ -30,7 +30,7 @@ from absl import logging
 from clu import metric_writers
 from flax import nnx
 
-from captioning import decode, input_pipeline, metrics, models, parallel, text
+from captioning import decode, input_pipeline, losses, metrics, models, parallel, text
 from captioning.datasets.base import SPLITS, DatasetSplits, ImageRecord
 
 Array = jax.Array
@@ -235,8 +235,12 @@ def make_steps(
             )
         model = nnx.merge(graphdef, params)
         image_features = jnp.take(features, batch["image_index"], axis=0)
-        logits, aux = model(image_features, batch["inputs"], train=train, key=key)
-        loss_sum, count = masked_cross_entropy(logits, batch["targets"])
+        pre_logits, aux = model.pre_logits(image_features, batch["inputs"], train=train, key=key)
+        # The output layer and the cross-entropy in one (captioning/losses.py).
+        out = model.out_proj
+        loss_sum, count = losses.output_cross_entropy(
+            pre_logits, out.kernel[...], out.bias[...], batch["targets"], out.dtype
+        )
         loss = loss_sum / jnp.maximum(count, 1.0) + aux_loss(aux, batch["targets"], model_config)
         # Only training batches carry concept targets, so this is 0 in eval_step.
         loss = loss + concept_loss(aux, batch, model_config)
