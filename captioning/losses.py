@@ -5,9 +5,10 @@ With the seed's sizes the vocabulary projection is half of a training step's wor
 their softmax) for the backward pass, which multiplies them by the weights twice more. Written
 as one function with its own VJP, the forward pass computes each chunk's loss *and* its
 gradients while the chunk's logits are still in cache, so a [B*T, V] array never makes a round
-trip through memory: measured 118 -> 82 ms for [5632, 256] x [256, 1653] on 2 CPU cores. The
-arithmetic is the same three matrix products as autodiff's; the gradients agree to float32
-round-off (tests/test_losses.py).
+trip through memory. Measured on 2 CPU cores at the seed's sizes (batch 512, 12 positions,
+V = 1653): the whole train step 426 -> 375 ms (medians of 6 alternating rounds in one process)
+and XLA's temporary memory 201 -> 166 MB. The arithmetic is the same three matrix products as
+autodiff's; the gradients agree to float32 round-off (tests/test_losses.py).
 """
 
 from __future__ import annotations
