@@ -445,8 +445,11 @@ def _image_dataset(paths: Sequence[str], size: int, batch_size: int):
         return i, tf.pad(images, [[0, missing], [0, 0], [0, 0], [0, 0]])
 
     # No prefetch: the next batch is decoded when asked for, on all cores, instead of competing
-    # with the backbone for them (see the module docstring).
-    return ds.batch(batch_size).map(pad)
+    # with the backbone for them (see the module docstring). No autotuning either (its thread
+    # can hold up the end of the iteration; input_pipeline.fixed_options).
+    from captioning.input_pipeline import fixed_options
+
+    return ds.batch(batch_size).map(pad).with_options(fixed_options())
 
 
 def _iter_features(

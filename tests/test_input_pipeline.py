@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from captioning import input_pipeline, text
+from captioning import features, input_pipeline, text
 from captioning.datasets.base import ImageRecord
 
 
@@ -57,6 +57,16 @@ def test_batches_teacher_forcing_and_mask():
     assert len(seen) == batches.num_batches
     # Every target of every caption is trained exactly once per epoch: nothing dropped.
     assert sum(seen) == int(data.lengths.sum())
+
+
+def test_pipelines_do_not_autotune():
+    # tf.data's autotuning thread held up the end of epochs (README, Results); buffers and
+    # parallelism are explicit, so it stays off in the training and the export pipelines.
+    _, _, data = _data()
+    batches = input_pipeline.CaptionBatches(data, batch_size=8, num_buckets=2, seed=0, shuffle=True)
+    assert batches.dataset(0).options().autotune.enabled is False
+    export = features._image_dataset(["missing.png"], size=32, batch_size=4)
+    assert export.options().autotune.enabled is False
 
 
 def test_epoch_order_depends_only_on_seed_and_epoch():
