@@ -1,12 +1,12 @@
 """Ablation grid: trains and evaluates a grid of config variants, one markdown table of everything.
 
     python -m captioning.grid --config=configs/scenes.py --grid=configs/grids/scenes.py \
-        --workdir=runs/grid [--config.train.num_epochs=8] [--cells=merge_avg,attention_grid8]
+        --workdir=runs/grid [--config.train.num_epochs=8] [--cells=merge_avgmax,attention_grid4]
 
 The grid file defines `get_grid()` returning a list of cells:
 
-    {"name": "attention_grid8",                                    # folder under --workdir
-     "overrides": {"model.decoder": "attention", "encoder.pooling": "none", "encoder.grid": 8},
+    {"name": "attention_grid4",                                    # folder under --workdir
+     "overrides": {"model.decoder": "attention", "encoder.pooling": "none", "encoder.grid": 4},
      "methods": [{"decode.method": "greedy"},                      # optional; default: the
                  {"decode.method": "beam", "decode.beam_size": 3}]}  # config's decoding only
 

@@ -7,8 +7,8 @@ Writes runs/grid/grid.md (the table in the README; 8 epochs instead of the confi
 grid near a quarter of an hour on 2 CPU cores). Every cell starts from configs/scenes.py
 (random-weight ResNet50 cut at conv2_block3_out, 32x32x256 at 128 px): the merge and inject
 decoders read the pooled vector (mean and max over locations, the scenes default), the attention
-decoder the map area-resized to 8x8 (L = 64 locations of 4x4 map cells: enough to tell left from
-right and top from bottom, at a sixteenth of the attention cost of 32x32). Each store is exported
+decoder the map area-resized to 4x4 (L = 16 locations of 8x8 map cells: enough to tell left from
+right and top from bottom, at a sixty-fourth of the attention cost of 32x32). Each store is exported
 once into `data.cache_dir` and shared by every run that uses it.
 """
 
@@ -23,11 +23,14 @@ CELLS = {
     "merge_avgmax": {"model.decoder": "merge", "encoder.pooling": "avgmax"},
     # Show and Tell: the image is the LSTM's first input.
     "inject_avgmax": {"model.decoder": "inject", "encoder.pooling": "avgmax"},
-    # Show, Attend and Tell: soft attention over the 8x8 grid (locations' positions appended).
-    "attention_grid8": {
+    # Show, Attend and Tell as in configs/scenes_attention.py: soft attention over the 4x4 grid
+    # (locations' positions appended), attention size 32, no doubly stochastic term.
+    "attention_grid4": {
         "model.decoder": "attention",
         "encoder.pooling": "none",
-        "encoder.grid": 8,
+        "encoder.grid": 4,
+        "model.attention_dim": 32,
+        "model.attention_reg": 0.0,
     },
 }
 
