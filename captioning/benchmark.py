@@ -14,6 +14,13 @@ min count 10, captions of at most 32 words) and the real Flickr8k train caption 
   recompiles_after_first_step  XLA compilations during the timed training steps (must be 0)
   peak_rss_mb                  peak resident memory of the process
   device                       what JAX ran on
+  matmul_peak_gflops           float32 2048^3 matmul rate, measured before and after the timed
+                               training (this machine's speed drifts: its peak has measured
+                               100-205 GFLOP/s within one day)
+  train_mflop_per_target       the decoder's matmul work per trained word (forward + backward)
+  train_fraction_of_peak       train_targets_per_s x that work / the mean measured peak: the
+                               code's efficiency, comparable across the machine's slow and fast
+                               spells (the issue's 13,500 targets/s is 40 % of a 190 GFLOP/s peak)
 
 Flags: --train_seconds, --batch_size, --num_buckets, --train_embeddings, --dtype, --export_images,
 --backbone, --image_size.
@@ -83,6 +90,27 @@ def _model_config(dtype: str) -> ml_collections.ConfigDict:
     config.model.dtype = dtype
     config.model.glove_path = ""
     return config
+
+
+def matmul_peak_gflops(size: int = 2048, repeats: int = 5) -> float:
+    """Best-of-`repeats` float32 [size, size] x [size, size] matmul rate on the default device."""
+    a = jnp.ones((size, size), jnp.float32)
+    product = jax.jit(lambda x, y: x @ y)
+    product(a, a).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        product(a, a).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e9
+
+
+def train_mflop_per_target(model_config, vocab_size: int) -> float:
+    """Matmul MFLOP per trained word of the merge decoder: every weight matrix's forward product
+    and its two backward products (2 FLOP per multiply-add x 3), as in the issue's 5.7 MFLOP."""
+    embed, hidden = model_config.embed_dim, model_config.hidden_size
+    weights = embed * 4 * hidden + hidden * 4 * hidden + hidden * hidden + hidden * vocab_size
+    return 6 * weights / 1e6
 
 
 def _peak_rss_mb() -> float:
@@ -262,6 +290,7 @@ def main(argv):
         "captions": source,
         "dtype": FLAGS.dtype,
     }
+    peak_before = matmul_peak_gflops()
     train_figures, graphdef, params = benchmark_training(
         config,
         tokenized,
@@ -270,7 +299,14 @@ def main(argv):
         FLAGS.train_seconds,
         FLAGS.train_embeddings,
     )
+    peak_after = matmul_peak_gflops()
     results.update(train_figures)
+    work = train_mflop_per_target(config.model, train_figures["vocab_size"])
+    results["matmul_peak_gflops"] = [round(peak_before, 1), round(peak_after, 1)]
+    results["train_mflop_per_target"] = round(work, 2)
+    results["train_fraction_of_peak"] = round(
+        train_figures["train_targets_per_s"] * work / 1e3 / ((peak_before + peak_after) / 2), 3
+    )
     results.update(
         benchmark_decoding(graphdef, params, FLAGS.decode_images, config.decode.max_len + 2)
     )
