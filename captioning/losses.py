@@ -18,6 +18,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from captioning import text
 from captioning.models import matmul
@@ -29,10 +30,17 @@ Array = jax.Array
 NUM_CHUNKS = 4
 
 
+def masked_cross_entropy(logits: Array, targets: Array) -> tuple[Array, Array]:
+    """logits [..., V], targets [...] -> (summed loss over non-pad targets, their count)."""
+    mask = (targets != text.PAD_ID).astype(jnp.float32)
+    per_word = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+    return jnp.sum(per_word * mask), jnp.sum(mask)
+
+
 def output_cross_entropy(
     inputs: Array, kernel: Array, bias: Array, targets: Array, dtype: Any = jnp.float32
 ) -> tuple[Array, Array]:
-    """Summed cross-entropy of logits = inputs @ kernel + bias over non-padding targets.
+    """`masked_cross_entropy` of logits = inputs @ kernel + bias, fused with the output layer.
 
     Args:
       inputs: [B, T, D] what the decoder feeds its output layer.
@@ -46,26 +54,18 @@ def output_cross_entropy(
     rows = inputs.shape[0] * inputs.shape[1]
     x = inputs.reshape(rows, inputs.shape[2])
     labels = targets.reshape(rows)
-    mask = (labels != text.PAD_ID).astype(jnp.float32)
     chunks = next(c for c in (NUM_CHUNKS, 2, 1) if rows % c == 0)
-    loss = _fused_loss(x, kernel, bias.astype(jnp.float32), labels, mask, chunks, dtype)
-    return loss, jnp.sum(mask)
+    loss = _fused_loss(x, kernel, bias.astype(jnp.float32), labels, chunks, dtype)
+    return loss, jnp.sum(labels != text.PAD_ID).astype(jnp.float32)
 
 
-def _loss(x, kernel, bias, labels, mask, dtype):
-    logits = matmul(x, kernel, dtype) + bias
-    logsumexp = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.take_along_axis(logits, labels[:, None], axis=-1)[:, 0]
-    return jnp.sum((logsumexp - picked) * mask)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _fused_loss(x, kernel, bias, labels, mask, chunks, dtype):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _fused_loss(x, kernel, bias, labels, chunks, dtype):
     """Plain (unfused) loss when no gradient is taken, e.g. in the evaluation step."""
-    return _loss(x, kernel, bias, labels, mask, dtype)
+    return masked_cross_entropy(matmul(x, kernel, dtype) + bias, labels)[0]
 
 
-def _fused_forward(x, kernel, bias, labels, mask, chunks, dtype):
+def _fused_forward(x, kernel, bias, labels, chunks, dtype):
     """Loss and all three gradients, one chunk of rows at a time."""
     rows, width = x.shape
     # Chunk k holds rows k, k + chunks, ...: every chunk has rows of every example, so a
@@ -74,7 +74,8 @@ def _fused_forward(x, kernel, bias, labels, mask, chunks, dtype):
 
     def chunk_step(carry, chunk):
         loss, d_kernel, d_bias = carry
-        xc, labels_c, mask_c = chunk
+        xc, labels_c = chunk
+        mask_c = (labels_c != text.PAD_ID).astype(jnp.float32)
         logits = matmul(xc, kernel, dtype) + bias  # [rows / chunks, V] float32
         logsumexp = jax.nn.logsumexp(logits, axis=-1)
         picked = jnp.take_along_axis(logits, labels_c[:, None], axis=-1)[:, 0]
@@ -91,9 +92,7 @@ def _fused_forward(x, kernel, bias, labels, mask, chunks, dtype):
         jnp.zeros(kernel.shape, jnp.float32),
         jnp.zeros(bias.shape, jnp.float32),
     )
-    (loss, d_kernel, d_bias), d_x = jax.lax.scan(
-        chunk_step, init, (split(x), split(labels), split(mask))
-    )
+    (loss, d_kernel, d_bias), d_x = jax.lax.scan(chunk_step, init, (split(x), split(labels)))
     d_x = jnp.swapaxes(d_x, 0, 1).reshape(rows, width)
     grads = (d_x.astype(x.dtype), d_kernel.astype(kernel.dtype), d_bias)
     return loss, grads
@@ -106,7 +105,6 @@ def _fused_backward(chunks, dtype, grads, loss_cotangent):
         loss_cotangent * d_kernel,
         loss_cotangent * d_bias,
         None,  # labels: integers.
-        None,  # mask: a function of the labels.
     )
 
 

@@ -161,13 +161,6 @@ def create_optimizer(train_config: ml_collections.ConfigDict, total_steps: int):
     ), schedule
 
 
-def masked_cross_entropy(logits: Array, targets: Array) -> tuple[Array, Array]:
-    """logits [B, T, V], targets [B, T] -> (summed loss over non-pad targets, their count)."""
-    mask = (targets != text.PAD_ID).astype(jnp.float32)
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
-    return jnp.sum(losses * mask), jnp.sum(mask)
-
-
 def concept_loss(aux: Mapping[str, Array], batch: Mapping[str, Array], model_config) -> Array:
     """Auxiliary multi-label loss: the image embedding predicts its captions' words and pairs.
 
@@ -177,11 +170,11 @@ def concept_loss(aux: Mapping[str, Array], batch: Mapping[str, Array], model_con
     if "concept_logits" not in aux or "concepts" not in batch:
         return jnp.zeros((), jnp.float32)
     real = (batch["targets"][:, 0] != text.PAD_ID).astype(jnp.float32)  # [B]
-    losses = optax.sigmoid_binary_cross_entropy(
+    per_caption = optax.sigmoid_binary_cross_entropy(
         aux["concept_logits"].astype(jnp.float32), batch["concepts"].astype(jnp.float32)
     ).mean(axis=-1)
     weight = model_config.get("concept_loss", 0.0)
-    return weight * jnp.sum(losses * real) / jnp.maximum(jnp.sum(real), 1.0)
+    return weight * jnp.sum(per_caption * real) / jnp.maximum(jnp.sum(real), 1.0)
 
 
 def aux_loss(aux: Mapping[str, Array], targets: Array, model_config) -> Array:

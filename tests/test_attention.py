@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from captioning import attention, decode, models, search, text, train, visualize
+from captioning import attention, decode, losses, models, search, text, train, visualize
 from configs import test as test_config
 
 VOCAB = 11
@@ -127,7 +127,7 @@ def test_one_training_step_lowers_the_loss(decoder, feature_shape):
 
     def total_loss(params):
         logits, aux = nnx.merge(graphdef, params)(features, batch["inputs"])
-        loss_sum, count = train.masked_cross_entropy(logits, batch["targets"])
+        loss_sum, count = losses.masked_cross_entropy(logits, batch["targets"])
         return float(loss_sum / count + train.aux_loss(aux, batch["targets"], config.model))
 
     params, _, _ = jax.jit(train_step)(
