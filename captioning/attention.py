@@ -253,20 +253,23 @@ def create_attention_decoder(
     feature_shape: tuple[int, ...],
     *,
     rngs: nnx.Rngs,
-) -> AttentionDecoder:
-    """The attention decoder for features of `feature_shape` ([H, W, C] or [L, C] per image).
+) -> AttentionDecoder | MergeAttentionDecoder:
+    """The decoder `config.model.decoder` names ('attention': Show-Attend-Tell, 'merge_attention':
+    merge with attention at the output) for features of `feature_shape` ([H, W, C] or [L, C]).
 
     `config.model.attention_dim` sizes the attention MLP (0 or absent: `hidden_size`);
     `config.model.attention_positions` (absent: False) appends each location's coordinates.
     """
+    name = model_config.decoder
     if len(feature_shape) not in (2, 3):
         raise ValueError(
-            f"config.model.decoder='attention' needs spatial features, but the feature store has "
+            f"config.model.decoder={name!r} needs spatial features, but the feature store has "
             f"shape {tuple(feature_shape)} per image: set config.encoder.pooling='none' "
             "(optionally config.encoder.grid to resize the map)."
         )
     attention_dim = int(model_config.get("attention_dim", 0) or model_config.hidden_size)
-    return AttentionDecoder(
+    decoder = {"attention": AttentionDecoder, "merge_attention": MergeAttentionDecoder}[name]
+    return decoder(
         vocab_size,
         feature_shape[-1],
         embed_dim=model_config.embed_dim,
@@ -278,3 +281,111 @@ def create_attention_decoder(
         positions=bool(model_config.get("attention_positions", False)),
         dtype=compute_dtype(model_config.dtype),
     )
+
+
+class MergeAttentionDecoder(nnx.Module):
+    """The merge decoder with spatial attention at its output (Lu et al. 2017, "Knowing When to
+    Look", section 2.2): the image still never enters the LSTM, but what is added to the LSTM's
+    output h_t is no longer one pooled vector but a context looked up *with h_t itself*.
+
+    Per image, from the locations a_1..a_L ([L, C], positions appended when configured):
+        v = relu(W_v mean(a))           the merge decoder's pooled image embedding  [H]
+        k_i = W_k a_i + b,  u_i = W_u a_i                     keys [L, A], values [L, H]
+    Per word t, all t at once after the LSTM's scan (no recurrence through the attention):
+        alpha_t = softmax_i(w^T tanh(k_i + U h_t))                                  [L]
+        c_t = sum_i alpha_ti u_i                                                    [H]
+        logits_t = dense(V)(relu(dense(H)(v + c_t + h_t)))
+
+    Why for the scenes: naming "a blue ..." then its shape needs the shape *of the blue object*;
+    a pooled vector mixes all objects (binding errors), while h_t, having just emitted "blue", can
+    look at the blue object's cells. Since alpha_t depends on h_t and not on h_{t-1}, training
+    runs the attention for every step in parallel: it costs little more than the merge decoder,
+    unlike Show-Attend-Tell's attention inside the recurrence.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        feature_dim: int,
+        *,
+        embed_dim: int,
+        hidden_size: int,
+        attention_dim: int,
+        dropout_rate: float,
+        use_image: bool,
+        rngs: nnx.Rngs,
+        positions: bool = False,
+        dtype: Any = jnp.float32,
+    ):
+        self.dropout_rate = dropout_rate
+        self.use_image = use_image
+        self.positions = positions
+        self.dtype = dtype
+        feature_dim += 2 if positions else 0
+        self.image_proj = Dense(feature_dim, hidden_size, rngs=rngs, dtype=dtype)
+        self.att_keys = Dense(feature_dim, attention_dim, rngs=rngs, dtype=dtype)
+        self.att_values = _param(rngs, (feature_dim, hidden_size))
+        self.att_query = _param(rngs, (hidden_size, attention_dim))
+        self.att_score = _param(rngs, (attention_dim, 1))
+        self.embed = nnx.Embed(vocab_size, embed_dim, rngs=rngs)
+        self.lstm = LSTM(embed_dim, hidden_size, rngs=rngs, dtype=dtype)
+        self.merge_proj = Dense(hidden_size, hidden_size, rngs=rngs, dtype=dtype)
+        self.out_proj = Dense(hidden_size, vocab_size, rngs=rngs, dtype=dtype)
+
+    def _prepare(
+        self, features: Array, key: Array | None, train: bool
+    ) -> tuple[Array, AttentionContext]:
+        """features [B, H, W, C] | [B, L, C] -> (pooled embedding v [B, H], context)."""
+        feats = features.astype(jnp.float32)
+        if not self.use_image:
+            feats = jnp.zeros_like(feats)
+        if self.positions:
+            feats = append_positions(feats)
+        feats = dropout(flatten_locations(feats), self.dropout_rate, key, train)  # [B, L, C]
+        pooled = jax.nn.relu(self.image_proj(feats.mean(axis=1)))
+        values = matmul(feats, self.att_values[...], self.dtype)  # [B, L, H]
+        return pooled, AttentionContext(values=values, keys=self.att_keys(feats))
+
+    def _output(self, pooled: Array, context: AttentionContext, h: Array) -> tuple[Array, Array]:
+        """h [B, T, H] -> (pre-logits [B, T, H], alpha [B, T, L])."""
+        query = matmul(h, self.att_query[...], self.dtype)  # [B, T, A]
+        hidden = jnp.tanh(context.keys[:, None, :, :] + query[:, :, None, :])  # [B, T, L, A]
+        scores = matmul(hidden, self.att_score[...], self.dtype)[..., 0]  # [B, T, L]
+        alpha = jax.nn.softmax(scores, axis=-1)
+        attended = _weighted(alpha, context.values, self.dtype)  # [B, T, H]
+        return jax.nn.relu(self.merge_proj(pooled[:, None, :] + attended + h)), alpha
+
+    def __call__(
+        self, features: Array, tokens_in: Array, *, train: bool = False, key: Array | None = None
+    ) -> tuple[Array, dict[str, Array]]:
+        """features [B, H, W, C] | [B, L, C], tokens_in [B, T] -> (logits [B, T, V] float32,
+        {"attention": [B, T, L]})."""
+        pre_logits, aux = self.pre_logits(features, tokens_in, train=train, key=key)
+        return self.out_proj(pre_logits), aux
+
+    def pre_logits(
+        self, features: Array, tokens_in: Array, *, train: bool = False, key: Array | None = None
+    ) -> tuple[Array, dict[str, Array]]:
+        """Teacher forcing up to the output layer: -> ([B, T, H] input of `out_proj`, aux)."""
+        k_img, k_emb = jax.random.split(key) if key is not None else (None, None)
+        pooled, context = self._prepare(features, k_img, train)
+        words = dropout(self.embed(tokens_in), self.dropout_rate, k_emb, train)  # [B, T, E]
+        h_bth = self.lstm.scan(
+            self.lstm.zero_state(tokens_in.shape[0]), self.lstm.project_inputs(words)
+        )
+        pre_logits, alpha = self._output(pooled, context, h_bth)
+        return pre_logits, {"attention": alpha}
+
+    def init_decode(
+        self, features: Array
+    ) -> tuple[tuple[Array, AttentionContext], tuple[Array, Array]]:
+        """-> ((pooled embedding, attention context), LSTM state)."""
+        return self._prepare(features, None, False), self.lstm.zero_state(features.shape[0])
+
+    def decode_step(
+        self, context: tuple[Array, AttentionContext], state: tuple[Array, Array], tokens: Array
+    ) -> tuple[tuple[Array, Array], Array, Array]:
+        """tokens [B] -> (state, logits [B, V] float32, attention [B, L] of this word)."""
+        state = self.lstm.cell(state, self.lstm.project_inputs(self.embed(tokens)))
+        pre_logits, alpha = self._output(*context, state[0][:, None, :])
+        return state, self.out_proj(pre_logits)[:, 0], alpha[:, 0]

@@ -223,7 +223,8 @@ def _store_settings(encoder_config, seed: int | None = None) -> dict[str, Any]:
         "dtype": dtype,
         "seed": _resolve_seed(encoder_config, seed),
         "layer": str(getattr(encoder_config, "layer", "") or ""),
-        "grid": int(getattr(encoder_config, "grid", 0) or 0),
+        # The grid resizes spatial maps only; pooled stores ignore it (and share one store).
+        "grid": int(getattr(encoder_config, "grid", 0) or 0) if pooling == "none" else 0,
     }
 
 

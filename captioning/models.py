@@ -286,7 +286,7 @@ def create_model(
             f"config.model.concept_loss={model_config.concept_loss} needs the merge decoder "
             f"(config.model.decoder={name!r}); set it to 0 for this decoder."
         )
-    if name == "attention":
+    if name in ("attention", "merge_attention"):
         from captioning import attention  # Imported lazily: optional module.
 
         return attention.create_attention_decoder(
@@ -294,7 +294,8 @@ def create_model(
         )
     if name not in DECODERS:
         raise ValueError(
-            f"config.model.decoder={name!r} is unknown; use one of {sorted(DECODERS)} or attention."
+            f"config.model.decoder={name!r} is unknown; use one of {sorted(DECODERS)}, "
+            "attention or merge_attention."
         )
     return DECODERS[name](
         vocab_size,

@@ -26,6 +26,7 @@ def get_config():
     config.encoder.weights = "imagenet"  # Keras cache file, or a path to a local .h5 file.
     config.encoder.image_size = 299  # InceptionV3's native input size.
     config.encoder.pooling = "avg"  # One vector per image for the merge decoder.
+    config.encoder.grid = 0  # Unused with pooled features.
 
     config.model.decoder = "merge"  # The seed's merge architecture.
     config.model.embed_dim = 200  # GloVe 200-d.

@@ -2,8 +2,11 @@
 
     python main.py --config=configs/scenes.py --workdir=runs/scenes
 
-Deterministic images (1-3 objects with shape, colour, size, position and spatial relations) with
-five grammar-made captions each; trains the merge LSTM decoder in a few minutes on 2 CPU cores.
+Deterministic images (1-3 objects with shape, colour, size and position, and spatial relations)
+with five grammar-made captions each. Trains the merge LSTM decoder with attention at its output
+(`merge_attention`: the seed's merge model, whose pooled image vector is joined by a context that
+each word's LSTM state looks up in a 4x4 feature grid) in a few minutes on 2 CPU cores. The seed's
+merge decoder on pooled features is configs/scenes_merge.py.
 """
 
 import ml_collections
@@ -38,13 +41,20 @@ def get_config() -> ml_collections.ConfigDict:
     config.encoder.weights = "none"  # 'none' (random init) | 'imagenet' | path to a .h5/.keras file
     config.encoder.image_size = 128  # Backbone input side (the scenes are rendered at 128 px).
     # avg: [C] | avgmax: [2C] mean and max over locations | none: [H, W, C] grid (attention).
-    config.encoder.pooling = "avgmax"  # The max half says whether a pattern occurs at all.
-    config.encoder.grid = 0  # pooling=none: area-resize the map to grid x grid (0 = as is).
+    config.encoder.pooling = "none"  # The attention looks up objects in the map.
+    # pooling=none: area-resize the map to grid x grid (0 = as is). 32x32 -> 4x4: 16 cells of
+    # 32x32 px, enough to tell left from right and top from bottom with 1-3 objects, at a quarter
+    # of the attention cost of 8x8.
+    config.encoder.grid = 4
     config.encoder.batch_size = 64  # Images per backbone call during feature export.
     config.encoder.dtype = "float32"  # Feature store dtype (float16 halves disk and memory).
 
     config.model = ml_collections.ConfigDict()
-    config.model.decoder = "merge"  # merge (the seed's) | inject (Show&Tell) | attention
+    # merge (the seed's) | merge_attention (merge + attention at the output, Lu et al. 2017) |
+    # inject (Show and Tell) | attention (Show, Attend and Tell). On the scenes the seed's merge
+    # decoder names every object right in ~0.70 of the test images (more epochs do not help:
+    # 0.69 after 32); attending with the word just read binds each colour to its shape: 0.85.
+    config.model.decoder = "merge_attention"
     config.model.embed_dim = 200  # Word embedding size.
     config.model.hidden_size = 256  # LSTM state and image projection size.
     config.model.dropout = 0.1  # Dropout on features and embeddings (clean synthetic images).
@@ -55,9 +65,12 @@ def get_config() -> ml_collections.ConfigDict:
     # words and frequent word pairs ("red circle") its captions use (0 = off).
     config.model.concept_loss = 0.0
     config.model.concept_pairs = 256  # Most frequent adjacent word pairs used as concepts.
-    config.model.attention_reg = 1.0  # Attention decoder: doubly stochastic regularization weight.
-    config.model.attention_dim = 128  # Attention decoder: hidden size of the attention MLP.
-    config.model.attention_positions = True  # Attention decoder: add (row, col) to each location.
+    # Attention decoders: doubly stochastic regularization weight (Show-Attend-Tell's lambda).
+    # 0: it pulls every cell towards one unit of attention per caption, i.e. towards uniform
+    # attention, while a scene's 1-3 objects sit in a few of the 16 cells.
+    config.model.attention_reg = 0.0
+    config.model.attention_dim = 32  # Attention decoders: hidden size of the attention MLP.
+    config.model.attention_positions = True  # Attention decoders: add (row, col) to each cell.
     config.model.dtype = "float32"  # float32 | bfloat16 matmuls (state, loss, optimizer stay fp32).
 
     config.train = ml_collections.ConfigDict()

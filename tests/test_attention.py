@@ -1,6 +1,7 @@
-"""Soft-attention decoder: attention sums to one, shapes, teacher forcing equals step-by-step
-decoding, one train step lowers the loss of every decoder, greedy/beam return attention for every
-word, attention-map PNGs."""
+"""Attention decoders (Show-Attend-Tell 'attention' and the merge decoder with output attention
+'merge_attention'): attention sums to one, shapes, teacher forcing equals step-by-step decoding,
+one train step lowers the loss of every decoder, greedy/beam return attention for every word,
+attention-map PNGs."""
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +15,7 @@ from configs import test as test_config
 
 VOCAB = 11
 SPATIAL = (3, 4, 12)  # H, W, C: L = 12 locations, non-square to catch row/column mix-ups.
+ATTENTION_DECODERS = pytest.mark.parametrize("decoder", ["attention", "merge_attention"])
 
 
 def _model(decoder="attention", feature_shape=SPATIAL, **overrides):
@@ -32,8 +34,9 @@ def _tokens(batch=3, length=6, seed=2):
     return jax.random.randint(jax.random.key(seed), (batch, length), 0, VOCAB)
 
 
-def test_shapes_and_attention_sums_to_one_over_locations():
-    model = _model()
+@ATTENTION_DECODERS
+def test_shapes_and_attention_sums_to_one_over_locations(decoder):
+    model = _model(decoder)
     logits, aux = model(_features(), _tokens())
     assert logits.shape == (3, 6, VOCAB) and logits.dtype == jnp.float32
     weights = aux["attention"]
@@ -46,22 +49,25 @@ def test_shapes_and_attention_sums_to_one_over_locations():
     np.testing.assert_allclose(step_attention.sum(-1), 1.0, atol=1e-5)
 
 
+@ATTENTION_DECODERS
 @pytest.mark.parametrize("positions,shape", [(False, SPATIAL), (True, (3, 3, 12))])
-def test_flat_locations_equal_the_spatial_map(positions, shape):
-    model = _model(feature_shape=shape, attention_positions=positions)
+def test_flat_locations_equal_the_spatial_map(decoder, positions, shape):
+    model = _model(decoder, feature_shape=shape, attention_positions=positions)
     features, tokens = _features(shape=shape), _tokens()
     spatial, _ = model(features, tokens)
     flat, _ = model(features.reshape(3, -1, 12), tokens)
     np.testing.assert_allclose(spatial, flat, atol=1e-6)
 
 
-def test_pooled_features_are_refused():
+@ATTENTION_DECODERS
+def test_pooled_features_are_refused(decoder):
     with pytest.raises(ValueError, match="encoder.pooling='none'"):
-        _model(feature_shape=(12,))
+        _model(decoder, feature_shape=(12,))
 
 
-def test_teacher_forcing_matches_step_by_step():
-    model = _model()
+@ATTENTION_DECODERS
+def test_teacher_forcing_matches_step_by_step(decoder):
+    model = _model(decoder)
     features, tokens = _features(), _tokens()
     logits, aux = model(features, tokens)
     context, state = model.init_decode(features)
@@ -71,10 +77,11 @@ def test_teacher_forcing_matches_step_by_step():
         np.testing.assert_allclose(step_attention, aux["attention"][:, t], atol=1e-6)
 
 
-def test_attention_depends_on_where_the_features_are():
+@ATTENTION_DECODERS
+def test_attention_depends_on_where_the_features_are(decoder):
     # A location with a distinct feature vector gets a different weight than its copies elsewhere
     # (without positions, identical features get identical weights wherever they are).
-    model = _model(attention_positions=False)
+    model = _model(decoder, attention_positions=False)
     features = jnp.zeros((1, *SPATIAL)).at[0, 1, 2].set(5.0)
     _, aux = model(features, _tokens(batch=1))
     weights = np.asarray(aux["attention"][0, 0]).reshape(3, 4)
@@ -82,8 +89,9 @@ def test_attention_depends_on_where_the_features_are():
     assert np.allclose(others, others[0]) and not np.isclose(weights[1, 2], others[0])
 
 
-def test_dropout_keyed_and_image_blind_ablation():
-    model = _model(dropout=0.5)
+@ATTENTION_DECODERS
+def test_dropout_keyed_and_image_blind_ablation(decoder):
+    model = _model(decoder, dropout=0.5)
     features, tokens = _features(), _tokens()
     key = jax.random.key(0)
     a, _ = model(features, tokens, train=True, key=key)
@@ -91,21 +99,23 @@ def test_dropout_keyed_and_image_blind_ablation():
     evaluation, _ = model(features, tokens)
     np.testing.assert_allclose(a, b)
     assert not np.allclose(a, evaluation)
-    blind = _model(use_image=False)
+    blind = _model(decoder, use_image=False)
     x, _ = blind(features, tokens)
     y, _ = blind(_features(seed=5), tokens)
     np.testing.assert_allclose(x, y)
 
 
-def test_bfloat16_matmuls_keep_float32_outputs():
-    logits, aux = _model(dtype="bfloat16")(_features(), _tokens())
-    reference, _ = _model()(_features(), _tokens())
+@ATTENTION_DECODERS
+def test_bfloat16_matmuls_keep_float32_outputs(decoder):
+    logits, aux = _model(decoder, dtype="bfloat16")(_features(), _tokens())
+    reference, _ = _model(decoder)(_features(), _tokens())
     assert logits.dtype == jnp.float32 and aux["attention"].dtype == jnp.float32
     np.testing.assert_allclose(logits, reference, atol=0.05)
 
 
 @pytest.mark.parametrize(
-    "decoder,feature_shape", [("merge", (12,)), ("inject", (12,)), ("attention", SPATIAL)]
+    "decoder,feature_shape",
+    [("merge", (12,)), ("inject", (12,)), ("attention", SPATIAL), ("merge_attention", SPATIAL)],
 )
 def test_one_training_step_lowers_the_loss(decoder, feature_shape):
     config = test_config.get_config()
@@ -136,6 +146,19 @@ def test_one_training_step_lowers_the_loss(decoder, feature_shape):
     assert total_loss(params) < total_loss(state["params"])
 
 
+def test_output_attention_looks_with_the_current_word():
+    """merge_attention attends with h_t (after reading word t), Show-Attend-Tell with h_{t-1}:
+    changing word t moves the former's attention at step t and not the latter's."""
+    features, tokens = _features(), _tokens()
+    changed = tokens.at[:, 2].set((tokens[:, 2] + 1) % VOCAB)
+    for decoder, moves in (("merge_attention", True), ("attention", False)):
+        model = _model(decoder)
+        _, before = model(features, tokens)
+        _, after = model(features, changed)
+        np.testing.assert_allclose(before["attention"][:, :2], after["attention"][:, :2])
+        assert moves != np.allclose(before["attention"][:, 2], after["attention"][:, 2])
+
+
 def test_doubly_stochastic_regularization_reaches_the_loss():
     model = _model()
     config = test_config.get_config().model
@@ -160,8 +183,9 @@ def _check_decoded_attention(tokens, weights):
 
 
 @pytest.mark.parametrize("method", ["greedy", "beam"])
-def test_decoding_returns_attention_for_every_word(method):
-    model = _model()
+@ATTENTION_DECODERS
+def test_decoding_returns_attention_for_every_word(decoder, method):
+    model = _model(decoder)
     graphdef, params = nnx.split(model)
     config = test_config.get_config().decode
     config.method, config.beam_size, config.max_len = method, 3, 8
@@ -170,8 +194,9 @@ def test_decoding_returns_attention_for_every_word(method):
     _check_decoded_attention(out.tokens, out.attention)
 
 
-def test_beam_search_keeps_each_hypothesis_attention():
-    model = _model()
+@ATTENTION_DECODERS
+def test_beam_search_keeps_each_hypothesis_attention(decoder):
+    model = _model(decoder)
     beams = search.beam_search_beams(model, _features(batch=2), beam_size=3, max_len=6)
     assert beams.attention.shape == (2, 3, 6, 12)
     for k in range(3):

@@ -34,9 +34,9 @@ def test_parse_cells_checks_names_keys_and_methods():
 
 def test_apply_overrides_copies_and_names_bad_fields():
     base = test_config.get_config()
-    config = grid.apply_overrides(base, {"model.decoder": "attention", "encoder.grid": 4})
-    assert config.model.decoder == "attention" and config.encoder.grid == 4
-    assert base.model.decoder == "merge"  # The base config is untouched.
+    config = grid.apply_overrides(base, {"model.decoder": "inject", "encoder.grid": 2})
+    assert config.model.decoder == "inject" and config.encoder.grid == 2
+    assert base.model.decoder == "merge_attention" and base.encoder.grid == 4  # Untouched.
     with pytest.raises(grid.GridError, match="no field 'decodr'"):
         grid.apply_overrides(base, {"model.decodr": "attention"})
     with pytest.raises(grid.GridError, match="no section 'modle'"):

@@ -6,10 +6,10 @@
 Writes runs/grid/grid.md (the table in the README; 8 epochs instead of the config's 16 keep the
 grid near a quarter of an hour on 2 CPU cores). Every cell starts from configs/scenes.py
 (random-weight ResNet50 cut at conv2_block3_out, 32x32x256 at 128 px): the merge and inject
-decoders read the pooled vector (mean and max over locations, the scenes default), the attention
-decoder the map area-resized to 4x4 (L = 16 locations of 8x8 map cells: enough to tell left from
-right and top from bottom, at a sixty-fourth of the attention cost of 32x32). Each store is exported
-once into `data.cache_dir` and shared by every run that uses it.
+decoders read the pooled vector (mean and max over locations), the attention decoders the map
+area-resized to 4x4 (the scenes default; L = 16 locations of 8x8 map cells: enough to tell left
+from right and top from bottom, at a sixty-fourth of the attention cost of 32x32). Each store is
+exported once into `data.cache_dir` and shared by every run that uses it.
 """
 
 # Evaluated per cell from the same checkpoint (no retraining).
@@ -19,19 +19,16 @@ METHODS = [
 ]
 
 CELLS = {
+    # The scenes default (configs/scenes.py): merge, plus attention over the 4x4 grid with the
+    # LSTM's current state, at the output.
+    "merge_attention_grid4": {"model.decoder": "merge_attention"},
     # The seed's merge model: the image joins the LSTM output.
     "merge_avgmax": {"model.decoder": "merge", "encoder.pooling": "avgmax"},
     # Show and Tell: the image is the LSTM's first input.
     "inject_avgmax": {"model.decoder": "inject", "encoder.pooling": "avgmax"},
     # Show, Attend and Tell as in configs/scenes_attention.py: soft attention over the 4x4 grid
     # (locations' positions appended), attention size 32, no doubly stochastic term.
-    "attention_grid4": {
-        "model.decoder": "attention",
-        "encoder.pooling": "none",
-        "encoder.grid": 4,
-        "model.attention_dim": 32,
-        "model.attention_reg": 0.0,
-    },
+    "attention_grid4": {"model.decoder": "attention"},
 }
 
 
