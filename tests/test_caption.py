@@ -26,14 +26,14 @@ def run_dir(tmp_path_factory):
         json.dump(json.loads(config.to_json()), f)
     vocab = text.Vocabulary(WORDS)
     vocab.save(os.path.join(workdir, "vocab.json"))
-    # Whatever the test config's backbone, layer and pooling give.
-    feature_dim = features.build_backbone(config.encoder, seed=config.seed)[0].output_shape[-1]
+    # Whatever the test config's backbone, layer, pooling and grid give: [C] or [H, W, C].
+    feature_shape = features.build_backbone(config.encoder, seed=config.seed)[0].output_shape[1:]
     np.savez(
         os.path.join(workdir, "feature_stats.npz"),
-        mean=np.full([feature_dim], 0.1, np.float32),
-        std=np.full([feature_dim], 2.0, np.float32),
+        mean=np.full([feature_shape[-1]], 0.1, np.float32),
+        std=np.full([feature_shape[-1]], 2.0, np.float32),
     )
-    model = models.create_model(config.model, len(vocab), (feature_dim,), rngs=nnx.Rngs(0))
+    model = models.create_model(config.model, len(vocab), feature_shape, rngs=nnx.Rngs(0))
     _, train_state, _, _ = train.init_train_state(config, model, total_steps=2)
     latest, best = train.checkpoint_managers(workdir, keep=1)
     best.save(7, args=ocp.args.StandardSave(train_state))

@@ -28,12 +28,26 @@ def count_compiles():
         jax.monitoring.unregister_event_duration_listener(listener)
 
 
-def _setup(vocab=13, batch=8, length=6, seed=0, dtype="float32"):
+# (decoder, features per image): the seed's merge decoder on pooled features, and the scenes
+# default, merge with output attention, on a 2x2 grid.
+DECODERS = {"merge": (10,), "merge_attention": (2, 2, 10)}
+
+
+def _merge_config():
+    """The tiny test config with the seed's merge decoder (pooled [10] features here)."""
     config = test_config.get_config()
+    config.model.decoder = "merge"
+    return config
+
+
+def _setup(vocab=13, batch=8, length=6, seed=0, dtype="float32", decoder="merge"):
+    config = test_config.get_config()
+    config.model.decoder = decoder
     config.model.dtype = dtype
     config.model.dropout = 0.0  # Memorizing a fixed batch is the point here.
     config.train.learning_rate = 1e-2
-    model = models.create_model(config.model, vocab, (10,), rngs=nnx.Rngs(seed))
+    feature_shape = DECODERS[decoder]
+    model = models.create_model(config.model, vocab, feature_shape, rngs=nnx.Rngs(seed))
     graphdef, state, tx, _ = train.init_train_state(config, model, total_steps=100)
     train_step, eval_step = train.make_steps(graphdef, tx, config.model)
     rng = np.random.default_rng(seed)
@@ -45,13 +59,14 @@ def _setup(vocab=13, batch=8, length=6, seed=0, dtype="float32"):
         "inputs": tokens[:, :-1],
         "targets": tokens[:, 1:],
     }
-    features = jnp.asarray(rng.normal(size=(4, 10)).astype(np.float32))
+    features = jnp.asarray(rng.normal(size=(4, *feature_shape)).astype(np.float32))
     return state, jax.jit(train_step), jax.jit(eval_step), features, batch
 
 
+@pytest.mark.parametrize("decoder", sorted(DECODERS))
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_a_few_steps_lower_the_loss_on_a_fixed_batch(dtype):
-    state, train_step, eval_step, features, batch = _setup(dtype=dtype)
+def test_a_few_steps_lower_the_loss_on_a_fixed_batch(dtype, decoder):
+    state, train_step, eval_step, features, batch = _setup(dtype=dtype, decoder=decoder)
     params, opt_state = state["params"], state["opt_state"]
     key = jax.random.key(0)
     first = eval_step(params, features, batch)
@@ -65,8 +80,9 @@ def test_a_few_steps_lower_the_loss_on_a_fixed_batch(dtype):
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
 
 
-def test_padding_targets_carry_no_loss():
-    state, _, eval_step, features, batch = _setup()
+@pytest.mark.parametrize("decoder", sorted(DECODERS))
+def test_padding_targets_carry_no_loss(decoder):
+    state, _, eval_step, features, batch = _setup(decoder=decoder)
     out = eval_step(state["params"], features, batch)
     assert float(out["count"]) == float((batch["targets"] != text.PAD_ID).sum())
     changed = dict(batch)
@@ -76,8 +92,9 @@ def test_padding_targets_carry_no_loss():
     np.testing.assert_allclose(out["loss_sum"], out2["loss_sum"], rtol=1e-6)
 
 
-def test_no_recompilation_after_first_step():
-    state, train_step, _, features, batch = _setup()
+@pytest.mark.parametrize("decoder", sorted(DECODERS))
+def test_no_recompilation_after_first_step(decoder):
+    state, train_step, _, features, batch = _setup(decoder=decoder)
     params, opt_state = state["params"], state["opt_state"]
     key = jax.random.key(0)
     params, opt_state, _ = train_step(params, opt_state, features, batch, key, np.int32(0))
@@ -97,7 +114,7 @@ def test_no_recompilation_after_first_step():
 
 
 def test_frozen_embeddings_stay_fixed_and_the_rest_trains():
-    config = test_config.get_config()
+    config = _merge_config()
     config.model.glove_path = "glove.txt"  # Only its presence matters to the freezing rule.
     config.model.train_embeddings = False
     assert train.embeddings_frozen(config.model)
@@ -125,7 +142,7 @@ def test_frozen_embeddings_stay_fixed_and_the_rest_trains():
 
 
 def test_concept_loss_trains_its_head_and_ignores_padding_rows():
-    config = test_config.get_config()
+    config = _merge_config()
     config.model.concept_loss = 1.0
     config.model.concept_pairs = 3
     model = models.create_model(config.model, 13, (10,), rngs=nnx.Rngs(0))
