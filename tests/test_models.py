@@ -91,3 +91,43 @@ def test_unknown_decoder_and_dtype_raise():
         _model(dtype="float8")
     with pytest.raises(ValueError, match="concept_loss"):
         _model("inject", concept_loss=1.0)
+
+
+@pytest.mark.parametrize("dtype,tol", [("float32", 1e-5), ("bfloat16", 2e-2)])
+def test_lstm_recurrence_equals_the_cell_and_autodiff(dtype, tol):
+    """`lstm_recurrence` (hand-written backward pass, weight gradient as one matmul after the
+    loop) gives `LSTM.cell`'s states and autodiff's gradients for every input, initial state
+    included."""
+    compute = models.compute_dtype(dtype)
+    lstm = models.LSTM(6, 8, rngs=nnx.Rngs(0), dtype=compute)
+    keys = jax.random.split(jax.random.key(1), 4)
+    h0, c0 = (jax.random.normal(k, (5, 8)) for k in keys[:2])
+    gates_in = jax.random.normal(keys[2], (7, 5, 32))  # [T, B, 4H]
+    cotangent = jax.random.normal(keys[3], (7, 5, 8))
+    w_rec = lstm.w_rec[...]
+
+    def custom(w_rec, h0, c0, gates_in):
+        return models.lstm_recurrence(w_rec, h0, c0, gates_in, compute)
+
+    def autodiff(w_rec, h0, c0, gates_in):  # LSTM.cell's arithmetic, differentiated by JAX.
+        def step(state, g):
+            h, c = state
+            i, f, gg, o = jnp.split(g + models.matmul(h, w_rec, compute), 4, axis=-1)
+            c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(gg)
+            h = jax.nn.sigmoid(o) * jnp.tanh(c)
+            return (h, c), h
+
+        return jax.lax.scan(step, (h0, c0), gates_in)[1]
+
+    args = (w_rec, h0, c0, gates_in)
+    state, stepped = (h0, c0), []
+    for t in range(7):
+        state = lstm.cell(state, gates_in[t])
+        stepped.append(state[0])
+    np.testing.assert_allclose(custom(*args), jnp.stack(stepped), atol=tol)
+    np.testing.assert_allclose(autodiff(*args), jnp.stack(stepped), atol=tol)
+    want = jax.grad(lambda *a: jnp.sum(autodiff(*a) * cotangent), argnums=(0, 1, 2, 3))(*args)
+    got = jax.grad(lambda *a: jnp.sum(custom(*a) * cotangent), argnums=(0, 1, 2, 3))(*args)
+    for name, a, b in zip(("w_rec", "h0", "c0", "gates_in"), got, want, strict=True):
+        assert float(jnp.abs(b).max()) > 0.01, name  # A gradient that is there to compare.
+        np.testing.assert_allclose(a, b, atol=tol * 10, rtol=tol, err_msg=name)
