@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from captioning.models import LSTM, Dense, compute_dtype, dropout, matmul
+from captioning.models import LSTM, Decoder, Dense, compute_dtype, dropout, matmul
 
 Array = jax.Array
 
@@ -106,7 +106,7 @@ def append_positions(features: Array) -> Array:
     return jnp.concatenate([features, grid], axis=-1)
 
 
-class AttentionDecoder(nnx.Module):
+class AttentionDecoder(Decoder):
     """Show, Attend and Tell soft-attention LSTM over [B, H, W, C] (or [B, L, C]) features."""
 
     def __init__(
@@ -199,23 +199,6 @@ class AttentionDecoder(nnx.Module):
 
     # -- the decoder interface -------------------------------------------------------------------
 
-    def __call__(
-        self, features: Array, tokens_in: Array, *, train: bool = False, key: Array | None = None
-    ) -> tuple[Array, dict[str, Array]]:
-        """Teacher forcing in one scan.
-
-        Args:
-          features: [B, H, W, C] or [B, L, C] float spatial features.
-          tokens_in: [B, T] int32 input words (`<start>` first).
-          train: enables dropout (with `key`).
-          key: PRNG key for dropout.
-
-        Returns:
-          logits [B, T, V] float32 and {"attention": [B, T, L] float32, each row summing to 1}.
-        """
-        pre_logits, aux = self.pre_logits(features, tokens_in, train=train, key=key)
-        return self.out_proj(pre_logits), aux
-
     def pre_logits(
         self, features: Array, tokens_in: Array, *, train: bool = False, key: Array | None = None
     ) -> tuple[Array, dict[str, Array]]:
@@ -283,7 +266,7 @@ def create_attention_decoder(
     )
 
 
-class MergeAttentionDecoder(nnx.Module):
+class MergeAttentionDecoder(Decoder):
     """The merge decoder with spatial attention at its output (Lu et al. 2017, "Knowing When to
     Look", section 2.2): the image still never enters the LSTM, but what is added to the LSTM's
     output h_t is no longer one pooled vector but a context looked up *with h_t itself*.
@@ -354,14 +337,6 @@ class MergeAttentionDecoder(nnx.Module):
         alpha = jax.nn.softmax(scores, axis=-1)
         attended = _weighted(alpha, context.values, self.dtype)  # [B, T, H]
         return jax.nn.relu(self.merge_proj(pooled[:, None, :] + attended + h)), alpha
-
-    def __call__(
-        self, features: Array, tokens_in: Array, *, train: bool = False, key: Array | None = None
-    ) -> tuple[Array, dict[str, Array]]:
-        """features [B, H, W, C] | [B, L, C], tokens_in [B, T] -> (logits [B, T, V] float32,
-        {"attention": [B, T, L]})."""
-        pre_logits, aux = self.pre_logits(features, tokens_in, train=train, key=key)
-        return self.out_proj(pre_logits), aux
 
     def pre_logits(
         self, features: Array, tokens_in: Array, *, train: bool = False, key: Array | None = None

@@ -198,7 +198,23 @@ def _image_input(features: Array, use_image: bool) -> Array:
     return feats if use_image else jnp.zeros_like(feats)
 
 
-class MergeDecoder(nnx.Module):
+class Decoder(nnx.Module):
+    """What every decoder shares: teacher forcing = `out_proj(pre_logits(...))`.
+
+    Subclasses define `pre_logits`, `out_proj`, `init_decode` and `decode_step`.
+    """
+
+    def __call__(
+        self, features: Array, tokens_in: Array, *, train: bool = False, key: Array | None = None
+    ) -> tuple[Array, dict[str, Array]]:
+        """features [B, D] | [B, H, W, C] (| [B, L, C]), tokens_in [B, T] int32 (`<start>` first)
+        -> (logits [B, T, V] float32, aux: e.g. {"attention": [B, T, L]}); dropout when `train`
+        (with `key`)."""
+        pre_logits, aux = self.pre_logits(features, tokens_in, train=train, key=key)
+        return self.out_proj(pre_logits), aux
+
+
+class MergeDecoder(Decoder):
     """The seed's merge model: the image joins the language LSTM's output, not its input.
 
     features -> dropout -> dense(H, relu) = v;  words -> embed(E) -> dropout -> LSTM(H) = h_t;
@@ -237,13 +253,6 @@ class MergeDecoder(nnx.Module):
     def _pre_logits(self, image_emb: Array, h: Array) -> Array:
         return jax.nn.relu(self.merge_proj(image_emb + h))
 
-    def __call__(
-        self, features: Array, tokens_in: Array, *, train: bool = False, key: Array | None = None
-    ) -> tuple[Array, dict[str, Array]]:
-        """features [B, D] or [B, H, W, C], tokens_in [B, T] -> logits [B, T, V] float32."""
-        pre_logits, aux = self.pre_logits(features, tokens_in, train=train, key=key)
-        return self.out_proj(pre_logits), aux
-
     def pre_logits(
         self, features: Array, tokens_in: Array, *, train: bool = False, key: Array | None = None
     ) -> tuple[Array, dict[str, Array]]:
@@ -268,7 +277,7 @@ class MergeDecoder(nnx.Module):
         return state, logits, jnp.zeros((tokens.shape[0], 0), jnp.float32)
 
 
-class InjectDecoder(nnx.Module):
+class InjectDecoder(Decoder):
     """Show and Tell (Vinyals et al. 2015): the image embedding is the LSTM's first input.
 
     x_{-1} = dense(E)(features); x_t = embed(w_t); logits_t = dense(V)(dropout(h_t)).
@@ -298,13 +307,6 @@ class InjectDecoder(nnx.Module):
         image_emb = self.image_proj(dropout(feats, self.dropout_rate, key, train))
         zero = self.lstm.zero_state(features.shape[0])
         return self.lstm.cell(zero, self.lstm.project_inputs(image_emb))
-
-    def __call__(
-        self, features: Array, tokens_in: Array, *, train: bool = False, key: Array | None = None
-    ) -> tuple[Array, dict[str, Array]]:
-        """features [B, D] or [B, H, W, C], tokens_in [B, T] -> logits [B, T, V] float32."""
-        pre_logits, aux = self.pre_logits(features, tokens_in, train=train, key=key)
-        return self.out_proj(pre_logits), aux
 
     def pre_logits(
         self, features: Array, tokens_in: Array, *, train: bool = False, key: Array | None = None
