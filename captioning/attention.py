@@ -106,6 +106,31 @@ def append_positions(features: Array) -> Array:
     return jnp.concatenate([features, grid], axis=-1)
 
 
+def spatial_input(features: Array, use_image: bool, positions: bool) -> Array:
+    """[B, H, W, C] | [B, L, C] -> float32 [B, L, C (+2)]: zeros for the image-blind ablation,
+    each location's (row, column) appended when `positions`."""
+    feats = features.astype(jnp.float32)
+    if not use_image:
+        feats = jnp.zeros_like(feats)
+    if positions:
+        feats = append_positions(feats)
+    return flatten_locations(feats)
+
+
+def additive_attention(keys: Array, h: Array, query_w: Array, score_w: Array, dtype: Any) -> Array:
+    """Weights softmax_i(w^T tanh(k_i + U h)) over locations (Bahdanau-style).
+
+    keys [B, L, A] (W_a a_i + b), h [B, H] or [B, T, H], query_w U [H, A], score_w w [A, 1]
+    -> alpha [B, L] or [B, T, L], summing to 1 over L.
+    """
+    query = matmul(h, query_w, dtype)  # [B, (T,) A]
+    if h.ndim == 3:
+        keys = keys[:, None]  # [B, 1, L, A]: the same locations for every step.
+    hidden = jnp.tanh(keys + query[..., None, :])  # [B, (T,) L, A]
+    scores = matmul(hidden, score_w, dtype)[..., 0]  # [B, (T,) L]
+    return jax.nn.softmax(scores, axis=-1)
+
+
 class AttentionDecoder(Decoder):
     """Show, Attend and Tell soft-attention LSTM over [B, H, W, C] (or [B, L, C]) features."""
 
@@ -151,12 +176,7 @@ class AttentionDecoder(Decoder):
 
     def _prepare(self, features: Array) -> tuple[AttentionContext, tuple[Array, Array]]:
         """features [B, H, W, C] | [B, L, C] -> (context, initial LSTM state (h, c) [B, H])."""
-        feats = features.astype(jnp.float32)
-        if not self.use_image:
-            feats = jnp.zeros_like(feats)
-        if self.positions:
-            feats = append_positions(feats)
-        feats = flatten_locations(feats)
+        feats = spatial_input(features, self.use_image, self.positions)  # [B, L, C]
         mean = feats.mean(axis=1)
         state = (jnp.tanh(self.init_h(mean)), jnp.tanh(self.init_c(mean)))
         context = AttentionContext(values=feats.astype(self.dtype), keys=self.att_keys(feats))
@@ -166,10 +186,9 @@ class AttentionDecoder(Decoder):
 
     def _attend(self, context: AttentionContext, h: Array) -> tuple[Array, Array]:
         """h [B, H] (the previous state) -> (alpha [B, L] summing to 1, beta [B, 1])."""
-        query = matmul(h, self.att_query[...], self.dtype)  # [B, A]
-        hidden = jnp.tanh(context.keys + query[:, None, :])  # [B, L, A]
-        scores = matmul(hidden, self.att_score[...], self.dtype)[..., 0]  # [B, L]
-        alpha = jax.nn.softmax(scores, axis=-1)
+        alpha = additive_attention(
+            context.keys, h, self.att_query[...], self.att_score[...], self.dtype
+        )
         beta = jax.nn.sigmoid(self.gate(h))
         return alpha, beta
 
@@ -319,22 +338,17 @@ class MergeAttentionDecoder(Decoder):
         self, features: Array, key: Array | None, train: bool
     ) -> tuple[Array, AttentionContext]:
         """features [B, H, W, C] | [B, L, C] -> (pooled embedding v [B, H], context)."""
-        feats = features.astype(jnp.float32)
-        if not self.use_image:
-            feats = jnp.zeros_like(feats)
-        if self.positions:
-            feats = append_positions(feats)
-        feats = dropout(flatten_locations(feats), self.dropout_rate, key, train)  # [B, L, C]
+        feats = spatial_input(features, self.use_image, self.positions)
+        feats = dropout(feats, self.dropout_rate, key, train)  # [B, L, C]
         pooled = jax.nn.relu(self.image_proj(feats.mean(axis=1)))
         values = matmul(feats, self.att_values[...], self.dtype)  # [B, L, H]
         return pooled, AttentionContext(values=values, keys=self.att_keys(feats))
 
     def _output(self, pooled: Array, context: AttentionContext, h: Array) -> tuple[Array, Array]:
         """h [B, T, H] -> (pre-logits [B, T, H], alpha [B, T, L])."""
-        query = matmul(h, self.att_query[...], self.dtype)  # [B, T, A]
-        hidden = jnp.tanh(context.keys[:, None, :, :] + query[:, :, None, :])  # [B, T, L, A]
-        scores = matmul(hidden, self.att_score[...], self.dtype)[..., 0]  # [B, T, L]
-        alpha = jax.nn.softmax(scores, axis=-1)
+        alpha = additive_attention(
+            context.keys, h, self.att_query[...], self.att_score[...], self.dtype
+        )
         attended = _weighted(alpha, context.values, self.dtype)  # [B, T, H]
         return jax.nn.relu(self.merge_proj(pooled[:, None, :] + attended + h)), alpha
 

@@ -101,11 +101,7 @@ class LSTM(nnx.Module):
 
     def cell(self, state: tuple[Array, Array], gates_in: Array) -> tuple[Array, Array]:
         """One step from projected inputs [B, 4H]; returns the new (h, c)."""
-        h, c = state
-        gates = gates_in + matmul(h, self.w_rec[...], self.dtype)
-        i, f, g, o = jnp.split(gates, 4, axis=-1)
-        c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
-        h = jax.nn.sigmoid(o) * jnp.tanh(c)
+        h, c, _ = _lstm_step(self.w_rec[...], state, gates_in, self.dtype)
         return h, c
 
     def scan(self, state: tuple[Array, Array], gates_in_btg: Array) -> Array:
@@ -116,20 +112,29 @@ class LSTM(nnx.Module):
         return jnp.swapaxes(h_tbh, 0, 1)
 
 
+def _lstm_step(
+    w_rec: Array, state: tuple[Array, Array], gates_in: Array, dtype: Any
+) -> tuple[Array, Array, Array]:
+    """The LSTM's one formula: (h, c) [B, H] and gate inputs [B, 4H] -> (h', c', the gates'
+    activations [i, f, g, o] [B, 4H], which only the backward pass of `lstm_recurrence` keeps)."""
+    h, c = state
+    gates = gates_in + matmul(h, w_rec, dtype)
+    i, f, g, o = jnp.split(gates, 4, axis=-1)
+    i, f, g, o = jax.nn.sigmoid(i), jax.nn.sigmoid(f), jnp.tanh(g), jax.nn.sigmoid(o)
+    c = f * c + i * g
+    h = o * jnp.tanh(c)
+    return h, c, jnp.concatenate([i, f, g, o], axis=-1)
+
+
 def _recurrence_forward(w_rec, h0, c0, gates_in_tbg, dtype):
-    """The LSTM over [T, B, 4H] gate inputs -> (h [T, B, H], what the backward pass needs)."""
+    """The LSTM over [T, B, 4H] gate inputs -> (h [T, B, H], (c [T, B, H], activations))."""
 
-    def step(carry, gates_in):
-        h, c = carry
-        gates = gates_in + matmul(h, w_rec, dtype)
-        i, f, g, o = jnp.split(gates, 4, axis=-1)
-        i, f, g, o = jax.nn.sigmoid(i), jax.nn.sigmoid(f), jnp.tanh(g), jax.nn.sigmoid(o)
-        c_new = f * c + i * g
-        h_new = o * jnp.tanh(c_new)
-        return (h_new, c_new), (h_new, h, c, jnp.concatenate([i, f, g, o], axis=-1), c_new)
+    def step(state, gates_in):
+        h, c, activations = _lstm_step(w_rec, state, gates_in, dtype)
+        return (h, c), (h, c, activations)
 
-    _, (h_tbh, h_prev, c_prev, activations, c_tbh) = jax.lax.scan(step, (h0, c0), gates_in_tbg)
-    return h_tbh, (h_prev, c_prev, activations, c_tbh)
+    _, (h_tbh, c_tbh, activations) = jax.lax.scan(step, (h0, c0), gates_in_tbg)
+    return h_tbh, (c_tbh, activations)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -145,12 +150,15 @@ def lstm_recurrence(w_rec: Array, h0: Array, c0: Array, gates_in_tbg: Array, dty
 
 
 def _recurrence_fwd(w_rec, h0, c0, gates_in_tbg, dtype):
-    h_tbh, saved = _recurrence_forward(w_rec, h0, c0, gates_in_tbg, dtype)
-    return h_tbh, (w_rec, saved)
+    h_tbh, (c_tbh, activations) = _recurrence_forward(w_rec, h0, c0, gates_in_tbg, dtype)
+    return h_tbh, (w_rec, h0, c0, h_tbh, c_tbh, activations)
 
 
 def _recurrence_bwd(dtype, residuals, dh_tbh):
-    w_rec, (h_prev, c_prev, activations, c_tbh) = residuals
+    w_rec, h0, c0, h_tbh, c_tbh, activations = residuals
+    # The states each step started from: the initial state, then every step's result but the last.
+    h_prev = jnp.concatenate([h0[None], h_tbh[:-1]], axis=0)
+    c_prev = jnp.concatenate([c0[None], c_tbh[:-1]], axis=0)
     w_rec_t = w_rec.T
 
     def step(carry, xs):
