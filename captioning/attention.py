@@ -1,10 +1,15 @@
-"""Soft-attention LSTM decoder of Show, Attend and Tell (Xu et al. 2015, "deterministic" attention).
+"""Decoders that attend over spatial features [B, H, W, C] (or [B, L, C]).
 
-Built by `captioning.models.create_model` for `config.model.decoder='attention'`; it has the same
-three entry points as every decoder there (teacher forcing, `init_decode`, `decode_step`), so
-training, greedy, beam search and sampling work unchanged and return the attention weights of every
-generated word.
+* `AttentionDecoder`: Show, Attend and Tell (Xu et al. 2015, "deterministic" soft attention), the
+  attention inside the recurrence (`config.model.decoder='attention'`).
+* `MergeAttentionDecoder`: the seed's merge model with spatial attention at its output (Lu et al.
+  2017), computed for all words in parallel after the LSTM scan (`'merge_attention'`).
 
+Both have the entry points of `captioning.layers.Decoder`, so training, greedy, beam search and
+sampling work unchanged and return the attention weights of every generated word. Built by
+`captioning.models.create_model`.
+
+Show, Attend and Tell:
 Per image: the spatial features a_1..a_L ([L, C], L = H*W locations) give the initial state
 h_0 = tanh(W_h mean(a)), c_0 = tanh(W_c mean(a)). Per word t (paper eqs. 4-7 and section 4.2.1):
 
@@ -22,7 +27,8 @@ spatial relations ("left of") need the latter. With the option on, a_i gets its 
 [-1, 1] appended (C + 2 channels), so z_t also holds the attended position.
 
 Training adds the doubly stochastic regularization lambda * sum_i (1 - sum_t alpha_ti)^2
-(`captioning.train.aux_loss`, weight `config.model.attention_reg`) from the returned attention.
+(`captioning.losses.attention_regularizer`, weight `config.model.attention_reg`) from the
+returned attention.
 
 Speed: what does not depend on the step is hoisted out of the time loop. W_a a_i + b is computed
 once per image (`AttentionContext.keys`), the word embeddings' gate inputs of the whole sequence
@@ -39,10 +45,9 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 from flax import nnx
 
-from captioning.models import LSTM, Decoder, Dense, compute_dtype, dropout, matmul
+from captioning.layers import LSTM, Decoder, Dense, dropout, matmul, param
 
 Array = jax.Array
 
@@ -56,11 +61,6 @@ class AttentionContext(NamedTuple):
 
     values: Array
     keys: Array
-
-
-def _param(rngs: nnx.Rngs, shape: tuple[int, ...]) -> nnx.Param:
-    """A bias-free weight matrix (lecun normal)."""
-    return nnx.Param(nnx.initializers.lecun_normal()(rngs.params(), shape, jnp.float32))
 
 
 def _weighted(weights: Array, values: Array, dtype: Any) -> Array:
@@ -158,18 +158,18 @@ class AttentionDecoder(Decoder):
         self.init_c = Dense(feature_dim, hidden_size, rngs=rngs, dtype=dtype)
         # Additive attention: w^T tanh(W_a a_i + b + U_a h).
         self.att_keys = Dense(feature_dim, attention_dim, rngs=rngs, dtype=dtype)
-        self.att_query = _param(rngs, (hidden_size, attention_dim))
-        self.att_score = _param(rngs, (attention_dim, 1))
+        self.att_query = param(rngs, (hidden_size, attention_dim))
+        self.att_score = param(rngs, (attention_dim, 1))
         # Gating scalar beta = sigmoid(f_beta(h)) (section 4.2.1).
         self.gate = Dense(hidden_size, 1, rngs=rngs, dtype=dtype)
         # LSTM over [E y; z]: `lstm.w_in` holds the word part, `context_w` the context part (the
         # same parameters as one matrix over the concatenation, split so the two can be hoisted).
         self.embed = nnx.Embed(vocab_size, embed_dim, rngs=rngs)
         self.lstm = LSTM(embed_dim, hidden_size, rngs=rngs, dtype=dtype)
-        self.context_w = _param(rngs, (feature_dim, 4 * hidden_size))
+        self.context_w = param(rngs, (feature_dim, 4 * hidden_size))
         # Deep output: L_o tanh(E y + L_h h + L_z z).
         self.out_state = Dense(hidden_size, embed_dim, rngs=rngs, dtype=dtype)
-        self.out_context = _param(rngs, (feature_dim, embed_dim))
+        self.out_context = param(rngs, (feature_dim, embed_dim))
         self.out_proj = Dense(embed_dim, vocab_size, rngs=rngs, dtype=dtype)
 
     # -- per image -------------------------------------------------------------------------------
@@ -249,42 +249,6 @@ class AttentionDecoder(Decoder):
         return state, self.out_proj(deep)[:, 0], alpha
 
 
-def create_attention_decoder(
-    model_config: ml_collections.ConfigDict,
-    vocab_size: int,
-    feature_shape: tuple[int, ...],
-    *,
-    rngs: nnx.Rngs,
-) -> AttentionDecoder | MergeAttentionDecoder:
-    """The decoder `config.model.decoder` names ('attention': Show-Attend-Tell, 'merge_attention':
-    merge with attention at the output) for features of `feature_shape` ([H, W, C] or [L, C]).
-
-    `config.model.attention_dim` sizes the attention MLP (0 or absent: `hidden_size`);
-    `config.model.attention_positions` (absent: False) appends each location's coordinates.
-    """
-    name = model_config.decoder
-    if len(feature_shape) not in (2, 3):
-        raise ValueError(
-            f"config.model.decoder={name!r} needs spatial features, but the feature store has "
-            f"shape {tuple(feature_shape)} per image: set config.encoder.pooling='none' "
-            "(optionally config.encoder.grid to resize the map)."
-        )
-    attention_dim = int(model_config.get("attention_dim", 0) or model_config.hidden_size)
-    decoder = {"attention": AttentionDecoder, "merge_attention": MergeAttentionDecoder}[name]
-    return decoder(
-        vocab_size,
-        feature_shape[-1],
-        embed_dim=model_config.embed_dim,
-        hidden_size=model_config.hidden_size,
-        attention_dim=attention_dim,
-        dropout_rate=model_config.dropout,
-        use_image=model_config.use_image,
-        rngs=rngs,
-        positions=bool(model_config.get("attention_positions", False)),
-        dtype=compute_dtype(model_config.dtype),
-    )
-
-
 class MergeAttentionDecoder(Decoder):
     """The merge decoder with spatial attention at its output (Lu et al. 2017, "Knowing When to
     Look", section 2.2): the image still never enters the LSTM, but what is added to the LSTM's
@@ -326,9 +290,9 @@ class MergeAttentionDecoder(Decoder):
         feature_dim += 2 if positions else 0
         self.image_proj = Dense(feature_dim, hidden_size, rngs=rngs, dtype=dtype)
         self.att_keys = Dense(feature_dim, attention_dim, rngs=rngs, dtype=dtype)
-        self.att_values = _param(rngs, (feature_dim, hidden_size))
-        self.att_query = _param(rngs, (hidden_size, attention_dim))
-        self.att_score = _param(rngs, (attention_dim, 1))
+        self.att_values = param(rngs, (feature_dim, hidden_size))
+        self.att_query = param(rngs, (hidden_size, attention_dim))
+        self.att_score = param(rngs, (attention_dim, 1))
         self.embed = nnx.Embed(vocab_size, embed_dim, rngs=rngs)
         self.lstm = LSTM(embed_dim, hidden_size, rngs=rngs, dtype=dtype)
         self.merge_proj = Dense(hidden_size, hidden_size, rngs=rngs, dtype=dtype)

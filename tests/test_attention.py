@@ -138,7 +138,12 @@ def test_one_training_step_lowers_the_loss(decoder, feature_shape):
     def total_loss(params):
         logits, aux = nnx.merge(graphdef, params)(features, batch["inputs"])
         loss_sum, count = losses.masked_cross_entropy(logits, batch["targets"])
-        return float(loss_sum / count + train.aux_loss(aux, batch["targets"], config.model))
+        reg = config.model.attention_reg
+        if "attention" in aux:
+            loss_sum += count * losses.attention_regularizer(
+                aux["attention"], batch["targets"], reg
+            )
+        return float(loss_sum / count)
 
     params, _, _ = jax.jit(train_step)(
         state["params"], state["opt_state"], features, batch, jax.random.key(0), np.int32(0)
@@ -161,15 +166,20 @@ def test_output_attention_looks_with_the_current_word():
 
 def test_doubly_stochastic_regularization_reaches_the_loss():
     model = _model()
-    config = test_config.get_config().model
     tokens = _tokens(length=5).clip(4)
     _, aux = model(_features(), tokens)
-    config.attention_reg = 1.0
-    penalty = float(train.aux_loss(aux, tokens, config))
+    penalty = float(losses.attention_regularizer(aux["attention"], tokens, 1.0))
     # sum_t alpha_ti over 5 words spread over 12 locations cannot be 1 everywhere.
     assert penalty > 0
-    config.attention_reg = 0.0
-    assert float(train.aux_loss(aux, tokens, config)) == 0.0
+    assert float(losses.attention_regularizer(aux["attention"], tokens, 0.0)) == 0.0
+    # Padding targets are ignored: only the first two words' attention counts.
+    short = tokens.at[:, 2:].set(text.PAD_ID)
+    expected = (1.0 - aux["attention"][:, :2].sum(axis=1)) ** 2
+    np.testing.assert_allclose(
+        losses.attention_regularizer(aux["attention"], short, 1.0),
+        expected.sum() / (2 * tokens.shape[0]),
+        rtol=1e-5,
+    )
 
 
 def _check_decoded_attention(tokens, weights):
@@ -189,7 +199,7 @@ def test_decoding_returns_attention_for_every_word(decoder, method):
     graphdef, params = nnx.split(model)
     config = test_config.get_config().decode
     config.method, config.beam_size, config.max_len = method, 3, 8
-    out = decode.decode_fn(graphdef, config)(params, _features(batch=4))
+    out = decode.decode_fn(graphdef, config)(params, _features(batch=4), jax.random.key(0))
     assert out.tokens.shape == (4, 8) and out.attention.shape == (4, 8, 12)
     _check_decoded_attention(out.tokens, out.attention)
 
@@ -202,7 +212,7 @@ def test_beam_search_keeps_each_hypothesis_attention(decoder):
     for k in range(3):
         _check_decoded_attention(beams.tokens[:, k], beams.attention[:, k])
     # Width 1 is greedy decoding, attention included.
-    greedy = decode.greedy_decode(model, _features(batch=2), 6)
+    greedy = search.greedy_decode(model, _features(batch=2), 6)
     single = search.beam_search(model, _features(batch=2), beam_size=1, max_len=6)
     np.testing.assert_array_equal(single.tokens, greedy.tokens)
     np.testing.assert_allclose(single.attention, greedy.attention, atol=1e-6)
@@ -259,38 +269,18 @@ def test_save_attention_maps_writes_one_png_per_image(tmp_path):
 def test_caption_mode_writes_attention_maps(tmp_path):
     """--mode=caption with eval.attention_maps on a run directory of an (untrained) attention
     model: one PNG per image, named in the captions JSON."""
-    import json
     import os
 
-    import orbax.checkpoint as ocp
+    from conftest import make_run_dir
 
-    from captioning import caption, features
+    from captioning import caption
 
-    workdir = str(tmp_path / "run")
-    os.makedirs(workdir)
     config = test_config.get_config()
     config.model.decoder = "attention"
     config.encoder.pooling = "none"  # The test backbone's spatial map.
     config.eval.attention_maps = True
     config.decode.max_len = 5
-    vocab = text.Vocabulary(["red", "circle", "left", "of"])
-    vocab.save(os.path.join(workdir, "vocab.json"))
-    # Whatever map the test config's backbone and layer give: [H, W, C].
-    feature_shape = features.build_backbone(config.encoder, seed=config.seed)[0].output_shape[1:]
-    np.savez(
-        os.path.join(workdir, "feature_stats.npz"),
-        mean=np.zeros([feature_shape[-1]], np.float32),
-        std=np.ones([feature_shape[-1]], np.float32),
-    )
-    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-        json.dump(json.loads(config.to_json()), f)
-    model = models.create_model(config.model, len(vocab), feature_shape, rngs=nnx.Rngs(0))
-    _, state, _, _ = train.init_train_state(config, model, total_steps=2)
-    latest, best = train.checkpoint_managers(workdir, keep=1)
-    best.save(1, args=ocp.args.StandardSave(state))
-    best.wait_until_finished()
-    latest.close()
-    best.close()
+    workdir = make_run_dir(tmp_path / "run", config, ["red", "circle", "left", "of"], step=1)
     images = tmp_path / "images"
     images.mkdir()
     rng = np.random.default_rng(0)

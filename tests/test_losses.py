@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from captioning import losses, models, text
+from captioning import layers, losses, text
 
 
 def _inputs(batch, length, width=24, vocab=37, seed=0):
@@ -19,7 +19,7 @@ def _inputs(batch, length, width=24, vocab=37, seed=0):
 
 
 def _plain(x, kernel, bias, targets, dtype):
-    logits = models.matmul(x, kernel, dtype) + bias
+    logits = layers.matmul(x, kernel, dtype) + bias
     return losses.masked_cross_entropy(logits, targets)[0]
 
 

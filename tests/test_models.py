@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from captioning import models
+from captioning import layers, models
 from configs import test as test_config
 
 
@@ -61,7 +61,7 @@ def test_dropout_only_in_training_and_keyed():
 @pytest.mark.parametrize("rate", [0.1, 0.5])
 def test_dropout_rate_and_unbiased_scaling(rate):
     x = jnp.ones((1001, 37))  # Odd size: the packed random bytes must cover every element.
-    out = np.asarray(models.dropout(x, rate, jax.random.key(3), train=True))
+    out = np.asarray(layers.dropout(x, rate, jax.random.key(3), train=True))
     kept = out != 0
     assert abs(kept.mean() - (1.0 - rate)) < 0.01
     np.testing.assert_allclose(out.mean(), 1.0, atol=0.02)  # E[dropout(x)] = x.
@@ -98,8 +98,8 @@ def test_lstm_recurrence_equals_the_cell_and_autodiff(dtype, tol):
     """`lstm_recurrence` (hand-written backward pass, weight gradient as one matmul after the
     loop) gives `LSTM.cell`'s states and autodiff's gradients for every input, initial state
     included."""
-    compute = models.compute_dtype(dtype)
-    lstm = models.LSTM(6, 8, rngs=nnx.Rngs(0), dtype=compute)
+    compute = layers.compute_dtype(dtype)
+    lstm = layers.LSTM(6, 8, rngs=nnx.Rngs(0), dtype=compute)
     keys = jax.random.split(jax.random.key(1), 4)
     h0, c0 = (jax.random.normal(k, (5, 8)) for k in keys[:2])
     gates_in = jax.random.normal(keys[2], (7, 5, 32))  # [T, B, 4H]
@@ -107,12 +107,12 @@ def test_lstm_recurrence_equals_the_cell_and_autodiff(dtype, tol):
     w_rec = lstm.w_rec[...]
 
     def custom(w_rec, h0, c0, gates_in):
-        return models.lstm_recurrence(w_rec, h0, c0, gates_in, compute)
+        return layers.lstm_recurrence(w_rec, h0, c0, gates_in, compute)
 
     def autodiff(w_rec, h0, c0, gates_in):  # LSTM.cell's arithmetic, differentiated by JAX.
         def step(state, g):
             h, c = state
-            i, f, gg, o = jnp.split(g + models.matmul(h, w_rec, compute), 4, axis=-1)
+            i, f, gg, o = jnp.split(g + layers.matmul(h, w_rec, compute), 4, axis=-1)
             c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(gg)
             h = jax.nn.sigmoid(o) * jnp.tanh(c)
             return (h, c), h

@@ -1,0 +1,230 @@
+"""Building blocks of every decoder: mixed-precision matmul, dropout, Dense, the LSTM (with its
+hand-written backward pass) and the `Decoder` interface.
+
+Every decoder (`captioning.models`, `captioning.attention`) exposes the same entry points, so
+training and every decoding method (greedy, beam, sampling) work with any of them:
+
+  * `pre_logits(features, tokens_in, *, train, key) -> ([B, T, D], aux)`: teacher forcing up to
+    the output layer `out_proj`; training fuses `out_proj` with the loss (`captioning.losses`);
+    `aux` holds extra loss terms' inputs (e.g. {"attention": [B, T, L]}).
+  * `__call__(...) -> (logits [B, T, V], aux)`: `out_proj(pre_logits(...))`.
+  * `init_decode(features) -> (context, state)`: per-image constants and the initial LSTM state.
+  * `decode_step(context, state, tokens [B]) -> (state, logits [B, V], attention [B, L])`: one word.
+
+`features` is [B, D] (pooled) or [B, H, W, C] (spatial). Speed: the LSTM input projection of a whole
+sequence is one large matmul outside the time loop, and so is the output projection; only
+`h @ W_rec` runs inside the scan, and in the backward pass only `dgates @ W_rec^T`
+(`lstm_recurrence`: the weight gradient is one matmul after the reverse loop).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Array = jax.Array
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def compute_dtype(name: str) -> Any:
+    """Config string -> jnp dtype of matrix products."""
+    if name not in _DTYPES:
+        raise ValueError(f"config.model.dtype={name!r}: use one of {sorted(_DTYPES)}.")
+    return _DTYPES[name]
+
+
+def matmul(x: Array, w: Array, dtype: Any) -> Array:
+    """x @ w with inputs cast to `dtype` and float32 accumulation/result (mixed precision)."""
+    return jnp.matmul(x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+
+
+def dropout(x: Array, rate: float, key: Array | None, train: bool) -> Array:
+    """Inverted dropout driven by an explicit key; identity at eval time.
+
+    The keep mask compares random bytes against round(rate * 256): one 32-bit draw gives four
+    elements' bits, which makes mask generation >10x cheaper on CPU than `random.bernoulli` (one
+    float per element). The rate is thus quantised to 1/256; the kept values are scaled by the
+    exact keep probability, so the layer stays unbiased.
+    """
+    if not train or rate <= 0.0 or key is None:
+        return x
+    threshold = min(max(round(rate * 256), 1), 255)
+    keep_prob = 1.0 - threshold / 256
+    words = jax.random.bits(key, (-(-x.size // 4),), jnp.uint32)
+    random_bytes = jax.lax.bitcast_convert_type(words, jnp.uint8).reshape(-1)[: x.size]
+    keep = random_bytes.reshape(x.shape) >= threshold
+    return jnp.where(keep, x / keep_prob, 0.0).astype(x.dtype)
+
+
+class Dense(nnx.Module):
+    """Linear layer whose matmul honours the mixed-precision dtype."""
+
+    def __init__(self, in_dim: int, out_dim: int, *, rngs: nnx.Rngs, dtype: Any = jnp.float32):
+        init = nnx.initializers.lecun_normal()
+        self.kernel = nnx.Param(init(rngs.params(), (in_dim, out_dim), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((out_dim,), jnp.float32))
+        self.dtype = dtype
+
+    def __call__(self, x: Array) -> Array:
+        return matmul(x, self.kernel[...], self.dtype) + self.bias[...]
+
+
+def param(rngs: nnx.Rngs, shape: tuple[int, ...]) -> nnx.Param:
+    """A bias-free weight matrix (lecun normal)."""
+    return nnx.Param(nnx.initializers.lecun_normal()(rngs.params(), shape, jnp.float32))
+
+
+class LSTM(nnx.Module):
+    """LSTM with fused gates [i, f, g, o]; input projection hoisted out of the time loop."""
+
+    def __init__(self, in_dim: int, hidden: int, *, rngs: nnx.Rngs, dtype: Any = jnp.float32):
+        self.hidden = hidden
+        self.dtype = dtype
+        self.w_in = nnx.Param(
+            nnx.initializers.lecun_normal()(rngs.params(), (in_dim, 4 * hidden), jnp.float32)
+        )
+        self.w_rec = nnx.Param(
+            nnx.initializers.orthogonal()(rngs.params(), (hidden, 4 * hidden), jnp.float32)
+        )
+        # Forget-gate bias 1 keeps early gradients flowing through time.
+        bias = jnp.zeros((4, hidden), jnp.float32).at[1].set(1.0).reshape(-1)
+        self.bias = nnx.Param(bias)
+
+    def zero_state(self, batch: int) -> tuple[Array, Array]:
+        """(h, c), each [batch, hidden] float32."""
+        zeros = jnp.zeros((batch, self.hidden), jnp.float32)
+        return zeros, zeros
+
+    def project_inputs(self, x: Array) -> Array:
+        """[..., in_dim] -> [..., 4*hidden] input part of the gates (bias included)."""
+        return matmul(x, self.w_in[...], self.dtype) + self.bias[...]
+
+    def cell(self, state: tuple[Array, Array], gates_in: Array) -> tuple[Array, Array]:
+        """One step from projected inputs [B, 4H]; returns the new (h, c)."""
+        h, c, _ = _lstm_step(self.w_rec[...], state, gates_in, self.dtype)
+        return h, c
+
+    def scan(self, state: tuple[Array, Array], gates_in_btg: Array) -> Array:
+        """Runs the recurrence over [B, T, 4H] projected inputs; returns h [B, T, H]."""
+        h_tbh = lstm_recurrence(
+            self.w_rec[...], state[0], state[1], jnp.swapaxes(gates_in_btg, 0, 1), self.dtype
+        )
+        return jnp.swapaxes(h_tbh, 0, 1)
+
+
+def _lstm_step(
+    w_rec: Array, state: tuple[Array, Array], gates_in: Array, dtype: Any
+) -> tuple[Array, Array, Array]:
+    """The LSTM's one formula: (h, c) [B, H] and gate inputs [B, 4H] -> (h', c', the gates'
+    activations [i, f, g, o] [B, 4H], which only the backward pass of `lstm_recurrence` keeps)."""
+    h, c = state
+    gates = gates_in + matmul(h, w_rec, dtype)
+    i, f, g, o = jnp.split(gates, 4, axis=-1)
+    i, f, g, o = jax.nn.sigmoid(i), jax.nn.sigmoid(f), jnp.tanh(g), jax.nn.sigmoid(o)
+    c = f * c + i * g
+    h = o * jnp.tanh(c)
+    return h, c, jnp.concatenate([i, f, g, o], axis=-1)
+
+
+def _recurrence_forward(w_rec, h0, c0, gates_in_tbg, dtype):
+    """The LSTM over [T, B, 4H] gate inputs -> (h [T, B, H], (c [T, B, H], activations))."""
+
+    def step(state, gates_in):
+        h, c, activations = _lstm_step(w_rec, state, gates_in, dtype)
+        return (h, c), (h, c, activations)
+
+    _, (h_tbh, c_tbh, activations) = jax.lax.scan(step, (h0, c0), gates_in_tbg)
+    return h_tbh, (c_tbh, activations)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def lstm_recurrence(w_rec: Array, h0: Array, c0: Array, gates_in_tbg: Array, dtype: Any) -> Array:
+    """h_t of the LSTM (gates [i, f, g, o] = gates_in_t + h_{t-1} @ w_rec) -> h [T, B, H].
+
+    Same values as `LSTM.cell` in a `lax.scan`; the hand-written backward pass differs from
+    autodiff's in one place: autodiff adds h_{t-1}^T dgates_t into dW_rec at every step (a small
+    [H, B] x [B, 4H] product inside the reverse loop), here the loop only stacks dgates_t and dW_rec
+    is one [H, T*B] x [T*B, 4H] product after it (10-12 % off a scenes train step, A/B in one
+    process).
+    """
+    return _recurrence_forward(w_rec, h0, c0, gates_in_tbg, dtype)[0]
+
+
+def _recurrence_fwd(w_rec, h0, c0, gates_in_tbg, dtype):
+    h_tbh, (c_tbh, activations) = _recurrence_forward(w_rec, h0, c0, gates_in_tbg, dtype)
+    return h_tbh, (w_rec, h0, c0, h_tbh, c_tbh, activations)
+
+
+def _recurrence_bwd(dtype, residuals, dh_tbh):
+    w_rec, h0, c0, h_tbh, c_tbh, activations = residuals
+    # The states each step started from: the initial state, then every step's result but the last.
+    h_prev = jnp.concatenate([h0[None], h_tbh[:-1]], axis=0)
+    c_prev = jnp.concatenate([c0[None], c_tbh[:-1]], axis=0)
+    w_rec_t = w_rec.T
+
+    def step(carry, xs):
+        dh_next, dc_next = carry  # Gradients flowing back from step t+1 into h_t and c_t.
+        dh_out, c_before, acts, c = xs
+        i, f, g, o = jnp.split(acts, 4, axis=-1)
+        dh = dh_out + dh_next
+        tanh_c = jnp.tanh(c)
+        dc = dc_next + dh * o * (1.0 - tanh_c * tanh_c)
+        dgates = jnp.concatenate(
+            [
+                dc * g * i * (1.0 - i),  # input gate (sigmoid)
+                dc * c_before * f * (1.0 - f),  # forget gate (sigmoid)
+                dc * i * (1.0 - g * g),  # candidate (tanh)
+                dh * tanh_c * o * (1.0 - o),  # output gate (sigmoid)
+            ],
+            axis=-1,
+        )
+        return (matmul(dgates, w_rec_t, dtype), dc * f), dgates
+
+    zeros = jnp.zeros_like(dh_tbh[0])
+    (dh0, dc0), dgates = jax.lax.scan(
+        step, (zeros, zeros), (dh_tbh, c_prev, activations, c_tbh), reverse=True
+    )
+    steps, batch, hidden = h_prev.shape
+    d_w_rec = matmul(
+        h_prev.reshape(steps * batch, hidden).T, dgates.reshape(steps * batch, 4 * hidden), dtype
+    )
+    return d_w_rec, dh0, dc0, dgates
+
+
+lstm_recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
+
+
+class Decoder(nnx.Module):
+    """The interface every decoder implements (see the module docstring); teacher forcing is
+    `out_proj(pre_logits(...))`. Subclasses define `out_proj` (a `Dense` to the vocabulary) and
+    the three methods below."""
+
+    out_proj: Dense
+
+    def pre_logits(
+        self, features: Array, tokens_in: Array, *, train: bool = False, key: Array | None = None
+    ) -> tuple[Array, dict[str, Array]]:
+        """Teacher forcing up to the output layer -> ([B, T, D] input of `out_proj`, aux)."""
+        raise NotImplementedError
+
+    def init_decode(self, features: Array) -> tuple[Any, Any]:
+        """features [B, ...] -> (per-image context pytree, initial state pytree)."""
+        raise NotImplementedError
+
+    def decode_step(self, context: Any, state: Any, tokens: Array) -> tuple[Any, Array, Array]:
+        """tokens [B] -> (state, logits [B, V] float32, attention [B, L] (L = 0 without))."""
+        raise NotImplementedError
+
+    def __call__(
+        self, features: Array, tokens_in: Array, *, train: bool = False, key: Array | None = None
+    ) -> tuple[Array, dict[str, Array]]:
+        """features [B, D] | [B, H, W, C] (| [B, L, C]), tokens_in [B, T] int32 (`<start>` first)
+        -> (logits [B, T, V] float32, aux: e.g. {"attention": [B, T, L]}); dropout when `train`
+        (with `key`)."""
+        pre_logits, aux = self.pre_logits(features, tokens_in, train=train, key=key)
+        return self.out_proj(pre_logits), aux
