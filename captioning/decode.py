@@ -1,79 +1,99 @@
-"""Jitted, batched caption decoding over any decoder of `captioning.models`.
+"""Jitted caption decoding: one entry point for every method, and `decode_split` over many images.
 
-Decoding runs inside one `lax.while_loop` per batch (no per-word Python calls into the model) and
-stops as soon as every caption has produced `<end>`, or at `max_len` words.
+    decode = decode_fn(graphdef, config.decode)           # greedy | beam | sample
+    out = decode_split(decode, params, features, batch_size=config.decode.batch_size,
+                       seed=config.decode.seed)           # DecodeOutput of numpy arrays
+
+Evaluation, caption mode and the web demo all decode through these two functions, so a caption
+does not depend on which of them asked for it. The algorithms are in `captioning.search`.
 """
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-from captioning import text
+from captioning import search
+from captioning.search import DecodeOutput
 
 Array = jax.Array
+METHODS = ("greedy", "beam", "sample")
+DecodeFn = Callable[[Any, Array, Array], DecodeOutput]
 
 
-class DecodeOutput(NamedTuple):
-    """tokens: [B, max_len] int32 (padded with 0 after `<end>`); attention: [B, max_len, L];
-    logprobs: [B, max_len] float32 log-probability of each emitted token (0 after the end)."""
+def decode_fn(graphdef: nnx.GraphDef, decode_config: Any) -> DecodeFn:
+    """-> jitted `fn(params, features [B, ...], key) -> DecodeOutput` for `decode_config.method`.
 
-    tokens: Array
-    attention: Array
-    logprobs: Array
-
-
-def greedy_decode(model: nnx.Module, features: Array, max_len: int) -> DecodeOutput:
-    """Most likely word at each step. features [B, ...] -> DecodeOutput."""
-    batch = features.shape[0]
-    context, state = model.init_decode(features)
-    start = jnp.full((batch,), text.START_ID, jnp.int32)
-    num_locations = jax.eval_shape(lambda: model.decode_step(context, state, start))[2].shape[-1]
-
-    def cond(carry):
-        t, _, _, _, _, finished, _ = carry
-        return (t < max_len) & ~jnp.all(finished)
-
-    def body(carry):
-        t, tokens, prev, state, logps, finished, attention = carry
-        state, logits, attn = model.decode_step(context, state, prev)
-        log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))
-        word = jnp.argmax(log_probs, axis=-1).astype(jnp.int32)
-        word = jnp.where(finished, text.PAD_ID, word)
-        logp = jnp.where(finished, 0.0, jnp.take_along_axis(log_probs, word[:, None], 1)[:, 0])
-        tokens = tokens.at[:, t].set(word)
-        logps = logps.at[:, t].set(logp)
-        attention = attention.at[:, t].set(jnp.where(finished[:, None], 0.0, attn))
-        finished = finished | (word == text.END_ID)
-        return t + 1, tokens, word, state, logps, finished, attention
-
-    init = (
-        jnp.asarray(0, jnp.int32),
-        jnp.zeros((batch, max_len), jnp.int32),
-        jnp.full((batch,), text.START_ID, jnp.int32),
-        state,
-        jnp.zeros((batch, max_len), jnp.float32),
-        jnp.zeros((batch,), bool),
-        jnp.zeros((batch, max_len, num_locations), jnp.float32),
-    )
-    _, tokens, _, _, logps, _, attention = jax.lax.while_loop(cond, body, init)
-    return DecodeOutput(tokens, attention, logps)
-
-
-def decode_fn(graphdef: nnx.GraphDef, decode_config: Any):
-    """-> jitted `fn(params, features) -> DecodeOutput` for `decode_config.method`."""
+    `key` is a PRNG key; only `method=sample` uses it (`decode_split` passes
+    `fold_in(key(decode.seed), batch index)`, so sampled batches are independent and reproducible).
+    Settings are validated here, before anything is traced.
+    """
     method = decode_config.method
-    if method != "greedy":
-        from captioning import search  # Beam search and sampling.
-
-        return search.decode_fn(graphdef, decode_config)
+    max_len = int(decode_config.max_len)
+    if method not in METHODS:
+        raise ValueError(f"config.decode.method={method!r} is unknown; use one of {list(METHODS)}.")
+    search.check_positive("max_len", max_len)
+    beam_size, length_penalty = int(decode_config.beam_size), float(decode_config.length_penalty)
+    temperature, top_k = float(decode_config.temperature), int(decode_config.top_k)
+    if method == "beam":
+        search.check_positive("beam_size", beam_size)
+    if method == "sample":
+        search.check_sampling(temperature, top_k)
 
     @jax.jit
-    def fn(params, features):
+    def fn(params, features, key):
         model = nnx.merge(graphdef, params)
-        return greedy_decode(model, features, decode_config.max_len)
+        if method == "greedy":
+            return search.greedy_decode(model, features, max_len)
+        if method == "beam":
+            return search.beam_search(
+                model,
+                features,
+                beam_size=beam_size,
+                max_len=max_len,
+                length_penalty=length_penalty,
+            )
+        return search.sample_decode(
+            model, features, key, max_len=max_len, temperature=temperature, top_k=top_k
+        )
 
     return fn
+
+
+def padded_image_batches(num_images: int, batch_size: int) -> Iterator[tuple[np.ndarray, int]]:
+    """Yields ([batch_size] rows, number of real rows) covering range(num_images), last padded."""
+    for start in range(0, num_images, batch_size):
+        rows = np.arange(start, min(start + batch_size, num_images), dtype=np.int32)
+        valid = len(rows)
+        yield np.pad(rows, (0, batch_size - valid)), valid
+
+
+def decode_split(
+    decode: DecodeFn,
+    params: Any,
+    features: np.ndarray,
+    *,
+    batch_size: int,
+    rows: np.ndarray | None = None,
+    seed: int = 0,
+) -> DecodeOutput:
+    """Decodes images in batches of one fixed size (the last padded) -> DecodeOutput of numpy
+    arrays, one row per image.
+
+    features: [N, ...] (already standardised); rows: which of them (default all), in order.
+    The batch is `min(batch_size, number of images)`, so a handful of images is not padded up to a
+    large configured batch; batch i samples with `fold_in(key(seed), i)`.
+    """
+    rows = np.arange(len(features), dtype=np.int32) if rows is None else np.asarray(rows)
+    batch_size = max(1, min(int(batch_size), len(rows)))
+    key = jax.random.key(seed)
+    outputs = []
+    for i, (batch_rows, valid) in enumerate(padded_image_batches(len(rows), batch_size)):
+        out = decode(params, jnp.asarray(features[rows[batch_rows]]), jax.random.fold_in(key, i))
+        outputs.append(jax.tree.map(lambda x, v=valid: np.asarray(x)[:v], out))
+    return jax.tree.map(lambda *xs: np.concatenate(xs), *outputs)

@@ -1,8 +1,10 @@
-"""Beam search and sampling over any decoder of `captioning.models` (jit-friendly, batched).
+"""Search algorithms over any decoder of `captioning.models` (jit-friendly, batched).
 
-Both methods drive the decoder only through `init_decode` and `decode_step`, so they work with
-every decoder, whatever pytrees its context and state are.
+Every method drives the decoder only through `init_decode` and `decode_step`, so it works with
+every decoder, whatever pytrees its context and state are. `captioning.decode` jits them.
 
+* `greedy_decode`: the most likely word at each step, in one `lax.while_loop` that stops as soon
+  as every caption has produced `<end>`, or at `max_len` words.
 * `beam_search`: K hypotheses per image in fixed-shape [B, K] arrays inside one `lax.while_loop`.
   The decoder runs on [B*K] rows (context and state are tiled over the beams once and the state is
   reordered by the parent beam after every step). A hypothesis that produced `<end>` stays in the
@@ -14,8 +16,6 @@ every decoder, whatever pytrees its context and state are.
 * `sample_decode`: ancestral sampling with temperature and top-k in a `lax.scan` (not a while loop,
   so `jax.grad` can differentiate the returned log-probabilities for RL fine-tuning); steps after
   every caption ended are skipped by a `lax.cond`.
-* `decode_fn(graphdef, decode_config)`: the jitted entry point `captioning.decode.decode_fn`
-  dispatches to for `config.decode.method` 'beam' and 'sample'.
 """
 
 from __future__ import annotations
@@ -27,11 +27,17 @@ import jax.numpy as jnp
 from flax import nnx
 
 from captioning import text
-from captioning.decode import DecodeOutput
 
 Array = jax.Array
 
-METHODS = ("beam", "sample")
+
+class DecodeOutput(NamedTuple):
+    """tokens: [B, max_len] int32 (padded with 0 after `<end>`); attention: [B, max_len, L];
+    logprobs: [B, max_len] float32 log-probability of each emitted token (0 after the end)."""
+
+    tokens: Array
+    attention: Array
+    logprobs: Array
 
 
 class Beams(NamedTuple):
@@ -50,12 +56,12 @@ class Beams(NamedTuple):
     lengths: Array
 
 
-def _check_positive(name: str, value: Any) -> None:
+def check_positive(name: str, value: Any) -> None:
     if value < 1:
         raise ValueError(f"config.decode.{name}={value!r}: must be at least 1.")
 
 
-def _check_sampling(temperature: float, top_k: int) -> None:
+def check_sampling(temperature: float, top_k: int) -> None:
     if not temperature > 0:
         raise ValueError(f"config.decode.temperature={temperature!r}: must be > 0.")
     if top_k < 0:
@@ -87,6 +93,42 @@ def _step_shapes(model: nnx.Module, context: Any, state: Any, batch: int) -> tup
     return logits.shape[-1], attention.shape[-1]
 
 
+def greedy_decode(model: nnx.Module, features: Array, max_len: int) -> DecodeOutput:
+    """Most likely word at each step. features [B, ...] -> DecodeOutput."""
+    batch = features.shape[0]
+    context, state = model.init_decode(features)
+    _, num_locations = _step_shapes(model, context, state, batch)
+
+    def cond(carry):
+        t, _, _, _, _, finished, _ = carry
+        return (t < max_len) & ~jnp.all(finished)
+
+    def body(carry):
+        t, tokens, prev, state, logps, finished, attention = carry
+        state, logits, attn = model.decode_step(context, state, prev)
+        log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))
+        word = jnp.argmax(log_probs, axis=-1).astype(jnp.int32)
+        word = jnp.where(finished, text.PAD_ID, word)
+        logp = jnp.where(finished, 0.0, jnp.take_along_axis(log_probs, word[:, None], 1)[:, 0])
+        tokens = tokens.at[:, t].set(word)
+        logps = logps.at[:, t].set(logp)
+        attention = attention.at[:, t].set(jnp.where(finished[:, None], 0.0, attn))
+        finished = finished | (word == text.END_ID)
+        return t + 1, tokens, word, state, logps, finished, attention
+
+    init = (
+        jnp.asarray(0, jnp.int32),
+        jnp.zeros((batch, max_len), jnp.int32),
+        jnp.full((batch,), text.START_ID, jnp.int32),
+        state,
+        jnp.zeros((batch, max_len), jnp.float32),
+        jnp.zeros((batch,), bool),
+        jnp.zeros((batch, max_len, num_locations), jnp.float32),
+    )
+    _, tokens, _, _, logps, _, attention = jax.lax.while_loop(cond, body, init)
+    return DecodeOutput(tokens, attention, logps)
+
+
 def beam_search_beams(
     model: nnx.Module,
     features: Array,
@@ -96,8 +138,8 @@ def beam_search_beams(
     length_penalty: float = 0.0,
 ) -> Beams:
     """Beam search keeping all K hypotheses. features [B, ...] -> `Beams` (best first)."""
-    _check_positive("beam_size", beam_size)
-    _check_positive("max_len", max_len)
+    check_positive("beam_size", beam_size)
+    check_positive("max_len", max_len)
     batch, beams = features.shape[0], beam_size
     context, state = model.init_decode(features)
     # Row b*K + k of every decoder leaf belongs to image b, beam k.
@@ -217,8 +259,8 @@ def sample_decode(
     `jax.grad` of a function of them reaches the parameters (REINFORCE / self-critical training);
     top_k=1 gives the greedy captions.
     """
-    _check_positive("max_len", max_len)
-    _check_sampling(temperature, top_k)
+    check_positive("max_len", max_len)
+    check_sampling(temperature, top_k)
     batch = features.shape[0]
     context, state = model.init_decode(features)
     _, num_locations = _step_shapes(model, context, state, batch)
@@ -254,57 +296,4 @@ def sample_decode(
     _, (words, logps, attention) = jax.lax.scan(scan_body, init, jnp.arange(max_len))
     return DecodeOutput(
         jnp.swapaxes(words, 0, 1), jnp.swapaxes(attention, 0, 1), jnp.swapaxes(logps, 0, 1)
-    )
-
-
-def decode_fn(graphdef: nnx.GraphDef, decode_config: Any):
-    """-> jitted decoding function for `decode_config.method` 'beam' or 'sample'.
-
-    beam: `fn(params, features) -> DecodeOutput`.
-    sample: `fn(params, features, key=None) -> DecodeOutput`; the default key is
-    `jax.random.key(decode_config.seed)` (0 when unset), the same for every call, so pass
-    e.g. `jax.random.fold_in(key, batch_index)` to draw independent batches.
-    """
-    method = decode_config.method
-    max_len = int(decode_config.max_len)
-    if method == "beam":
-        beam_size = int(decode_config.beam_size)
-        length_penalty = float(decode_config.get("length_penalty", 0.0))
-        _check_positive("beam_size", beam_size)
-
-        @jax.jit
-        def beam_fn(params, features):
-            model = nnx.merge(graphdef, params)
-            return beam_search(
-                model,
-                features,
-                beam_size=beam_size,
-                max_len=max_len,
-                length_penalty=length_penalty,
-            )
-
-        return beam_fn
-
-    if method == "sample":
-        temperature = float(decode_config.get("temperature", 1.0))
-        top_k = int(decode_config.get("top_k", 0))
-        seed = int(decode_config.get("seed", 0))
-        _check_sampling(temperature, top_k)
-
-        @jax.jit
-        def sample_jit(params, features, key):
-            model = nnx.merge(graphdef, params)
-            return sample_decode(
-                model, features, key, max_len=max_len, temperature=temperature, top_k=top_k
-            )
-
-        def sample_fn(params, features, key=None):
-            if key is None:
-                key = jax.random.key(seed)
-            return sample_jit(params, features, key)
-
-        return sample_fn
-
-    raise ValueError(
-        f"config.decode.method={method!r} is unknown; use one of {['greedy', *METHODS]}."
     )

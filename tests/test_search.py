@@ -140,7 +140,7 @@ def _valid_mask(tokens: np.ndarray) -> np.ndarray:
 def test_beam_one_is_greedy(decoder):
     model = _model(decoder)
     features = _features(16)
-    greedy = decode.greedy_decode(model, features, max_len=10)
+    greedy = search.greedy_decode(model, features, max_len=10)
     beam = search.beam_search(model, features, beam_size=1, max_len=10, length_penalty=0.0)
     np.testing.assert_array_equal(beam.tokens, greedy.tokens)
     np.testing.assert_allclose(beam.logprobs, greedy.logprobs, atol=1e-6)
@@ -251,7 +251,7 @@ def test_sampling_reproducible_and_keyed():
 def test_top_k_one_is_greedy(decoder):
     model = _model(decoder)
     features = _features(16)
-    greedy = decode.greedy_decode(model, features, max_len=10)
+    greedy = search.greedy_decode(model, features, max_len=10)
     out = search.sample_decode(
         model, features, jax.random.key(3), max_len=10, temperature=0.7, top_k=1
     )
@@ -316,6 +316,7 @@ def _decode_config(**fields) -> ml_collections.ConfigDict:
             "temperature": 1.0,
             "top_k": 0,
             "batch_size": 4,
+            "seed": 0,
         }
     )
     config.update(fields)
@@ -326,16 +327,19 @@ def test_decode_fn_dispatch():
     model = _model("inject")
     graphdef, params = nnx.split(model)
     features = _features(4)
-    beam = decode.decode_fn(graphdef, _decode_config(method="beam"))(params, features)
+    key = jax.random.key(0)
+    beam = decode.decode_fn(graphdef, _decode_config(method="beam"))(params, features, key)
     direct = search.beam_search(model, features, beam_size=3, max_len=8)
     np.testing.assert_array_equal(beam.tokens, direct.tokens)
+    greedy = decode.decode_fn(graphdef, _decode_config(method="greedy"))(params, features, key)
+    np.testing.assert_array_equal(greedy.tokens, search.greedy_decode(model, features, 8).tokens)
 
     sample = decode.decode_fn(graphdef, _decode_config(method="sample"))
-    a, b = sample(params, features), sample(params, features)
-    np.testing.assert_array_equal(a.tokens, b.tokens)  # Default key: the config seed.
-    c = sample(params, features, key=jax.random.key(0))
-    np.testing.assert_array_equal(a.tokens, c.tokens)
-    d = sample(params, _features(32), key=jax.random.key(9))
+    a, b = sample(params, features, key), sample(params, features, key)
+    np.testing.assert_array_equal(a.tokens, b.tokens)  # The same key draws the same captions.
+    direct = search.sample_decode(model, features, key, max_len=8)
+    np.testing.assert_array_equal(a.tokens, direct.tokens)
+    d = sample(params, _features(32), jax.random.key(9))
     assert d.tokens.shape == (32, 8)
 
     with pytest.raises(ValueError, match="config.decode.method"):
