@@ -1,4 +1,4 @@
-"""Tests for captioning.features: backbones, weights lookup, feature store export and loading.
+"""captioning.backbone and captioning.feature_store: backbones, weights lookup, store export, load.
 
 Everything runs a random-weight InceptionV3 at 75 px (its smallest input) on a few Pillow-drawn
 images; the compiled backbone is cached per process, so most tests reuse one build.
@@ -12,22 +12,25 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from captioning import features
+from captioning import backbone, feature_store
 from captioning.datasets.base import DataError, ImageRecord
+from configs import scenes
 
 SHARD = 4  # Images per shard: the 7 test images make two shards.
 
 
 def encoder_config(**overrides) -> ml_collections.ConfigDict:
-    config = ml_collections.ConfigDict(
-        {
-            "backbone": "inception_v3",
-            "weights": "none",
-            "image_size": 75,
-            "pooling": "avg",
-            "batch_size": 4,
-            "dtype": "float32",
-        }
+    """The base config's encoder section as a random InceptionV3 at 75 px, pooled."""
+    config = scenes.get_config().encoder
+    config.update(
+        backbone="inception_v3",
+        layer="",
+        weights="none",
+        image_size=75,
+        pooling="avg",
+        grid=0,
+        batch_size=4,
+        dtype="float32",
     )
     config.update(overrides)
     return config
@@ -64,8 +67,8 @@ def records(image_dir):
 def reference_store(records, tmp_path_factory):
     """An uninterrupted export with the default test encoder."""
     store_dir = str(tmp_path_factory.mktemp("reference") / "store")
-    result = features.export_features(records, encoder_config(), store_dir, shard_size=SHARD)
-    return result, features.load_feature_store(store_dir)
+    result = feature_store.export_features(records, encoder_config(), store_dir, shard_size=SHARD)
+    return result, feature_store.load_feature_store(store_dir)
 
 
 def test_export_pooled_shape_ids_and_metadata(records, reference_store):
@@ -76,10 +79,7 @@ def test_export_pooled_shape_ids_and_metadata(records, reference_store):
     assert store.ids == ids
     assert store.features.shape == (7, 2048) and store.features.dtype == np.float32
     assert np.isfinite(store.features).all()
-    assert store.index("img3.png") == 3
-    np.testing.assert_array_equal(store.gather(["img4.jpg", "img0.jpg"]), store.features[[4, 0]])
-    with pytest.raises(KeyError, match="nope.jpg"):
-        store.index("nope.jpg")
+    assert len(store) == 7 and store.ids.index("img3.png") == 3
     meta = store.metadata
     assert meta["backbone"] == "inception_v3" and meta["weights"] == "none"
     assert (meta["image_size"], meta["pooling"], meta["dtype"], meta["seed"]) == (
@@ -102,71 +102,73 @@ def test_encode_images_matches_store_and_reports_failures(image_dir, reference_s
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(os.urandom(64))
     paths = [str(image_dir / "img2.jpg"), str(bad), str(tmp_path / "gone.png")]
-    feats, ok, failed = features.encode_images(paths, encoder_config(), batch_size=4)
+    feats, ok, failed = backbone.encode_images(paths, encoder_config(), batch_size=4)
     assert ok == paths[:1] and [f[0] for f in failed] == paths[1:]
     assert failed[1][1] == "file not found"
-    np.testing.assert_allclose(feats, store.gather(["img2.jpg"]), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        feats, store.features[[store.ids.index("img2.jpg")]], rtol=1e-5, atol=1e-5
+    )
 
 
 def test_spatial_float16_shape(image_dir):
     config = encoder_config(pooling="none", image_size=107, dtype="float16")
     paths = [str(image_dir / "img0.jpg"), str(image_dir / "img1.png")]
-    feats, ok, failed = features.encode_images(paths, config, batch_size=2)
+    feats, ok, failed = backbone.encode_images(paths, config, batch_size=2)
     assert feats.shape == (2, 2, 2, 2048) and feats.dtype == np.float16  # 107 px -> 2x2 grid.
     assert ok == paths and failed == []
 
 
 @pytest.mark.parametrize(
-    "backbone, pooling, shape", [("resnet50", "none", (2, 2, 2048)), ("vgg16", "avg", (512,))]
+    "name, pooling, shape", [("resnet50", "none", (2, 2, 2048)), ("vgg16", "avg", (512,))]
 )
-def test_other_backbones(backbone, pooling, shape):
-    config = encoder_config(backbone=backbone, pooling=pooling, image_size=64)
-    model, preprocess, size = features.build_backbone(config)
+def test_other_backbones(name, pooling, shape):
+    config = encoder_config(backbone=name, pooling=pooling, image_size=64)
+    model, preprocess, size = backbone.build_backbone(config)
     assert model.output_shape[1:] == shape and size == 64
-    module = {"resnet50": "resnet", "vgg16": "vgg16"}[backbone]  # ResNet50's lives in resnet.
+    module = {"resnet50": "resnet", "vgg16": "vgg16"}[name]  # ResNet50's lives in resnet.
     assert preprocess.__module__ == f"keras.src.applications.{module}"
 
 
 def test_random_weights_are_deterministic(records, reference_store, tmp_path):
-    features.clear_backbone_cache()  # Forces a fresh build with the same seed.
-    result = features.export_features(
+    backbone.clear_backbone_cache()  # Forces a fresh build with the same seed.
+    result = feature_store.export_features(
         records, encoder_config(), str(tmp_path / "again"), shard_size=SHARD, seed=0
     )
-    again = features.load_feature_store(result.store_dir)
+    again = feature_store.load_feature_store(result.store_dir)
     np.testing.assert_array_equal(again.features, reference_store[1].features)
 
 
 def test_resume_after_interruption(records, reference_store, tmp_path, monkeypatch):
     store_dir = str(tmp_path / "store")
-    write_shard = features._write_shard
+    write_shard = feature_store._write_shard
 
     def crash_after_first(path, *args):
         if not path.endswith("shard_00000.npz"):
             raise KeyboardInterrupt  # What Ctrl-C during the second shard looks like.
         write_shard(path, *args)
 
-    monkeypatch.setattr(features, "_write_shard", crash_after_first)
+    monkeypatch.setattr(feature_store, "_write_shard", crash_after_first)
     with pytest.raises(KeyboardInterrupt):
-        features.export_features(records, encoder_config(), store_dir, shard_size=SHARD)
+        feature_store.export_features(records, encoder_config(), store_dir, shard_size=SHARD)
     monkeypatch.undo()
-    with pytest.raises(features.FeatureStoreError, match="incomplete"):
-        features.load_feature_store(store_dir)
+    with pytest.raises(feature_store.FeatureStoreError, match="incomplete"):
+        feature_store.load_feature_store(store_dir)
     first = os.stat(os.path.join(store_dir, "shard_00000.npz")).st_mtime_ns
 
-    result = features.export_features(records, encoder_config(), store_dir, shard_size=SHARD)
+    result = feature_store.export_features(records, encoder_config(), store_dir, shard_size=SHARD)
     assert result.num_computed == 3 and result.num_images == 7
     assert os.stat(os.path.join(store_dir, "shard_00000.npz")).st_mtime_ns == first
-    store = features.load_feature_store(store_dir)
+    store = feature_store.load_feature_store(store_dir)
     assert store.ids == reference_store[1].ids
     np.testing.assert_array_equal(store.features, reference_store[1].features)
-    rerun = features.export_features(records, encoder_config(), store_dir, shard_size=SHARD)
+    rerun = feature_store.export_features(records, encoder_config(), store_dir, shard_size=SHARD)
     assert rerun.num_computed == 0 and rerun.num_images == 7
 
 
 def test_mismatched_store_settings(records, reference_store):
     store_dir = reference_store[0].store_dir
-    with pytest.raises(features.FeatureStoreMismatchError) as err:
-        features.export_features(records, encoder_config(pooling="none"), store_dir)
+    with pytest.raises(feature_store.FeatureStoreMismatchError) as err:
+        feature_store.export_features(records, encoder_config(pooling="none"), store_dir)
     message = str(err.value)
     assert "'pooling': 'avg'" in message and "'pooling': 'none'" in message
     assert store_dir in message and "delete" in message
@@ -175,7 +177,7 @@ def test_mismatched_store_settings(records, reference_store):
 def test_missing_image_raises_data_error(records, tmp_path):
     missing = ImageRecord("gone.jpg", str(tmp_path / "gone.jpg"), ("x",), "test")
     with pytest.raises(DataError, match="gone.jpg"):
-        features.export_features([*records, missing], encoder_config(), str(tmp_path / "s"))
+        feature_store.export_features([*records, missing], encoder_config(), str(tmp_path / "s"))
 
 
 def test_corrupt_image_raises_or_is_skipped(records, tmp_path):
@@ -184,30 +186,30 @@ def test_corrupt_image_raises_or_is_skipped(records, tmp_path):
     recs = [*records, ImageRecord("broken.jpg", str(bad_path), ("x",), "train")]
     store_dir = str(tmp_path / "store")
     with pytest.raises(DataError, match=str(bad_path)):
-        features.export_features(recs, encoder_config(), store_dir, shard_size=SHARD)
+        feature_store.export_features(recs, encoder_config(), store_dir, shard_size=SHARD)
 
-    result = features.export_features(
+    result = feature_store.export_features(
         recs, encoder_config(), store_dir, shard_size=SHARD, skip_bad_images=True
     )
     assert result.num_images == 7 and [s[0] for s in result.skipped] == ["broken.jpg"]
     assert "image file format" in result.skipped[0][1]
-    store = features.load_feature_store(store_dir)
-    assert "broken.jpg" not in store and len(store) == 7
+    store = feature_store.load_feature_store(store_dir)
+    assert "broken.jpg" not in store.ids and len(store) == 7
     assert store.metadata["skipped"] == [list(s) for s in result.skipped]
     # Without skipping, a rerun retries the shard that holds the bad image.
     with pytest.raises(DataError, match="skip_bad_images"):
-        features.export_features(recs, encoder_config(), store_dir, shard_size=SHARD)
+        feature_store.export_features(recs, encoder_config(), store_dir, shard_size=SHARD)
 
 
 def test_imagenet_weights_missing_from_keras_cache(records, tmp_path, monkeypatch):
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))
-    expected = str(tmp_path / "models" / features.BACKBONES["inception_v3"].weights_file)
+    expected = str(tmp_path / "models" / backbone.BACKBONES["inception_v3"].weights_file)
     config = encoder_config(weights="imagenet")
     for call in (
-        lambda: features.build_backbone(config),
-        lambda: features.export_features(records, config, str(tmp_path / "store")),
+        lambda: backbone.build_backbone(config),
+        lambda: feature_store.export_features(records, config, str(tmp_path / "store")),
     ):
-        with pytest.raises(features.WeightsNotFoundError) as err:
+        with pytest.raises(backbone.WeightsNotFoundError) as err:
             call()
         assert expected in str(err.value) and "encoder.weights" in str(err.value)
         assert "https://storage.googleapis.com/" in str(err.value)
@@ -220,38 +222,40 @@ def test_imagenet_weights_loaded_from_keras_cache(
     # A legacy .h5 file like Keras' own download, holding the seed-0 random weights.
     from keras.src.legacy.saving import legacy_h5_format
 
-    model = features._get_runner(encoder_config(), 4, seed=0).model  # Cached: no second build.
+    model = backbone.build_backbone(encoder_config(), seed=0)[0]
 
     (tmp_path / "models").mkdir()
-    path = tmp_path / "models" / features.BACKBONES["inception_v3"].weights_file
+    path = tmp_path / "models" / backbone.BACKBONES["inception_v3"].weights_file
     with h5py.File(path, "w") as f:
         legacy_h5_format.save_weights_to_hdf5_group(f, model)
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))
-    feats, _, _ = features.encode_images(
+    feats, _, _ = backbone.encode_images(
         [str(image_dir / "img4.jpg")], encoder_config(weights="imagenet"), batch_size=4
     )
-    np.testing.assert_allclose(feats, reference_store[1].gather(["img4.jpg"]), atol=1e-5)
+    np.testing.assert_allclose(
+        feats, reference_store[1].features[[reference_store[1].ids.index("img4.jpg")]], atol=1e-5
+    )
 
 
 def test_weights_path_must_exist(tmp_path):
     config = encoder_config(weights=str(tmp_path / "mine.weights.h5"))
-    with pytest.raises(features.WeightsNotFoundError, match="mine.weights.h5"):
-        features.build_backbone(config)
+    with pytest.raises(backbone.WeightsNotFoundError, match="mine.weights.h5"):
+        backbone.build_backbone(config)
 
 
 def test_feature_store_dir_names_settings(tmp_path):
-    base = features.feature_store_dir(str(tmp_path), "flickr8k", encoder_config())
+    base = feature_store.feature_store_dir(str(tmp_path), "flickr8k", encoder_config())
     assert base == str(
         tmp_path / "features" / "flickr8k" / "inception_v3_none-seed0_75px_avg_float32"
     )
-    named = features.feature_store_dir(
+    named = feature_store.feature_store_dir(
         "/c", "scenes", encoder_config(weights="/w/my net.h5", image_size=0, dtype="float16")
     )
     assert named == "/c/features/scenes/inception_v3_my-net.h5_299px_avg_float16"
     with pytest.raises(ValueError, match="config.encoder.image_size"):
-        features.feature_store_dir("/c", "scenes", encoder_config(image_size=60))
+        feature_store.feature_store_dir("/c", "scenes", encoder_config(image_size=60))
 
 
 def test_backbone_throughput(image_dir):
     images = np.zeros([5, 75, 75, 3], np.uint8)
-    assert features.backbone_throughput(encoder_config(), images, repeats=1) > 0
+    assert backbone.backbone_throughput(encoder_config(), images, repeats=1) > 0

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from captioning import features, input_pipeline, text
+from captioning import backbone, decode, input_pipeline, text
 from captioning.datasets.base import ImageRecord
 
 
@@ -65,7 +65,7 @@ def test_pipelines_do_not_autotune():
     _, _, data = _data()
     batches = input_pipeline.CaptionBatches(data, batch_size=8, num_buckets=2, seed=0, shuffle=True)
     assert batches.dataset(0).options().autotune.enabled is False
-    export = features._image_dataset(["missing.png"], size=32, batch_size=4)
+    export = backbone._image_dataset(["missing.png"], size=32, batch_size=4)
     assert export.options().autotune.enabled is False
 
 
@@ -101,7 +101,7 @@ def test_bucket_lengths_minimise_padding():
 
 
 def test_padded_image_batches_cover_every_row_once():
-    got = list(input_pipeline.padded_image_batches(10, 4))
+    got = list(decode.padded_image_batches(10, 4))
     assert [valid for _, valid in got] == [4, 4, 2]
     assert all(len(rows) == 4 for rows, _ in got)
     assert np.concatenate([rows[:v] for rows, v in got]).tolist() == list(range(10))
