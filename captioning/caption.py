@@ -19,13 +19,11 @@ import os
 import sys
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from absl import logging
 
-from captioning import decode, input_pipeline, text, train
+from captioning import decode, evaluate, text
+from captioning.data import FeatureStats
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 
@@ -56,40 +54,6 @@ def find_images(images: str) -> list[str]:
             "such as 'photos/*.jpg'."
         )
     return paths
-
-
-def load_feature_stats(workdir: str) -> tuple[np.ndarray, np.ndarray]:
-    """(mean, std) per feature channel that the run normalized its training features with."""
-    path = os.path.join(workdir, "feature_stats.npz")
-    if not os.path.exists(path):
-        raise FileNotFoundError(
-            f"{path} not found: --workdir must be a run directory written by training."
-        )
-    stats = np.load(path)
-    return stats["mean"].astype(np.float32), stats["std"].astype(np.float32)
-
-
-def _decode_batches(
-    decode_callable, params, features: np.ndarray, decode_config
-) -> tuple[np.ndarray, np.ndarray]:
-    """features [N, ...] -> (tokens [N, max_len], attention [N, max_len, L]), in batches of one
-    fixed size (compiled once)."""
-    # Never pad a handful of images up to a large configured batch: min(batch_size, N).
-    batch_size = max(1, min(int(decode_config.batch_size), len(features)))
-    sample_key = None
-    if decode_config.method == "sample":
-        sample_key = jax.random.key(int(decode_config.get("seed", 0)))
-    tokens, attention = [], []
-    batches = input_pipeline.padded_image_batches(len(features), batch_size)
-    for index, (rows, valid) in enumerate(batches):
-        batch = jnp.asarray(features[rows])
-        if sample_key is None:
-            out = decode_callable(params, batch)
-        else:  # Independent draws per batch, reproducible from the seed.
-            out = decode_callable(params, batch, key=jax.random.fold_in(sample_key, index))
-        tokens.append(np.asarray(out.tokens)[:valid])
-        attention.append(np.asarray(out.attention)[:valid])
-    return np.concatenate(tokens), np.concatenate(attention)
 
 
 def _save_attention_maps(output, workdir, method, paths, tokens, attention, vocab, grid_shape):
@@ -125,16 +89,16 @@ def caption_images(
     writes the list, with the decoding settings and checkpoint step, to `output` (default
     `workdir/captions/captions_<method>.json`).
     """
-    from captioning import features as features_lib  # TensorFlow/Keras: imported when needed.
+    from captioning import backbone  # TensorFlow/Keras: imported when needed.
 
     workdir = os.path.abspath(os.path.expanduser(workdir))
     paths = find_images(images)
     vocab = text.Vocabulary.load(os.path.join(workdir, "vocab.json"))
-    mean, std = load_feature_stats(workdir)
+    stats = FeatureStats.load(workdir)
     method = config.decode.method
 
     # Same backbone, weights, input size and init seed as the run's feature store.
-    raw, ok_paths, failures = features_lib.encode_images(
+    raw, ok_paths, failures = backbone.encode_images(
         paths, config.encoder, batch_size=int(config.encoder.batch_size), seed=config.seed
     )
     errors = dict(failures)
@@ -145,22 +109,34 @@ def caption_images(
     maps: dict[str, str] = {}
     step = None
     if ok_paths:
-        if raw.shape[-1] != mean.shape[-1]:
+        if raw.shape[-1] != stats.mean.shape[-1]:
             raise ValueError(
-                f"{workdir}/feature_stats.npz has {mean.shape[-1]} channels but config.encoder "
-                f"({config.encoder.backbone}) gives {raw.shape[-1]}: caption with the run's own "
-                "config (omit --config)."
+                f"{workdir}/feature_stats.npz has {stats.mean.shape[-1]} channels but "
+                f"config.encoder ({config.encoder.backbone}) gives {raw.shape[-1]}: caption with "
+                "the run's own config (omit --config)."
             )
-        features = ((raw.astype(np.float32) - mean) / std).astype(np.float32)
-        graphdef, params, step = train.build_inference(
+        features = stats.apply(raw)
+        graphdef, params, step = evaluate.restore_inference(
             config, workdir, len(vocab), features.shape[1:]
         )
-        decode_callable = decode.decode_fn(graphdef, config.decode)
-        tokens, attention = _decode_batches(decode_callable, params, features, config.decode)
-        captions = dict(zip(ok_paths, vocab.decode_batch(tokens), strict=True))
-        if config.eval.get("attention_maps", False):
+        decoded = decode.decode_split(
+            decode.decode_fn(graphdef, config.decode),
+            params,
+            features,
+            batch_size=config.decode.batch_size,
+            seed=config.decode.seed,
+        )
+        captions = dict(zip(ok_paths, vocab.decode_batch(decoded.tokens), strict=True))
+        if config.eval.attention_maps:
             maps = _save_attention_maps(
-                output, workdir, method, ok_paths, tokens, attention, vocab, features.shape[1:-1]
+                output,
+                workdir,
+                method,
+                ok_paths,
+                decoded.tokens,
+                decoded.attention,
+                vocab,
+                features.shape[1:-1],
             )
 
     results = []

@@ -1,4 +1,7 @@
-"""Mode dispatch for main.py (kept out of main.py so main stays a page)."""
+"""Mode dispatch for main.py (kept out of main.py so main stays a page).
+
+Each mode imports only what it needs: evaluation and caption mode never build the trainer.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +10,22 @@ import os
 import ml_collections
 from absl import logging
 
-from captioning import train
+MODES = ("train", "evaluate", "caption", "export_features")
+
+
+def _require_config(config: ml_collections.ConfigDict | None, mode: str):
+    if config is None:
+        raise ValueError(f"--mode={mode} needs --config=configs/<experiment>.py")
+    return config
 
 
 def _config_or_run_config(config: ml_collections.ConfigDict | None, workdir: str):
     """--config when given (its overrides apply), else the config the run was trained with."""
     if config is not None:
         return config
-    return train.load_run_config(workdir)
+    from captioning import evaluate
+
+    return evaluate.load_run_config(workdir)
 
 
 def run(
@@ -25,22 +36,24 @@ def run(
     images: str | None = None,
     output: str | None = None,
 ) -> object:
-    """Runs one mode of main.py and returns its result (a report dict or None)."""
+    """Runs one mode of main.py and returns its result (a report, captions or store metadata)."""
     workdir = os.path.abspath(os.path.expanduser(workdir))
     if mode == "train":
-        if config is None:
-            raise ValueError("--mode=train needs --config=configs/<experiment>.py")
-        return train.train_and_evaluate(config, workdir)
+        from captioning import train
+
+        return train.train_and_evaluate(_require_config(config, mode), workdir)
     if mode == "evaluate":
+        from captioning import evaluate
+
         config = _config_or_run_config(config, workdir)
-        return train.evaluate(config, workdir, split=config.eval.split)
+        return evaluate.evaluate(config, workdir, split=config.eval.split)
     if mode == "export_features":
-        if config is None:
-            raise ValueError("--mode=export_features needs --config=configs/<experiment>.py")
+        from captioning import data
+
         os.makedirs(workdir, exist_ok=True)
-        data = train.prepare_data(config, workdir)
-        logging.info("Feature store ready: %s", data.feature_metadata)
-        return data.feature_metadata
+        _, result = data.export_store(_require_config(config, mode), workdir)
+        logging.info("Feature store ready: %s (%d images).", result.store_dir, result.num_images)
+        return result
     if mode == "caption":
         if not images:
             raise ValueError("--mode=caption needs --images=FILE|FOLDER|GLOB")
@@ -48,4 +61,4 @@ def run(
 
         config = _config_or_run_config(config, workdir)
         return caption.caption_images(config, workdir, images, output=output)
-    raise ValueError(f"Unknown --mode={mode!r}")
+    raise ValueError(f"Unknown --mode={mode!r}; use one of {MODES}.")

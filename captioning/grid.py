@@ -12,7 +12,7 @@ The grid file defines `get_grid()` returning a list of cells:
 
 Every cell is the base config (with its `--config.*` overrides) plus the cell's dotted overrides,
 trained once with `train.train_and_evaluate` in `--workdir/<name>` (which also evaluates the first
-method); each further method is one more `train.evaluate` of the same checkpoint, never a
+method); each further method is one more `evaluate.evaluate` of the same checkpoint, never a
 retraining. Cells with the same encoder settings share one feature store (`data.cache_dir`); the
 store is exported before the clock starts, so `train_s` (wall-clock of `train_and_evaluate`:
 data loading, compilation, training with per-epoch validation and the final evaluation) compares
@@ -164,7 +164,7 @@ def method_label(decode_config: ml_collections.ConfigDict) -> str:
     method = decode_config.method
     if method == "beam":
         label = f"beam{decode_config.beam_size}"
-        penalty = float(decode_config.get("length_penalty", 0.0))
+        penalty = float(decode_config.length_penalty)
         return label + (f"_lp{penalty:g}" if penalty else "")
     if method == "sample":
         return f"sample_t{decode_config.temperature:g}_k{decode_config.top_k}"
@@ -216,7 +216,8 @@ def _row(cell: Cell, label: str, **fields) -> dict[str, Any]:
 def run_cell(base_config: ml_collections.ConfigDict, cell: Cell, workdir: str) -> list[dict]:
     """Trains one cell and evaluates every method -> one row per method (never raises on a
     training or evaluation error: the row says 'failed: ...')."""
-    from captioning import train  # JAX, TF: imported when a grid actually runs.
+    # JAX, TF: imported when a grid actually runs.
+    from captioning import data, evaluate, train
 
     cell_dir = os.path.join(workdir, cell.name)
     where = f"grid cell {cell.name!r}"
@@ -238,7 +239,7 @@ def run_cell(base_config: ml_collections.ConfigDict, cell: Cell, workdir: str) -
     rows: list[dict] = []
     try:
         # Export (or find) the feature store before the clock starts; it is shared by cells.
-        train.prepare_data(configs[0], cell_dir)
+        data.prepare_data(configs[0], cell_dir)
         start = time.perf_counter()
         report = train.train_and_evaluate(configs[0], cell_dir)
         train_seconds = time.perf_counter() - start
@@ -263,7 +264,7 @@ def run_cell(base_config: ml_collections.ConfigDict, cell: Cell, workdir: str) -
     rows.append(ok_row(labels[0], report))
     for config, label in zip(configs[1:], labels[1:], strict=True):
         try:
-            rows.append(ok_row(label, train.evaluate(config, cell_dir, split=config.eval.split)))
+            rows.append(ok_row(label, evaluate.evaluate(config, cell_dir, split=config.eval.split)))
         except Exception as e:  # Only this method's row fails.
             logging.exception("Grid cell %s: evaluating %s failed.", cell.name, label)
             with open(os.path.join(cell_dir, f"error_{label}.txt"), "w", encoding="utf-8") as f:

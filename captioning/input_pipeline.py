@@ -134,8 +134,6 @@ def fixed_options():
     was measured to stall until that thread's next wake-up: epochs of 10-16 s ran for exactly
     20.5 s (and of 22 s for 41 s) in about a quarter of the epochs.
     """
-    import tensorflow as tf
-
     options = tf.data.Options()
     options.autotune.enabled = False
     return options
@@ -222,11 +220,3 @@ class CaptionBatches:
     def example_batches(self) -> list[dict[str, np.ndarray]]:
         """One dummy batch per bucket length (for ahead-of-time compilation)."""
         return [self._batch(length, np.zeros(0, np.int64)) for length in self.lengths]
-
-
-def padded_image_batches(num_images: int, batch_size: int) -> Iterator[tuple[np.ndarray, int]]:
-    """Yields ([batch_size] rows, number of real rows) covering range(num_images), last padded."""
-    for start in range(0, num_images, batch_size):
-        rows = np.arange(start, min(start + batch_size, num_images), dtype=np.int32)
-        valid = len(rows)
-        yield np.pad(rows, (0, batch_size - valid)), valid

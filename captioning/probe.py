@@ -99,13 +99,13 @@ def probe(
 
 def main(argv):
     del argv
-    from captioning import train
+    from captioning import data as data_lib
 
     config = flags.FLAGS.config
     if config.data.dataset != "scenes":
         raise app.UsageError("The probe needs the scenes dataset (it reads each scene's objects).")
     with tempfile.TemporaryDirectory() as workdir:  # Only feature_stats.npz goes there.
-        data = train.prepare_data(config, workdir)
+        data = data_lib.prepare_data(config, workdir)
     records = {s: data.splits[s] for s in ("train", "val", "test")}
     features = {
         s: data.features[[data.image_row[r.image_id] for r in rs]] for s, rs in records.items()

@@ -1,14 +1,45 @@
-"""The benchmark's derived figures: the work per trained word and the measured matmul peak."""
+"""The benchmark's inputs and derived figures: synthetic Flickr8k-like captions, the work per
+trained word and the measured matmul peak."""
 
-from captioning import benchmark
+from pathlib import Path
+
+import pytest
+
+from captioning import benchmark, text
+
+SHARED_TOKENS = (
+    Path(__file__).resolve().parents[2] / "shared" / "data" / "flickr8k_text" / "Flickr8k.token.txt"
+)
 
 
 def test_work_per_target_at_the_seed_sizes_is_the_issue_figure():
-    config = benchmark._model_config("float32").model
-    # Issue #6: "the seed-size decoder needs about 5.7 MFLOP per trained target word".
+    config = benchmark.seed_config("float32").model
+    # "The seed-size decoder needs about 5.7 MFLOP per trained target word."
     assert abs(benchmark.train_mflop_per_target(config, 1653) - 5.73) < 0.01
     config.hidden_size = 512  # Grows with the sizes it counts.
     assert benchmark.train_mflop_per_target(config, 1653) > 5.73
+
+
+def test_synthetic_captions_have_flickr8k_lengths_and_vocabulary_size():
+    tokenized, source = benchmark.flickr8k_captions("")
+    assert "synthetic" in source and len(tokenized) == 30000
+    lengths = {}
+    for caption in tokenized:
+        lengths[len(caption)] = lengths.get(len(caption), 0) + 1
+    assert lengths == benchmark.FLICKR8K_TRAIN_LENGTHS
+    assert len(text.Vocabulary.build(tokenized, 10)) == 1653  # The seed's: 1649 + 4 markers.
+
+
+def test_real_token_file_gives_the_same_distribution():
+    if not SHARED_TOKENS.exists():
+        pytest.skip(f"the shared Flickr8k text is absent ({SHARED_TOKENS})")
+    tokenized, source = benchmark.flickr8k_captions(str(SHARED_TOKENS))
+    assert str(SHARED_TOKENS) in source and len(tokenized) == 30000  # The train split only.
+    lengths = {}
+    for caption in tokenized:
+        lengths[len(caption)] = lengths.get(len(caption), 0) + 1
+    assert lengths == benchmark.FLICKR8K_TRAIN_LENGTHS
+    assert len(text.Vocabulary.build(tokenized, 10)) == 1653
 
 
 def test_matmul_peak_is_a_positive_rate():

@@ -4,12 +4,11 @@ import json
 import os
 
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
-from flax import nnx
+from conftest import make_run_dir
 from PIL import Image
 
-from captioning import caption, cli, features, models, text, train
+from captioning import caption, cli, evaluate, text
 from configs import test as test_config
 
 WORDS = ["red", "blue", "circle", "square", "left", "of"]
@@ -18,29 +17,10 @@ WORDS = ["red", "blue", "circle", "square", "left", "of"]
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """A run directory as training leaves it, with an untrained model (no training needed)."""
-    workdir = str(tmp_path_factory.mktemp("run"))
     config = test_config.get_config()
     config.decode.batch_size = 2  # 3 images -> a full and a padded batch.
     config.decode.max_len = 6
-    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-        json.dump(json.loads(config.to_json()), f)
-    vocab = text.Vocabulary(WORDS)
-    vocab.save(os.path.join(workdir, "vocab.json"))
-    # Whatever the test config's backbone, layer, pooling and grid give: [C] or [H, W, C].
-    feature_shape = features.build_backbone(config.encoder, seed=config.seed)[0].output_shape[1:]
-    np.savez(
-        os.path.join(workdir, "feature_stats.npz"),
-        mean=np.full([feature_shape[-1]], 0.1, np.float32),
-        std=np.full([feature_shape[-1]], 2.0, np.float32),
-    )
-    model = models.create_model(config.model, len(vocab), feature_shape, rngs=nnx.Rngs(0))
-    _, train_state, _, _ = train.init_train_state(config, model, total_steps=2)
-    latest, best = train.checkpoint_managers(workdir, keep=1)
-    best.save(7, args=ocp.args.StandardSave(train_state))
-    best.wait_until_finished()
-    latest.close()
-    best.close()
-    return workdir
+    return make_run_dir(tmp_path_factory.mktemp("run"), config, WORDS, mean=0.1, std=2.0, step=7)
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +37,7 @@ def image_dir(tmp_path_factory):
 
 
 def test_caption_folder_reports_unreadable_image(run_dir, image_dir, capsys):
-    config = train.load_run_config(run_dir)
+    config = evaluate.load_run_config(run_dir)
     results = caption.caption_images(config, run_dir, str(image_dir))
     names = [os.path.basename(r["path"]) for r in results]
     assert names == ["a.png", "b.jpg", "broken.jpg", "c.bmp"]  # Sorted; notes.txt ignored.
@@ -80,7 +60,7 @@ def test_caption_folder_reports_unreadable_image(run_dir, image_dir, capsys):
 
 def test_caption_is_deterministic_per_image(run_dir, image_dir, tmp_path):
     """A file alone gets the caption it got in the folder (padding and batching do not leak)."""
-    config = train.load_run_config(run_dir)
+    config = evaluate.load_run_config(run_dir)
     in_folder = caption.caption_images(
         config, run_dir, str(image_dir), output=str(tmp_path / "a.json")
     )
@@ -92,7 +72,7 @@ def test_caption_is_deterministic_per_image(run_dir, image_dir, tmp_path):
 
 @pytest.mark.parametrize("method", ["beam", "sample"])
 def test_caption_glob_with_other_methods(run_dir, image_dir, tmp_path, method):
-    config = train.load_run_config(run_dir)
+    config = evaluate.load_run_config(run_dir)
     config.decode.method = method
     output = tmp_path / "out" / "captions.json"
     results = caption.caption_images(config, run_dir, str(image_dir / "*.jpg"), output=str(output))
@@ -107,7 +87,7 @@ def test_cli_caption_uses_the_run_config(run_dir, image_dir):
 
 
 def test_no_matching_images_is_a_clear_error(run_dir, tmp_path):
-    config = train.load_run_config(run_dir)
+    config = evaluate.load_run_config(run_dir)
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "readme.txt").write_text("no images here")

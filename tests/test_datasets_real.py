@@ -10,7 +10,6 @@ import sys
 import types
 from pathlib import Path
 
-import ml_collections
 import pytest
 from PIL import Image, ImageDraw
 
@@ -18,6 +17,7 @@ import captioning.datasets
 from captioning.datasets import flickr8k, kaggle, karpathy, registry
 from captioning.datasets.base import DataError
 from captioning.text import Vocabulary, clean_caption
+from configs import scenes as base_config
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "flickr8k_text"
 requires_shared = pytest.mark.skipif(
@@ -36,6 +36,13 @@ SPLIT_NAMES = {
     "test": ["3385593926_d3e9c21170.jpg"],
 }
 ALL_NAMES = [n for names in SPLIT_NAMES.values() for n in names]
+
+
+def data_config(**fields):
+    """The base config's data section with `fields` set."""
+    config = base_config.get_config().data
+    config.update(fields)
+    return config
 
 
 def token_lines(names=ALL_NAMES) -> list[str]:
@@ -123,7 +130,7 @@ def test_real_files_in_text_subfolder_with_image_folder(tmp_path):
     images.mkdir()
     for name in names:
         (images / name).touch()  # Existence is all the reader checks.
-    config = ml_collections.ConfigDict({"dataset": "flickr8k", "dir": str(tmp_path)})
+    config = data_config(**{"dataset": "flickr8k", "dir": str(tmp_path)})
     splits = registry.load_records(config, seed=0)
     assert sizes(splits) == (6000, 1000, 1000)
     record = splits["val"][0]
@@ -216,9 +223,7 @@ def test_skip_bad_images_skips_reports_and_logs(tmp_path, caplog):
     gone = SPLIT_NAMES["train"][2]
     (root / "Flicker8k_Dataset" / gone).unlink()
     skipped = []
-    config = ml_collections.ConfigDict(
-        {"dataset": "flickr8k", "dir": str(root), "skip_bad_images": True}
-    )
+    config = data_config(**{"dataset": "flickr8k", "dir": str(root), "skip_bad_images": True})
     caplog.set_level(logging.WARNING)
     splits = registry.load_records(config, seed=0, skipped=skipped)
     assert sizes(splits) == (3, 1, 1)
@@ -254,7 +259,7 @@ def test_missing_folder_and_files_say_what_to_get(tmp_path):
     (root / "Flicker8k_Dataset").rmdir()
     with pytest.raises(DataError, match=r"No image folder.*Flicker8k_Dataset"):
         flickr8k.read_flickr8k(root)
-    config = ml_collections.ConfigDict({"dataset": "flickr8k", "dir": ""})
+    config = data_config(**{"dataset": "flickr8k", "dir": ""})
     with pytest.raises(DataError, match=r"config\.data\.dir is empty"):
         registry.load_records(config, seed=0)
 
@@ -373,8 +378,8 @@ def test_karpathy_coco_style_via_registry(tmp_path):
     for i, (f, p, _) in enumerate(images):
         (tmp_path / p).mkdir(exist_ok=True)
         draw_jpeg(tmp_path / p / f, i)
-    config = ml_collections.ConfigDict(
-        {"dataset": "karpathy", "dir": str(tmp_path), "karpathy_json": "json/dataset_coco.json"}
+    config = data_config(
+        **{"dataset": "karpathy", "dir": str(tmp_path), "karpathy_json": "json/dataset_coco.json"}
     )
     splits = registry.load_records(config, seed=0)
     assert sizes(splits) == (2, 1, 1)
@@ -382,7 +387,7 @@ def test_karpathy_coco_style_via_registry(tmp_path):
     (tmp_path / "val2014" / "COCO_val2014_4.jpg").unlink()
     with pytest.raises(DataError, match=r"COCO_val2014_4\.jpg .*searched .*val2014"):
         registry.load_records(config, seed=0)
-    del config.karpathy_json  # Configs without the field find the JSON in dir.
+    config.karpathy_json = ""  # Empty: the JSON is looked for in data.dir.
     with pytest.raises(DataError, match=r"No Karpathy JSON .*dataset_coco\.json"):
         registry.load_records(config, seed=0)
 
@@ -409,7 +414,7 @@ def test_karpathy_bad_json(tmp_path):
 
 
 def test_registry_unknown_name_lists_valid_names():
-    config = ml_collections.ConfigDict({"dataset": "flickr30", "dir": ""})
+    config = data_config(**{"dataset": "flickr30", "dir": ""})
     with pytest.raises(DataError, match=r"'flickr30'.*scenes, flickr8k, flickr8k_kaggle, karpathy"):
         registry.load_records(config, seed=0)
 
@@ -419,7 +424,7 @@ def test_registry_scenes_is_imported_lazily(monkeypatch):
     fake.load_scenes = lambda data_config, seed: {"train": [], "val": [], "test": [], "seed": seed}
     monkeypatch.setitem(sys.modules, "captioning.datasets.scenes", fake)
     monkeypatch.setattr(captioning.datasets, "scenes", fake, raising=False)
-    config = ml_collections.ConfigDict({"dataset": "scenes"})
+    config = data_config(**{"dataset": "scenes"})
     assert registry.load_records(config, seed=7)["seed"] == 7
 
 

@@ -10,10 +10,10 @@ import time
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
+from conftest import saved_params
 
-from captioning import input_pipeline, train
+from captioning import evaluate, input_pipeline, train
 from configs import test as test_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -69,12 +69,6 @@ def test_main_py_runs_the_tiny_config(tmp_path, cache_dir):
     assert again["metrics"] == report["metrics"]
 
 
-def _latest_params(workdir):
-    with ocp.CheckpointManager(os.path.join(workdir, "checkpoints", "latest")) as manager:
-        step = manager.latest_step()
-        return step, manager.restore(step)["params"]
-
-
 class _Crash(Exception):
     pass
 
@@ -124,12 +118,12 @@ def test_resume_after_crash_equals_uninterrupted_run(tmp_path, cache_dir, monkey
     monkeypatch.setattr(input_pipeline.CaptionBatches, "epoch", crashing_epoch)
     with pytest.raises(_Crash):
         train.train_and_evaluate(config, str(tmp_path / "resumed"))
-    step, _ = _latest_params(str(tmp_path / "resumed"))
+    step, _ = saved_params(str(tmp_path / "resumed"))
     monkeypatch.setattr(input_pipeline.CaptionBatches, "epoch", original_epoch)
     resumed = train.train_and_evaluate(config, str(tmp_path / "resumed"))
 
-    whole_step, whole_params = _latest_params(str(tmp_path / "whole"))
-    resumed_step, resumed_params = _latest_params(str(tmp_path / "resumed"))
+    whole_step, whole_params = saved_params(str(tmp_path / "whole"))
+    resumed_step, resumed_params = saved_params(str(tmp_path / "resumed"))
     assert 0 < step < resumed_step == whole_step
     for a, b in zip(jax.tree.leaves(whole_params), jax.tree.leaves(resumed_params), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -180,7 +174,7 @@ def test_sigkill_mid_run_then_same_command_resumes_and_finishes(tmp_path, cache_
     steps_per_epoch = history[0]["step"]
     report = json.loads((workdir / "eval" / "test_greedy.json").read_text())
     assert history[-1]["step"] == 20 * steps_per_epoch
-    step, _ = _latest_params(str(workdir))
+    step, _ = saved_params(str(workdir))
     assert step == 20 * steps_per_epoch
     assert report["step"] <= step
 
@@ -219,7 +213,7 @@ def test_early_stopping_with_patience(tmp_path, cache_dir, monkeypatch):
     config.train.num_epochs = 5
     config.train.patience = 1
     scores = iter([0.5, 0.4, 0.3, 0.2, 0.1])  # Validation CIDEr only gets worse.
-    original = train.score_split
+    original = evaluate.score_split
 
     def fake_score(records, captions, **kwargs):
         result = original(records, captions, **kwargs)
@@ -228,9 +222,8 @@ def test_early_stopping_with_patience(tmp_path, cache_dir, monkeypatch):
         return result
 
     config.eval.meteor = True
-    monkeypatch.setattr(train, "score_split", fake_score)
+    monkeypatch.setattr(evaluate, "score_split", fake_score)
     train.train_and_evaluate(config, str(tmp_path / "run"))
     history = json.loads((tmp_path / "run" / "history.json").read_text())
     assert [h["epoch"] for h in history] == [1, 2]  # Epoch 2 did not improve: stop.
-    with ocp.CheckpointManager(str(tmp_path / "run" / "checkpoints" / "best")) as manager:
-        assert manager.latest_step() == history[0]["step"]
+    assert saved_params(tmp_path / "run", "best")[0] == history[0]["step"]

@@ -9,11 +9,11 @@ import os
 from pathlib import Path
 
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
+from conftest import saved_params
 from PIL import Image
 
-from captioning import cli, features, text
+from captioning import backbone, cli, text
 from configs import flickr8k as flickr8k_config
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "flickr8k_text"
@@ -106,8 +106,7 @@ def test_short_flickr8k_run_with_glove_and_a_corrupt_image(tmp_path):
 
     # The frozen GloVe rows are exactly the file's vectors after training.
     vocab = text.Vocabulary.load(str(workdir / "vocab.json"))
-    with ocp.CheckpointManager(str(workdir / "checkpoints" / "latest")) as manager:
-        params = manager.restore(manager.latest_step())["params"]
+    _, params = saved_params(workdir)
     table = np.asarray(
         params["embed"]["embedding"]["value"]
         if isinstance(params["embed"]["embedding"], dict)
@@ -132,7 +131,7 @@ def test_imagenet_weights_offline_give_a_clear_error(tmp_path, monkeypatch):
     config = _tiny_config(root, tmp_path, tmp_path / "unused.txt")
     config.model.glove_path = ""
     config.encoder.weights = "imagenet"
-    with pytest.raises(features.WeightsNotFoundError) as error:
+    with pytest.raises(backbone.WeightsNotFoundError) as error:
         cli.run("train", config, str(tmp_path / "run"))
     message = str(error.value)
     assert "encoder.weights" in message

@@ -1,32 +1,14 @@
 """The jitted train step: it learns, masks padding, and never recompiles after step 1."""
 
-import contextlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import count_compiles
 from flax import nnx
 
-from captioning import models, text, train
+from captioning import losses, models, text, train
 from configs import test as test_config
-
-
-@contextlib.contextmanager
-def count_compiles():
-    """Counts XLA backend compilations inside the block: yields a list that fills up."""
-    events = []
-
-    def listener(name, *_, **__):
-        if name == "/jax/core/compile/backend_compile_duration":
-            events.append(name)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        yield events
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
-
 
 # (decoder, features per image): the seed's merge decoder on pooled features, and the scenes
 # default, merge with output attention, on a 2x2 grid.
@@ -155,12 +137,14 @@ def test_concept_loss_trains_its_head_and_ignores_padding_rows():
     batch["targets"][-1] = text.PAD_ID  # A padding row.
     logits, aux = model(features[batch["image_index"]], batch["inputs"])
     assert aux["concept_logits"].shape == (8, 13 + 3)
-    loss = train.concept_loss(aux, batch, config.model)
+    loss = losses.concept_loss(aux["concept_logits"], batch["concepts"], batch["targets"], 1.0)
     other = dict(batch, concepts=batch["concepts"].copy())
     other["concepts"][-1] = 1 - other["concepts"][-1]
-    assert float(train.concept_loss(aux, other, config.model)) == pytest.approx(float(loss))
+    again = losses.concept_loss(aux["concept_logits"], other["concepts"], batch["targets"], 1.0)
+    assert float(again) == pytest.approx(float(loss))
     other["concepts"][0] = 1 - other["concepts"][0]
-    assert float(train.concept_loss(aux, other, config.model)) != pytest.approx(float(loss))
+    changed = losses.concept_loss(aux["concept_logits"], other["concepts"], batch["targets"], 1.0)
+    assert float(changed) != pytest.approx(float(loss))
 
     params, opt_state = state["params"], state["opt_state"]
     step_fn = jax.jit(train_step)

@@ -30,7 +30,7 @@ def load_records(data_config: Any, seed: int, skipped: list | None = None) -> Da
 
         return scenes.load_scenes(data_config, seed)
     common = {
-        "skip_bad_images": bool(getattr(data_config, "skip_bad_images", False)),
+        "skip_bad_images": bool(data_config.skip_bad_images),
         "skipped": skipped,
     }
     if name == "flickr8k":
@@ -44,6 +44,6 @@ def load_records(data_config: Any, seed: int, skipped: list | None = None) -> Da
     if name == "karpathy":
         from captioning.datasets import karpathy
 
-        json_path = getattr(data_config, "karpathy_json", "") or ""
+        json_path = data_config.karpathy_json or ""
         return karpathy.read_karpathy(data_config.dir, json_path=json_path, **common)
     raise DataError(f"Unknown config.data.dataset {name!r}; valid names: {', '.join(DATASETS)}.")

@@ -1,0 +1,225 @@
+"""Scoring: the per-epoch validation of training, and `evaluate` of a run's best checkpoint.
+
+    report = evaluate(config, workdir, split="test")   # writes eval/<split>_<method>.json, ...
+
+Everything here needs only the run directory (config, vocabulary, feature statistics and the
+`params` item of a checkpoint): no optimizer is built to score or caption.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import ml_collections
+from absl import logging
+from flax import nnx
+
+from captioning import checkpoint, decode, metrics, models, text
+from captioning.data import PreparedData, prepare_data
+from captioning.datasets.base import SPLITS, ImageRecord
+
+SCENE_METRICS = ("attribute_accuracy", "relation_accuracy")
+
+
+def write_json(path: str, obj: Any) -> None:
+    """Writes `obj` as JSON atomically (a temporary file, then a rename)."""
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def load_run_config(workdir: str) -> ml_collections.ConfigDict:
+    """The resolved config a run was trained with (workdir/config.json)."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"{path} not found: --workdir must be a run directory written by training."
+        )
+    with open(path, encoding="utf-8") as f:
+        return ml_collections.ConfigDict(json.load(f))
+
+
+def restore_inference(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    vocab_size: int,
+    feature_shape: tuple[int, ...],
+    which: str = "best",
+) -> tuple[nnx.GraphDef, Any, int]:
+    """The decoder of `config.model` with the run's best (else latest) parameters
+    -> (graphdef, params, step)."""
+    model = models.create_model(config.model, vocab_size, feature_shape, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model)
+    params, step = checkpoint.restore_params(workdir, params, which)
+    return graphdef, params, step
+
+
+def score_split(
+    records: list[ImageRecord],
+    captions: list[str],
+    *,
+    eval_config: ml_collections.ConfigDict,
+    meteor: bool,
+    spice: bool,
+) -> dict[str, Any]:
+    """pycocoevalcap scores of generated captions against the records' references."""
+    references = {r.image_id: list(r.captions) for r in records}
+    hypotheses = {r.image_id: c for r, c in zip(records, captions, strict=True)}
+    return metrics.score_captions(
+        references, hypotheses, tokenizer=eval_config.tokenizer, meteor=meteor, spice=spice
+    )
+
+
+def attribute_scores(records: list[ImageRecord], captions: list[str]) -> dict[str, float]:
+    """Scenes only: attribute and spatial-relation accuracy of the generated captions."""
+    if not records or not records[0].meta or "objects" not in records[0].meta:
+        return {}
+    from captioning.datasets import scenes
+
+    metas = [r.meta for r in records]
+    return {
+        "attribute_accuracy": scenes.attribute_accuracy(captions, metas),
+        "relation_accuracy": scenes.relation_accuracy(captions, metas),
+    }
+
+
+def validate(
+    decode_greedy: decode.DecodeFn, params: Any, data: PreparedData, config
+) -> dict[str, float]:
+    """Greedy captions of the val split, scored without Java (no METEOR/SPICE) -> every metric
+    (BLEU, ROUGE-L, CIDEr, and the scenes accuracies)."""
+    decoded = decode.decode_split(
+        decode_greedy,
+        params,
+        data.features,
+        rows=data.rows("val"),
+        batch_size=config.decode.batch_size,
+    )
+    captions = data.vocab.decode_batch(decoded.tokens)
+    records = data.splits["val"]
+    scores = score_split(records, captions, eval_config=config.eval, meteor=False, spice=False)
+    return {**scores["scores"], **attribute_scores(records, captions)}
+
+
+def evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    split: str = "test",
+    data: PreparedData | None = None,
+) -> dict[str, Any]:
+    """Decodes `split` with the best checkpoint and `config.decode`, scores it, writes reports.
+
+    Writes workdir/eval/<split>_<method>.json (metrics, per-image scores, decoding settings, step,
+    captions), appends a row to workdir/results.md and draws workdir/samples.png.
+    """
+    workdir = os.path.abspath(workdir)
+    vocab = text.Vocabulary.load(os.path.join(workdir, "vocab.json"))
+    if data is None:
+        data = prepare_data(config, workdir, vocab=vocab)
+    if split not in data.splits or not data.splits[split]:
+        raise ValueError(f"Split {split!r} has no images; use one of {list(SPLITS)}.")
+    graphdef, params, step = restore_inference(config, workdir, len(vocab), data.features.shape[1:])
+    records = data.splits[split]
+    rows = data.rows(split)
+    method = config.decode.method
+    start = time.perf_counter()
+    decoded = decode.decode_split(
+        decode.decode_fn(graphdef, config.decode),
+        params,
+        data.features,
+        rows=rows,
+        batch_size=config.decode.batch_size,
+        seed=config.decode.seed,
+    )
+    decode_seconds = time.perf_counter() - start
+    captions = vocab.decode_batch(decoded.tokens)
+    scored = score_split(
+        records,
+        captions,
+        eval_config=config.eval,
+        meteor=config.eval.meteor,
+        spice=config.eval.spice,
+    )
+    report = {
+        "split": split,
+        "step": int(step),
+        "decode": config.decode.to_dict(),
+        "tokenizer": scored.get("tokenizer", config.eval.tokenizer),
+        "metrics": {**scored["scores"], **attribute_scores(records, captions)},
+        "skipped_metrics": scored.get("skipped", {}),
+        "decode_seconds": decode_seconds,
+        "captions": [
+            {
+                "image_id": r.image_id,
+                "caption": c,
+                "references": list(r.captions),
+                "scores": scored["per_image"].get(r.image_id, {}),
+            }
+            for r, c in zip(records, captions, strict=True)
+        ],
+    }
+    eval_dir = os.path.join(workdir, "eval")
+    os.makedirs(eval_dir, exist_ok=True)
+    write_json(os.path.join(eval_dir, f"{split}_{method}.json"), report)
+    row = {
+        "method": method,
+        "beam_size": config.decode.beam_size if method == "beam" else 1,
+        "split": split,
+        "step": int(step),
+        **report["metrics"],
+    }
+    columns = ["method", "beam_size", "split", "step", *metrics.METRIC_NAMES]
+    columns += [k for k in SCENE_METRICS if k in row]
+    metrics.append_results_row(os.path.join(workdir, "results.md"), row, columns)
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in report["metrics"].items())
+    logging.info("Evaluated %s (%s, step %d): %s", split, method, step, shown)
+    _draw_samples(config, workdir, split, data, records, rows, captions, decoded, graphdef, params)
+    return report
+
+
+def _draw_samples(config, workdir, split, data, records, rows, captions, decoded, graphdef, params):
+    """samples.png: the first `eval.num_samples` images with their greedy and beam captions (plus
+    the evaluated method's) beside every reference; attention maps when asked for."""
+    from captioning import visualize
+
+    method = config.decode.method
+    shown = records[: config.eval.num_samples]
+    shown_captions = {method: captions[: len(shown)]}
+    for other in ("greedy", "beam"):
+        if other != method and shown:
+            other_config = ml_collections.ConfigDict(config.decode.to_dict())
+            other_config.method = other
+            out = decode.decode_split(
+                decode.decode_fn(graphdef, other_config),
+                params,
+                data.features,
+                rows=rows[: len(shown)],
+                batch_size=len(shown),
+            )
+            shown_captions[other] = data.vocab.decode_batch(out.tokens)
+    if "beam" in shown_captions:
+        shown_captions = {
+            f"beam{config.decode.beam_size}" if k == "beam" else k: v
+            for k, v in shown_captions.items()
+        }
+    visualize.save_samples(
+        os.path.join(workdir, "samples.png"),
+        [r.image_path for r in shown],
+        shown_captions,
+        [" | ".join(r.captions) for r in shown],  # Every reference, as annotators wrote them.
+    )
+    if config.eval.attention_maps and decoded.attention.shape[-1] > 0:
+        visualize.save_attention_maps(
+            os.path.join(workdir, "attention", f"{split}_{method}"),
+            [r.image_path for r in shown],
+            decoded.tokens[: len(shown)],
+            decoded.attention[: len(shown)],
+            data.vocab.itos,
+            data.features.shape[1:3],
+            names=[f"{r.image_id}.png" for r in shown],
+        )

@@ -1,0 +1,64 @@
+"""Helpers shared by the tests: an XLA compilation counter and a fake run directory."""
+
+import contextlib
+import json
+import os
+
+import jax
+import numpy as np
+from flax import nnx
+
+from captioning import backbone, checkpoint, models, text
+
+
+@contextlib.contextmanager
+def count_compiles():
+    """Counts XLA backend compilations inside the block: yields a list that fills up."""
+    events = []
+
+    def listener(name, *_, **__):
+        if name == "/jax/core/compile/backend_compile_duration":
+            events.append(name)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield events
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def saved_params(workdir, which: str = "latest"):
+    """(step, params) of the newest checkpoint in workdir/checkpoints/<which> (arrays as saved)."""
+    path = os.path.join(str(workdir), "checkpoints", which)
+    with checkpoint.manager_at(path) as manager:
+        step = manager.latest_step()
+        return step, checkpoint.restore(manager, step, params=None)["params"]
+
+
+def make_run_dir(workdir, config, words, *, mean=0.0, std=1.0, step=7) -> str:
+    """A run directory as training leaves it (config, vocabulary, feature statistics, a `best`
+    checkpoint), holding an untrained model of `config`: caption mode, evaluation and the demo
+    can run on it without training.
+
+    The feature statistics are `mean` and `std` for every channel of what the config's backbone
+    gives ([C] or [H, W, C]).
+    """
+    workdir = str(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(json.loads(config.to_json()), f)
+    vocab = text.Vocabulary(words)
+    vocab.save(os.path.join(workdir, "vocab.json"))
+    feature_shape = backbone.build_backbone(config.encoder, seed=config.seed)[0].output_shape[1:]
+    np.savez(
+        os.path.join(workdir, "feature_stats.npz"),
+        mean=np.full([feature_shape[-1]], mean, np.float32),
+        std=np.full([feature_shape[-1]], std, np.float32),
+    )
+    model = models.create_model(config.model, len(vocab), feature_shape, rngs=nnx.Rngs(0))
+    latest, best = checkpoint.managers(workdir, keep=1)
+    checkpoint.save(best, step, params=nnx.split(model)[1])
+    for manager in (latest, best):
+        manager.wait_until_finished()
+        manager.close()
+    return workdir
