@@ -3,7 +3,24 @@
     python main.py --config=configs/scenes_merge.py --workdir=runs/scenes_merge
 
 Same data, backbone layer and schedule as configs/scenes.py; the decoder reads the map's mean and
-max over locations instead of looking things up in it. The baseline the default improves on.
+max over locations instead of looking things up in it: the baseline the default improves on.
+
+Result (2 CPU cores, AMD EPYC, seed 0, test split, 16 epochs, about 4.5 minutes): attribute
+accuracy 0.63 greedy / 0.65 beam 3, relation accuracy 0.19 / 0.26, CIDEr 2.58 / 2.61.
+
+What we learned about this decoder (test attribute accuracy; 8-epoch ablations unless noted):
+* Where it fails: 3-object scenes (28 of 112 right), by binding and coverage more than
+  recognition: of 91 invented pairs, 54 combine a colour and a shape that are both in the scene
+  but belong to different objects ("a big blue triangle" for a blue star and a purple triangle).
+* The features are not the limit: a linear probe (`python -m captioning.probe
+  --config=configs/scenes_merge.py`) names exactly the right colour-shape pairs in 0.99 of the test
+  scenes; average pooling alone 0.997.
+* Not the fix: learning rate 1e-2 (0.38) or 1.5e-3 (0.58), batch 32/64/256 (0.55/0.55/0.36),
+  dropout 0 (0.50) or 0.3 (0.64, 16 epochs), weight decay 0.05 (0.63, 16 epochs), LSTM 512 (0.51),
+  an EMA of the weights (0.48), 32 epochs (0.69), a 2x2/3x3 layout flattened into the pooled
+  vector (0.44/0.36), mirrored copies of the scenes (0.68). 6,000 fresh scenes: 0.76.
+* `--config.model.concept_loss=1` (the image embedding also predicts its captions' words and
+  frequent word pairs): 0.69 against 0.65 at 16 epochs; kept as an option, off.
 """
 
 from configs import scenes
@@ -12,6 +29,5 @@ from configs import scenes
 def get_config():
     config = scenes.get_config()
     config.encoder.pooling = "avgmax"  # [2C]: the mean, and the max that says a pattern occurs.
-    config.encoder.grid = 0  # Unused with pooled features.
     config.model.decoder = "merge"  # captioning/models.py: the seed's architecture.
     return config
