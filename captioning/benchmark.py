@@ -1,9 +1,12 @@
 """Speed benchmark: `python -m captioning.benchmark` prints one JSON object.
 
-Defaults use the seed's sizes (GloVe-sized 200-d embeddings, LSTM 256, the Flickr8k vocabulary of
-min count 10, captions of at most 32 words) and the real Flickr8k train caption lengths from
-`../shared/data/flickr8k_text/` when present (else synthetic lengths with the same mean); random
-2048-d features stand in for images. Figures:
+A tool, not part of a run: nothing in the package imports it. Defaults use the seed's sizes
+(`SEED_MODEL`: GloVe-sized 200-d frozen embeddings, merge LSTM 256, the Flickr8k vocabulary of min
+count 10, captions of at most 32 words) with random 2048-d features standing in for images. The
+captions are synthetic by default: the Flickr8k train captions' length distribution
+(`FLICKR8K_TRAIN_LENGTHS`, 30,000 captions after the seed's cleaning) over a vocabulary of the same
+size (1,649 words besides the markers); `--captions=PATH/Flickr8k.token.txt` trains on the real
+ones instead (the train split when `Flickr_8k.trainImages.txt` lies beside it). Figures:
 
   train_targets_per_s          non-pad target words trained per second, steady state
   greedy_captions_per_s        greedy captions per second (decoder trained briefly, so it ends)
@@ -15,15 +18,13 @@ min count 10, captions of at most 32 words) and the real Flickr8k train caption 
   peak_rss_mb                  peak resident memory of the process
   device                       what JAX ran on
   matmul_peak_gflops           float32 2048^3 matmul rate, measured before and after the timed
-                               training (this machine's speed drifts: its peak has measured
-                               100-205 GFLOP/s within one day)
+                               training (a shared machine's speed drifts)
   train_mflop_per_target       the decoder's matmul work per trained word (forward + backward)
   train_fraction_of_peak       train_targets_per_s x that work / the mean measured peak: the
-                               code's efficiency, comparable across the machine's slow and fast
-                               spells (the issue's 13,500 targets/s is 40 % of a 190 GFLOP/s peak)
+                               code's efficiency, comparable across slow and fast spells
 
-Flags: --train_seconds, --batch_size, --num_buckets, --train_embeddings, --dtype, --export_images,
---backbone, --image_size.
+Flags: --captions, --train_seconds, --batch_size, --num_buckets, --train_embeddings, --dtype,
+--decode_images, --export_images, --backbone, --image_size.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import platform
 import resource
 import tempfile
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +48,11 @@ from captioning import decode, input_pipeline, models, text, train
 from captioning.datasets.base import ImageRecord
 
 FLAGS = flags.FLAGS
+flags.DEFINE_string(
+    "captions",
+    "",
+    "Flickr8k.token.txt to train on (default: synthetic captions with its length distribution).",
+)
 flags.DEFINE_float("train_seconds", 25.0, "Seconds of timed, steady-state training.")
 flags.DEFINE_integer("batch_size", 512, "Captions per training step.")
 flags.DEFINE_integer("num_buckets", 10, "Caption-length buckets (one compiled step each).")
@@ -60,36 +67,69 @@ flags.DEFINE_bool(
     "Also train the word embeddings (default: frozen, as the seed freezes its GloVe layer).",
 )
 
-SHARED_TEXT = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-    "shared",
-    "data",
-    "flickr8k_text",
-)
+# Words per cleaned Flickr8k train caption (the seed's cleaning, words of >= 2 letters) -> number
+# of the 30,000 train captions with that length.
+FLICKR8K_TRAIN_LENGTHS = {
+    1: 3, 2: 73, 3: 341, 4: 1029, 5: 2054, 6: 2987, 7: 3515, 8: 3888, 9: 3587, 10: 3234,
+    11: 2623, 12: 2054, 13: 1479, 14: 1044, 15: 708, 16: 484, 17: 302, 18: 219, 19: 139, 20: 79,
+    21: 53, 22: 38, 23: 28, 24: 14, 25: 8, 26: 10, 27: 3, 28: 2, 29: 1, 32: 1,
+}  # fmt: skip
+FLICKR8K_WORDS = 1649  # Words seen >= 10 times in those captions (the seed's vocabulary).
+
+# The seed's model and optimizer (configs/flickr8k.py), written out so the tool needs no config.
+SEED_MODEL = {
+    "decoder": "merge",
+    "embed_dim": 200,
+    "hidden_size": 256,
+    "dropout": 0.5,
+    "use_image": True,
+    "glove_path": "",
+    "train_embeddings": False,
+    "concept_loss": 0.0,
+    "concept_pairs": 0,
+    "attention_reg": 0.0,
+    "attention_dim": 0,
+    "attention_positions": False,
+    "dtype": "float32",
+}
+SEED_TRAIN = {
+    "learning_rate": 2e-3,
+    "warmup_steps": 200,
+    "grad_clip": 1.0,
+    "weight_decay": 0.0,
+}
+MAX_CAPTION_LEN = 32
 
 
-def _flickr8k_captions() -> tuple[list[list[str]], str]:
-    """Cleaned train captions of real Flickr8k (seed cleaning), or a synthetic stand-in."""
-    if os.path.isdir(SHARED_TEXT):
+def flickr8k_captions(token_file: str = "") -> tuple[list[list[str]], str]:
+    """Cleaned captions (seed cleaning) -> (tokenized captions, where they came from).
+
+    token_file: a Flickr8k.token.txt (its train split when the split file lies beside it); ''
+    gives synthetic captions with the Flickr8k train length distribution.
+    """
+    if token_file:
         from captioning.datasets import flickr8k
 
-        splits = flickr8k.read_flickr8k(SHARED_TEXT, check_images=False)
-        tokenized = [text.clean_caption(c, 2) for r in splits["train"] for c in r.captions]
-        return tokenized, "flickr8k train captions (" + SHARED_TEXT + ")"
+        captions = flickr8k.read_token_file(Path(token_file))
+        split_file = Path(token_file).parent / "Flickr_8k.trainImages.txt"
+        if split_file.is_file():
+            train_ids = {line.strip() for _, line in flickr8k.read_lines(split_file)}
+            captions = {k: v for k, v in captions.items() if k in train_ids}
+        tokenized = [text.clean_caption(c, 2) for cs in captions.values() for c in cs]
+        return tokenized, f"flickr8k captions ({token_file})"
     rng = np.random.default_rng(0)
-    words = [f"w{chr(97 + i % 26)}{chr(97 + i // 26 % 26)}" for i in range(1649)]
-    lengths = np.clip(rng.poisson(10.8, 30000), 1, 32)
-    tokenized = [list(rng.choice(words, n)) for n in lengths]
-    return tokenized, "synthetic lengths (shared Flickr8k text not found)"
+    letters = [chr(97 + i) for i in range(26)]
+    words = [a + b + c for a in letters for b in letters for c in letters][:FLICKR8K_WORDS]
+    lengths = np.repeat(list(FLICKR8K_TRAIN_LENGTHS), list(FLICKR8K_TRAIN_LENGTHS.values()))
+    tokenized = [list(rng.choice(words, n)) for n in rng.permutation(lengths)]
+    return tokenized, "synthetic (Flickr8k train caption lengths and vocabulary size)"
 
 
-def _model_config(dtype: str) -> ml_collections.ConfigDict:
-    from configs import flickr8k
-
-    config = flickr8k.get_config()
-    config.model.dtype = dtype
-    config.model.glove_path = ""
-    return config
+def seed_config(dtype: str) -> ml_collections.ConfigDict:
+    """The fields of the seed's config that the benchmark's model and optimizer read."""
+    return ml_collections.ConfigDict(
+        {"model": {**SEED_MODEL, "dtype": dtype}, "train": SEED_TRAIN, "decode": {"max_len": 32}}
+    )
 
 
 def matmul_peak_gflops(size: int = 2048, repeats: int = 5) -> float:
@@ -130,7 +170,7 @@ class _CompileCounter:
 
 def benchmark_training(config, tokenized, batch_size, num_buckets, seconds, train_embeddings):
     """-> (figures, graphdef, params) after timed steady-state training."""
-    vocab = text.Vocabulary.build(tokenized, config.data.min_count)
+    vocab = text.Vocabulary.build(tokenized, 10)  # The seed's min count.
     num_images = len(tokenized) // 5
     records = [
         ImageRecord(
@@ -140,7 +180,7 @@ def benchmark_training(config, tokenized, batch_size, num_buckets, seconds, trai
     ]
     rows = {r.image_id: i for i, r in enumerate(records)}
     data = input_pipeline.build_caption_data(
-        records, rows, vocab, max_len=config.data.max_caption_len, min_word_len=2
+        records, rows, vocab, max_len=MAX_CAPTION_LEN, min_word_len=2
     )
     batches = input_pipeline.CaptionBatches(
         data, batch_size=batch_size, num_buckets=num_buckets, seed=0, shuffle=True
@@ -221,20 +261,22 @@ def benchmark_decoding(graphdef, params, num_images, max_len):
             }
         )
         fn = decode.decode_fn(graphdef, config)
-        jax.block_until_ready(fn(params, features))
+        key = jax.random.key(0)
+        jax.block_until_ready(fn(params, features, key))
         start = time.perf_counter()
-        out = jax.block_until_ready(fn(params, features))
+        out = jax.block_until_ready(fn(params, features, key))
         figures[f"{name}_captions_per_s"] = round(num_images / (time.perf_counter() - start), 1)
         lengths = (np.asarray(out.tokens) != 0).sum(axis=1)
         figures[f"{name}_mean_length"] = round(float(lengths.mean()), 2)
     return figures
 
 
-def benchmark_export(backbone, image_size, num_images, rounds=3):
+def benchmark_export(backbone: str, image_size: int, num_images: int, rounds: int = 3):
     """Feature export (files -> store) vs the bare Keras backbone on the same batches."""
     from PIL import Image
 
-    from captioning import features as features_lib
+    from captioning import backbone as backbone_lib
+    from captioning import feature_store
 
     encoder = ml_collections.ConfigDict(
         {
@@ -266,9 +308,9 @@ def benchmark_export(backbone, image_size, num_images, rounds=3):
         # measurements and compare medians, so drift does not land on one side only.
         bare, export = [], []
         for round_ in range(rounds):
-            bare.append(features_lib.backbone_throughput(encoder, tiled, repeats=1))
+            bare.append(backbone_lib.backbone_throughput(encoder, tiled, repeats=1))
             store = os.path.join(tmp, f"store{round_}")
-            result = features_lib.export_features(records, encoder, store, seed=0)
+            result = feature_store.export_features(records, encoder, store, seed=0)
             export.append(result.images_per_second)
         bare, export = float(np.median(bare)), float(np.median(export))
     return {
@@ -281,8 +323,8 @@ def benchmark_export(backbone, image_size, num_images, rounds=3):
 
 def main(argv):
     del argv
-    config = _model_config(FLAGS.dtype)
-    tokenized, source = _flickr8k_captions()
+    config = seed_config(FLAGS.dtype)
+    tokenized, source = flickr8k_captions(FLAGS.captions)
     results = {
         "device": f"{jax.devices()[0].device_kind} x{jax.device_count()}",
         "platform": platform.processor() or platform.machine(),
