@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from captioning.datasets import scenes
+from captioning.datasets import scene_captions, scenes
 from captioning.datasets.base import SPLITS, DataError
 from captioning.text import clean_caption
 from configs import scenes as scenes_config
@@ -22,7 +22,7 @@ def sample():
     """(scenes, captions, metas) for NUM_SCENES scenes of seed 0."""
     objects = scenes.generate_scenes(NUM_SCENES, seed=0)
     rng = np.random.default_rng(0)
-    captions = [scenes.make_captions(o, rng) for o in objects]
+    captions = [scene_captions.make_captions(o, rng) for o in objects]
     metas = [{"objects": [dataclasses.asdict(x) for x in o]} for o in objects]
     return objects, captions, metas
 
@@ -31,6 +31,7 @@ def _data_config(tmp_path, **overrides):
     """The scenes config's data fields, small; a namespace so tests can set ill-typed values."""
     fields = scenes_config.get_config().data.to_dict()
     fields.update(cache_dir=str(tmp_path / "cache"), num_train=10, num_val=4, num_test=3)
+    fields.update(perturbed_test=False, train_jitter=0.0)
     fields.update(image_size=64)
     fields.update(overrides)
     return types.SimpleNamespace(**fields)
@@ -69,7 +70,7 @@ def test_scenes_are_valid_layouts(sample):
     for scene in objects:
         assert len({o.pair for o in scene}) == len(scene)  # No repeated (colour, shape).
         for o in scene:
-            assert o.colour in scenes.COLOURS and o.shape in scenes.SHAPES
+            assert o.colour in scenes.COLOURS and o.shape in scene_captions.SHAPES
             extent = o.radius * 1.1
             assert extent + 0.02 < o.x < 0.98 - extent
             assert extent + 0.02 < o.y < 0.98 - extent
@@ -82,7 +83,10 @@ def test_scenes_are_valid_layouts(sample):
 
 def test_sizes_are_clearly_different(sample):
     objects, _, _ = sample
-    radii = {s: [o.radius for scene in objects for o in scene if o.size == s] for s in scenes.SIZES}
+    radii = {
+        s: [o.radius for scene in objects for o in scene if o.size == s]
+        for s in scene_captions.SIZES
+    }
     assert max(radii["small"]) * 1.5 < min(radii["large"])
 
 
@@ -116,40 +120,43 @@ def test_render_scene_shape_colours_and_no_overlap(sample):
 
 def test_make_captions_is_deterministic(sample):
     objects, _, _ = sample
-    first = [scenes.make_captions(o, np.random.default_rng(3)) for o in objects[:10]]
-    again = [scenes.make_captions(o, np.random.default_rng(3)) for o in objects[:10]]
-    other = [scenes.make_captions(o, np.random.default_rng(4)) for o in objects[:10]]
+    first = [scene_captions.make_captions(o, np.random.default_rng(3)) for o in objects[:10]]
+    again = [scene_captions.make_captions(o, np.random.default_rng(3)) for o in objects[:10]]
+    other = [scene_captions.make_captions(o, np.random.default_rng(4)) for o in objects[:10]]
     assert first == again and first != other
 
 
 def test_captions_are_distinct_short_and_name_every_object(sample):
     objects, captions, _ = sample
     for scene, caps in zip(objects, captions, strict=True):
-        assert len(caps) == scenes.NUM_CAPTIONS and len(set(caps)) == scenes.NUM_CAPTIONS
+        assert (
+            len(caps) == scene_captions.NUM_CAPTIONS
+            and len(set(caps)) == scene_captions.NUM_CAPTIONS
+        )
         truth = {o.pair for o in scene}
         for caption in caps:
             words = clean_caption(caption)
-            assert 3 <= len(words) <= scenes.MAX_CAPTION_WORDS, caption
+            assert 3 <= len(words) <= scene_captions.MAX_CAPTION_WORDS, caption
             assert not re.search(r"\d", caption)
-            assert set(scenes.parse_objects(caption)) == truth, caption
-            relations = scenes.parse_relations(caption)
+            assert set(scene_captions.parse_objects(caption)) == truth, caption
+            relations = scene_captions.parse_relations(caption)
             if len(scene) > 1:
                 assert relations, f"multi-object caption states no relation: {caption}"
             by_pair = {o.pair: o for o in scene}
             for x, r, y in relations:
-                assert scenes.spatial_relation(by_pair[x], by_pair[y]) == r, caption
+                assert scene_captions.spatial_relation(by_pair[x], by_pair[y]) == r, caption
 
 
 def test_vocabulary_is_small(sample):
     _, captions, _ = sample
     vocab = {w for caps in captions for c in caps for w in clean_caption(c)}
     assert 40 <= len(vocab) <= 100, sorted(vocab)
-    assert set(scenes.COLOURS) | set(scenes.SHAPES) <= vocab
+    assert set(scenes.COLOURS) | set(scene_captions.SHAPES) <= vocab
 
 
 def test_single_object_captions_state_the_position():
-    obj = scenes.SceneObject("circle", "red", "large", x=0.15, y=0.2, radius=0.1)
-    for caption in scenes.make_captions([obj], np.random.default_rng(0)):
+    obj = scene_captions.SceneObject("circle", "red", "large", x=0.15, y=0.2, radius=0.1)
+    for caption in scene_captions.make_captions([obj], np.random.default_rng(0)):
         words = clean_caption(caption)
         assert "left" in words and ({"top", "upper"} & set(words)), caption
 
@@ -159,52 +166,64 @@ def test_single_object_captions_state_the_position():
 
 def test_parse_objects_and_relations():
     caption = "There is a big red circle to the left of a little blue square."
-    assert scenes.parse_objects(caption) == [("red", "circle"), ("blue", "square")]
+    assert scene_captions.parse_objects(caption) == [("red", "circle"), ("blue", "square")]
     red, blue = ("red", "circle"), ("blue", "square")
-    assert scenes.parse_relations(caption) == [(red, "left", blue)]
-    assert scenes.parse_relations("a blue square on the right of a red circle") == [
+    assert scene_captions.parse_relations(caption) == [(red, "left", blue)]
+    assert scene_captions.parse_relations("a blue square on the right of a red circle") == [
         (blue, "right", red)
     ]
-    assert scenes.parse_relations("a red circle on top of a blue square") == [(red, "above", blue)]
-    assert scenes.parse_relations("a red circle beneath a blue square") == [(red, "below", blue)]
+    assert scene_captions.parse_relations("a red circle on top of a blue square") == [
+        (red, "above", blue)
+    ]
+    assert scene_captions.parse_relations("a red circle beneath a blue square") == [
+        (red, "below", blue)
+    ]
     sides = "a red circle on the left and a blue square on the right"
-    assert scenes.parse_relations(sides) == [(red, "left", blue), (blue, "right", red)]
+    assert scene_captions.parse_relations(sides) == [(red, "left", blue), (blue, "right", red)]
     tail = "a red circle and a blue square side by side, with the red circle on the left"
-    assert scenes.parse_relations(tail) == [(red, "left", blue)]
-    assert scenes.parse_relations("a red circle in the top left") == []
-    assert scenes.parse_objects("a red and a blue square") == [("blue", "square")]
-    assert scenes.parse_objects("a red big circle") == [("red", "circle")]
+    assert scene_captions.parse_relations(tail) == [(red, "left", blue)]
+    assert scene_captions.parse_relations("a red circle in the top left") == []
+    assert scene_captions.parse_objects("a red and a blue square") == [("blue", "square")]
+    assert scene_captions.parse_objects("a red big circle") == [("red", "circle")]
 
 
 def test_attribute_accuracy_on_hand_made_examples():
     metas = [PAIR, ALONE]
     right = ["A red circle to the left of a blue square.", "A green star in the middle."]
-    assert scenes.attribute_accuracy(right, metas) == 1.0
+    assert scene_captions.attribute_accuracy(right, metas) == 1.0
     swapped = ["A red circle to the left of a green square.", "A green star in the middle."]
-    assert scenes.attribute_accuracy(swapped, metas) == 0.5
+    assert scene_captions.attribute_accuracy(swapped, metas) == 0.5
     invented = ["A red circle left of a blue square and a white star.", "A green star."]
-    assert scenes.attribute_accuracy(invented, metas) == 0.5
+    assert scene_captions.attribute_accuracy(invented, metas) == 0.5
     missing = ["A red circle.", "A green circle."]
-    assert scenes.attribute_accuracy(missing, metas) == 0.0
+    assert scene_captions.attribute_accuracy(missing, metas) == 0.0
     with pytest.raises(ValueError, match="2 metas"):
-        scenes.attribute_accuracy(right[:1], metas)
+        scene_captions.attribute_accuracy(right[:1], metas)
 
 
 def test_relation_accuracy_on_hand_made_examples():
-    assert scenes.relation_accuracy(["a red circle to the left of a blue square"], [PAIR]) == 1.0
-    assert scenes.relation_accuracy(["a red circle to the right of a blue square"], [PAIR]) == 0.0
-    assert scenes.relation_accuracy(["a red circle above a blue square"], [PAIR]) == 0.0  # Axis.
+    assert (
+        scene_captions.relation_accuracy(["a red circle to the left of a blue square"], [PAIR])
+        == 1.0
+    )
+    assert (
+        scene_captions.relation_accuracy(["a red circle to the right of a blue square"], [PAIR])
+        == 0.0
+    )
+    assert (
+        scene_captions.relation_accuracy(["a red circle above a blue square"], [PAIR]) == 0.0
+    )  # Axis.
     both_sides = "a red circle on the left and a blue square on the left"
-    assert scenes.relation_accuracy([both_sides], [PAIR]) == 0.5
+    assert scene_captions.relation_accuracy([both_sides], [PAIR]) == 0.5
     # Ineligible images (one object named, or one in the image) do not count.
     captions = ["a red circle", "a red circle left of a blue square", "a green star"]
-    assert scenes.relation_accuracy(captions, [PAIR, PAIR, ALONE]) == 1.0
+    assert scene_captions.relation_accuracy(captions, [PAIR, PAIR, ALONE]) == 1.0
     # Naming two objects without a relation scores 0 for that image.
     captions = ["a red circle and a blue square", "a blue square right of a red circle"]
-    assert scenes.relation_accuracy(captions, [PAIR, PAIR]) == 0.5
+    assert scene_captions.relation_accuracy(captions, [PAIR, PAIR]) == 0.5
     trio = "a red circle above a yellow triangle and a blue square right of the yellow triangle"
-    assert scenes.relation_accuracy([trio], [TRIO]) == 0.5  # The square is mostly above it.
-    assert scenes.relation_accuracy([], []) == 0.0
+    assert scene_captions.relation_accuracy([trio], [TRIO]) == 0.5  # The square is mostly above it.
+    assert scene_captions.relation_accuracy([], []) == 0.0
 
 
 def test_scores_on_references_and_corrupted_references(sample):
@@ -213,12 +232,12 @@ def test_scores_on_references_and_corrupted_references(sample):
     flip = {"left": "right", "right": "left", "above": "below", "below": "above", "over": "under"}
     flip |= {"under": "over", "beneath": "above", "underneath": "above", "top": "bottom"}
     flip |= {"bottom": "top"}
-    for k in range(scenes.NUM_CAPTIONS):
+    for k in range(scene_captions.NUM_CAPTIONS):
         refs = [c[k] for c in captions]
-        assert scenes.attribute_accuracy(refs, metas) == 1.0
-        assert scenes.relation_accuracy(refs, metas) == 1.0
+        assert scene_captions.attribute_accuracy(refs, metas) == 1.0
+        assert scene_captions.relation_accuracy(refs, metas) == 1.0
         flipped = [" ".join(flip.get(w, w) for w in clean_caption(refs[i])) for i in multi]
-        assert scenes.relation_accuracy(flipped, [metas[i] for i in multi]) == 0.0
+        assert scene_captions.relation_accuracy(flipped, [metas[i] for i in multi]) == 0.0
         # Rename the first object's colour to one absent from the image: never right.
         corrupted = []
         for scene, ref in zip(objects, refs, strict=True):
@@ -227,7 +246,7 @@ def test_scores_on_references_and_corrupted_references(sample):
             first = next(i for i, w in enumerate(words) if w in scenes.COLOURS)
             words[first] = absent
             corrupted.append(" ".join(words))
-        assert scenes.attribute_accuracy(corrupted, metas) == 0.0
+        assert scene_captions.attribute_accuracy(corrupted, metas) == 0.0
 
 
 # ------------------------------------------------------------------------------------- on disk
@@ -247,7 +266,7 @@ def test_load_scenes_renders_once_and_reuses(tmp_path):
             assert r.split == split and os.path.isabs(r.image_path)
             assert os.path.dirname(r.image_path) == folder
             assert len(set(r.captions)) == 5
-            objects = [scenes.SceneObject(**o) for o in r.meta["objects"]]
+            objects = [scene_captions.SceneObject(**o) for o in r.meta["objects"]]
             with Image.open(r.image_path) as image:
                 pixels = np.asarray(image)
             assert pixels.shape == (64, 64, 3) and pixels.dtype == np.uint8
@@ -306,3 +325,58 @@ def test_load_scenes_uses_an_explicit_dir(tmp_path):
 def test_load_scenes_rejects_bad_settings(tmp_path, overrides, seed, message):
     with pytest.raises(DataError, match=message):
         scenes.load_scenes(_data_config(tmp_path, **overrides), seed=seed)
+
+
+# -------------------------------------------------------------------------------- perturbations
+
+
+def test_perturbed_render_stays_within_its_ranges_and_is_deterministic(sample):
+    objects = next(o for o in sample[0] if len(o) == 3)
+    rng = np.random.default_rng(5)
+    perturbation = scenes.Perturbation.draw(len(objects), rng)
+    low, high = scenes.PERTURBED_BACKGROUND
+    assert low <= perturbation.background <= high
+    assert all(abs(v) <= 20 for shift in perturbation.colour_shifts for v in shift)
+    assert all(abs(t) <= 10 for t in perturbation.turns)
+    image = scenes.render_scene(objects, 128, perturbation)
+    np.testing.assert_array_equal(image, scenes.render_scene(objects, 128, perturbation))
+    assert (image[0, 0] == perturbation.background).all()  # A corner is background.
+    for obj, shift in zip(objects, perturbation.colour_shifts, strict=True):
+        centre = image[int(obj.y * 128), int(obj.x * 128)].astype(int)
+        expected = np.clip(np.add(scenes.COLOURS[obj.colour], shift), 0, 255)
+        assert np.abs(centre - expected).max() <= 1, (obj, centre, expected)
+    # Anti-aliased edges: colours between the background and the objects' appear.
+    fills = {tuple(np.clip(np.add(scenes.COLOURS[o.colour], d), 0, 255)) for o, d in
+             zip(objects, perturbation.colour_shifts, strict=True)}  # fmt: skip
+    colours = {tuple(p) for p in image.reshape(-1, 3)}
+    assert len(colours - fills - {(perturbation.background,) * 3}) > 10
+    assert not np.array_equal(image, scenes.render_scene(objects, 128))
+
+
+def test_perturbed_test_split_and_train_jitter(tmp_path):
+    config = _data_config(tmp_path, perturbed_test=True, train_jitter=0.5)
+    splits = scenes.load_scenes(config, seed=0)
+    assert list(splits) == [*SPLITS, "test_perturbed"]
+    test, perturbed = splits["test"], splits["test_perturbed"]
+    assert [r.image_id for r in perturbed] == [f"perturbed_{i:05d}.png" for i in range(3)]
+    for clean, other in zip(test, perturbed, strict=True):
+        # The same scenes and captions (so the captions stay true), drawn perturbed.
+        assert other.captions == clean.captions
+        assert other.meta["objects"] == clean.meta["objects"] and "perturbation" in other.meta
+        with Image.open(clean.image_path) as a, Image.open(other.image_path) as b:
+            assert not np.array_equal(np.asarray(a), np.asarray(b))
+    jittered = [r for r in splits["train"] if "perturbation" in r.meta]
+    assert len(jittered) == 5 and "perturbation" not in splits["val"][0].meta
+    # Deterministic: a new folder renders the same records and pixels.
+    again = scenes.load_scenes(_data_config(tmp_path / "other", perturbed_test=True,
+                                            train_jitter=0.5), seed=0)  # fmt: skip
+    assert [r.meta for r in again["test_perturbed"]] == [r.meta for r in perturbed]
+    for a, b in zip(again["test_perturbed"] + again["train"], perturbed + splits["train"],
+                    strict=True):  # fmt: skip
+        with Image.open(a.image_path) as x, Image.open(b.image_path) as y:
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    # The clean splits do not depend on the perturbation settings.
+    clean = scenes.load_scenes(_data_config(tmp_path / "clean"), seed=0)
+    assert [r.captions for r in clean["train"]] == [r.captions for r in splits["train"]]
+    with pytest.raises(scenes.DataError, match="train_jitter"):
+        scenes.load_scenes(_data_config(tmp_path, train_jitter=2), seed=0)

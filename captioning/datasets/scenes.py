@@ -1,16 +1,16 @@
 """The embedded synthetic "scenes" dataset: coloured shapes with grammar-made captions, offline.
 
-Each image holds 1-3 objects (shape, colour, size, position) on a plain dark background. Every
-image gets five different captions from a small grammar with synonyms and varied word order, as if
-written by five annotators. Captions of 2- and 3-object images always state spatial relations
-(left of / right of / above / below) that follow from the true positions; 1-object captions state
-the position in the image ("in the top left"). Everything is deterministic given the seed.
+Each image holds 1-3 objects (shape, colour, size, position) on a plain dark background, with five
+captions from the grammar of `captioning.datasets.scene_captions`. Everything is deterministic
+given the seed. The true objects stay in `ImageRecord.meta['objects']`, so generated captions are
+scored with `attribute_accuracy` and `relation_accuracy` on top of the usual text metrics.
 
-The true objects stay in `ImageRecord.meta['objects']`, so generated captions can be scored with
-`attribute_accuracy` (are colour and shape of every object right?) and `relation_accuracy` (are
-the stated spatial relations true?) on top of the usual text metrics.
-
-Coordinates: object centres `x`, `y` are fractions of the image side in [0, 1], y points down.
+Besides the clean renders, a scene can be drawn with a `Perturbation`: a background grey between
+35 and 55, each colour channel of each object moved by up to +-20, anti-aliased edges and shapes
+turned by up to 10 degrees, as another renderer or a user's drawing would. The split
+`test_perturbed` (`data.perturbed_test`) is the test scenes drawn that way, scored beside the clean
+test split; `data.train_jitter` draws that share of the training images perturbed. Captions stay
+true under every perturbation.
 """
 
 from __future__ import annotations
@@ -18,23 +18,27 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 from captioning.datasets.base import SPLITS, DataError, DatasetSplits, ImageRecord
-from captioning.text import clean_caption
+from captioning.datasets.scene_captions import (
+    COLOUR_NAMES,
+    SHAPES,
+    SIZES,
+    SceneObject,
+    make_captions,
+)
 
 # Bump when scenes, captions or pixels change, so that cached renders are redone.
 GENERATOR_VERSION = 1
-NUM_CAPTIONS = 5
-MAX_CAPTION_WORDS = 22
 MIN_IMAGE_SIZE = 32
 MANIFEST = "manifest.json"
 
-# Visually distinct colours on a dark grey background (RGB).
+# Visually distinct colours on a dark grey background (RGB), one per scene_captions.COLOUR_NAMES.
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (230, 40, 40),
     "green": (40, 190, 60),
@@ -44,17 +48,6 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "white": (245, 245, 245),
 }
 BACKGROUND = (45, 45, 45)
-SHAPES = ("circle", "square", "triangle", "star", "diamond")
-SIZES = ("small", "large")
-
-# Lexicon: every surface word that names a colour or shape -> its canonical name. The grammar uses
-# one word per colour and shape, so no surface word is ambiguous.
-COLOUR_WORDS: dict[str, str] = {c: c for c in COLOURS}
-SHAPE_WORDS: dict[str, str] = {s: s for s in SHAPES}
-SIZE_WORDS: dict[str, tuple[str, ...]] = {"small": ("small", "little"), "large": ("large", "big")}
-
-RELATIONS = ("left", "right", "above", "below")
-INVERSE = {"left": "right", "right": "left", "above": "below", "below": "above"}
 
 # Radius (fraction of the image side) of the circle each shape is drawn in, before a +-10 % jitter:
 # small and large differ ~3.5x in area so the size words are never in doubt.
@@ -66,50 +59,13 @@ _GAP = 0.04  # Free space between two objects.
 # times the one along the other axis, so "left of" vs "above" is never a judgement call.
 _DOMINANCE = 1.5
 _MAX_TRIES = 200
-
-Pair = tuple[str, str]  # (colour, shape)
-Relation = tuple[Pair, str, Pair]  # (subject, one of RELATIONS, reference object)
-
-
-@dataclasses.dataclass(frozen=True)
-class SceneObject:
-    """One object of a scene.
-
-    Attributes:
-      shape: one of SHAPES.
-      colour: one of COLOURS.
-      size: 'small' or 'large'.
-      x: centre, fraction of the image width from the left, in [0, 1].
-      y: centre, fraction of the image height from the top, in [0, 1].
-      radius: drawing radius as a fraction of the image side (shapes fit in 1.1 * radius).
-    """
-
-    shape: str
-    colour: str
-    size: str
-    x: float
-    y: float
-    radius: float
-
-    @property
-    def pair(self) -> Pair:
-        return (self.colour, self.shape)
-
-
-def spatial_relation(a: SceneObject | Mapping[str, Any], b: SceneObject | Mapping[str, Any]) -> str:
-    """Where `a` lies relative to `b`: left|right|above|below, along their larger displacement."""
-    ax, ay = _xy(a)
-    bx, by = _xy(b)
-    dx, dy = ax - bx, ay - by
-    if abs(dx) >= abs(dy):
-        return "left" if dx < 0 else "right"
-    return "above" if dy < 0 else "below"  # y points down.
-
-
-def _xy(obj: SceneObject | Mapping[str, Any]) -> tuple[float, float]:
-    if isinstance(obj, SceneObject):
-        return obj.x, obj.y
-    return float(obj["x"]), float(obj["y"])
+# Perturbed renders: background grey range, colour shift per channel, turn in degrees, and the
+# supersampling factor that anti-aliases the edges.
+PERTURBED_BACKGROUND = (35, 55)
+PERTURBED_COLOUR_SHIFT = 20
+PERTURBED_MAX_TURN = 10.0
+_SUPERSAMPLE = 4
+PERTURBED_SPLIT = "test_perturbed"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -129,8 +85,8 @@ def generate_scenes(num_images: int, seed: int) -> list[list[SceneObject]]:
 def _generate_scene(rng: np.random.Generator) -> list[SceneObject]:
     while True:  # Restart with new attributes in the rare case that the objects do not fit.
         num_objects = int(rng.integers(1, 4))
-        pair_ids = rng.choice(len(COLOURS) * len(SHAPES), size=num_objects, replace=False)
-        colours = list(COLOURS)
+        pair_ids = rng.choice(len(COLOUR_NAMES) * len(SHAPES), size=num_objects, replace=False)
+        colours = list(COLOUR_NAMES)
         objects: list[SceneObject] = []
         for pair_id in pair_ids:
             colour, shape = colours[pair_id // len(SHAPES)], SHAPES[pair_id % len(SHAPES)]
@@ -174,29 +130,80 @@ def _fits(x: float, y: float, radius: float, other: SceneObject) -> bool:
     return bool(apart and max(dx, dy) >= _DOMINANCE * min(dx, dy))
 
 
-def position_words(obj: SceneObject) -> tuple[str, str]:
-    """(column, row) of the object in a 3x3 grid: ('left'|'centre'|'right', 'top'|'middle'|...)."""
-    col = ("left", "centre", "right")[min(int(obj.x * 3), 2)]
-    row = ("top", "middle", "bottom")[min(int(obj.y * 3), 2)]
-    return col, row
-
-
 # ----------------------------------------------------------------------------------------------
 # Rendering
 
 
-def render_scene(objects: Sequence[SceneObject], image_size: int) -> np.ndarray:
-    """Draws the objects on a plain dark background; returns [image_size, image_size, 3] uint8."""
-    image = Image.new("RGB", (image_size, image_size), BACKGROUND)
+@dataclasses.dataclass(frozen=True)
+class Perturbation:
+    """How one image departs from the clean renderer.
+
+    Attributes:
+      background: grey level of the background (clean: 45).
+      colour_shifts: per object, (r, g, b) added to its palette colour (clipped to 0..255).
+      turns: per object, degrees its shape is turned about its centre (circles look the same).
+    """
+
+    background: int
+    colour_shifts: tuple[tuple[int, int, int], ...]
+    turns: tuple[float, ...]
+
+    @classmethod
+    def draw(cls, num_objects: int, rng: np.random.Generator) -> Perturbation:
+        """A random perturbation within the documented ranges."""
+        low, high = PERTURBED_BACKGROUND
+        shift = PERTURBED_COLOUR_SHIFT
+        return cls(
+            background=int(rng.integers(low, high + 1)),
+            colour_shifts=tuple(
+                tuple(int(v) for v in rng.integers(-shift, shift + 1, size=3))
+                for _ in range(num_objects)
+            ),
+            turns=tuple(
+                float(v) for v in rng.uniform(-PERTURBED_MAX_TURN, PERTURBED_MAX_TURN, num_objects)
+            ),
+        )
+
+
+def render_scene(
+    objects: Sequence[SceneObject], image_size: int, perturbation: Perturbation | None = None
+) -> np.ndarray:
+    """Draws the objects on a plain background; returns [image_size, image_size, 3] uint8.
+
+    Without a perturbation: the palette colours on grey 45, hard edges, upright shapes. With one:
+    its background, shifted colours and turns, drawn at 4x the size and box-downsampled, which
+    anti-aliases the edges.
+    """
+    if perturbation is None:
+        image = Image.new("RGB", (image_size, image_size), BACKGROUND)
+        draw = ImageDraw.Draw(image)
+        for obj in objects:
+            _draw_object(draw, obj, image_size)
+        return np.asarray(image, dtype=np.uint8)
+    size = image_size * _SUPERSAMPLE
+    image = Image.new("RGB", (size, size), (perturbation.background,) * 3)
     draw = ImageDraw.Draw(image)
-    for obj in objects:
-        _draw_object(draw, obj, image_size)
+    for obj, shift, turn in zip(
+        objects, perturbation.colour_shifts, perturbation.turns, strict=True
+    ):
+        fill = tuple(
+            int(np.clip(c + d, 0, 255)) for c, d in zip(COLOURS[obj.colour], shift, strict=True)
+        )
+        _draw_object(draw, obj, size, fill=fill, turn=turn)
+    image = image.resize((image_size, image_size), Image.Resampling.BOX)
     return np.asarray(image, dtype=np.uint8)
 
 
-def _draw_object(draw: ImageDraw.ImageDraw, obj: SceneObject, image_size: int) -> None:
+def _draw_object(
+    draw: ImageDraw.ImageDraw,
+    obj: SceneObject,
+    image_size: int,
+    fill: tuple[int, int, int] | None = None,
+    turn: float = 0.0,
+) -> None:
+    """Draws one object in its palette colour (or `fill`), turned by `turn` degrees."""
     cx, cy, r = obj.x * image_size, obj.y * image_size, obj.radius * image_size
-    fill = COLOURS[obj.colour]
+    fill = COLOURS[obj.colour] if fill is None else fill
     if obj.shape == "circle":
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
         return
@@ -217,329 +224,23 @@ def _draw_object(draw: ImageDraw.ImageDraw, obj: SceneObject, image_size: int) -
         points = [(cx, cy - h), (cx + w, cy), (cx, cy + h), (cx - w, cy)]
     else:
         raise DataError(f"Unknown shape {obj.shape!r}; expected one of {SHAPES}.")
+    if turn:
+        angle = np.deg2rad(turn)
+        cos, sin = np.cos(angle), np.sin(angle)
+        points = [
+            (cx + (px - cx) * cos - (py - cy) * sin, cy + (px - cx) * sin + (py - cy) * cos)
+            for px, py in points
+        ]
     draw.polygon([(float(px), float(py)) for px, py in points], fill=fill)
-
-
-# ----------------------------------------------------------------------------------------------
-# Captions: a small grammar. Each family below is one way an annotator might describe the scene;
-# an image gets five captions from five different families, so they always differ.
-
-_REL_PHRASES = {
-    "left": ("to the left of", "on the left of", "left of"),
-    "right": ("to the right of", "on the right of", "right of"),
-    "above": ("above", "over", "on top of"),
-    "below": ("below", "under", "beneath", "underneath"),
-}
-_REL_SHORT = {"left": "left of", "right": "right of", "above": "above", "below": "below"}
-# Said of one object when the caption names exactly two: "with the red circle on the left".
-_SIDE_PHRASES = {
-    "left": ("on the left",),
-    "right": ("on the right",),
-    "above": ("at the top", "on top"),
-    "below": ("at the bottom",),
-}
-_VERTICAL = {"top": ("top", "upper"), "bottom": ("bottom", "lower")}
-
-
-class _Grammar:
-    """Random choices for one caption; `compact` drops size words and long relation phrases."""
-
-    def __init__(self, rng: np.random.Generator, compact: bool):
-        self.rng = rng
-        self.compact = compact
-
-    def pick(self, options: Sequence[str]) -> str:
-        return options[int(self.rng.integers(len(options)))]
-
-    def noun(self, obj: SceneObject, article: str = "a", size: bool = True) -> str:
-        """Noun phrase: 'a big red circle', 'the red circle'."""
-        words = [article]
-        if size and not self.compact and self.rng.random() < 0.6:
-            words.append(self.pick(SIZE_WORDS[obj.size]))
-        words += [obj.colour, obj.shape]
-        return " ".join(words)
-
-    def rel(self, a: SceneObject, b: SceneObject) -> str:
-        relation = spatial_relation(a, b)
-        return _REL_SHORT[relation] if self.compact else self.pick(_REL_PHRASES[relation])
-
-    def side(self, a: SceneObject, b: SceneObject) -> str:
-        return self.pick(_SIDE_PHRASES[spatial_relation(a, b)])
-
-    def position(self, obj: SceneObject) -> str:
-        col, row = position_words(obj)
-        if (col, row) == ("centre", "middle"):
-            return self.pick(("in the middle", "in the center", "in the middle of the image"))
-        if row == "middle":
-            return self.pick((f"on the {col}", f"on the {col} side", f"on the {col} of the image"))
-        if col == "centre":
-            return self.pick((f"at the {row}", f"near the {row}", f"at the {row} of the image"))
-        vertical = self.pick(_VERTICAL[row])  # "upper left" but never "at the upper".
-        return self.pick((f"in the {vertical} {col}", f"in the {vertical} {col} corner"))
-
-
-def _one_object_families(objs: Sequence[SceneObject]) -> list[Callable[[_Grammar], str]]:
-    (a,) = objs
-    return [
-        lambda g: f"{g.noun(a)} {g.position(a)}",
-        lambda g: f"there is {g.noun(a)} {g.position(a)}",
-        lambda g: f"{g.position(a)} there is {g.noun(a)}",
-        lambda g: f"{g.noun(a)} alone {g.position(a)}",
-        lambda g: f"{g.noun(a, 'a single')} {g.position(a)}",
-        lambda g: f"{g.pick(('an image of', 'a picture of'))} {g.noun(a)} {g.position(a)}",
-    ]
-
-
-def _two_object_families(objs: Sequence[SceneObject]) -> list[Callable[[_Grammar], str]]:
-    def ordered(g: _Grammar) -> tuple[SceneObject, SceneObject]:
-        i = int(g.rng.integers(2))  # Either object may come first: varied word order.
-        return objs[i], objs[1 - i]
-
-    def plain(g: _Grammar) -> str:
-        a, b = ordered(g)
-        return f"{g.noun(a)} {g.rel(a, b)} {g.noun(b)}"
-
-    def there_is(g: _Grammar) -> str:
-        a, b = ordered(g)
-        return f"there is {g.noun(a)} {g.rel(a, b)} {g.noun(b)}"
-
-    def definite(g: _Grammar) -> str:
-        a, b = ordered(g)
-        return f"{g.noun(a, 'the')} is {g.rel(a, b)} {g.noun(b, 'the')}"
-
-    def picture(g: _Grammar) -> str:
-        a, b = ordered(g)
-        prefix = g.pick(("an image of", "a picture of", "a picture showing"))
-        return f"{prefix} {g.noun(a)} {g.rel(a, b)} {g.noun(b)}"
-
-    def pair_with(g: _Grammar) -> str:
-        a, b = ordered(g)
-        c = objs[int(g.rng.integers(2))]
-        together = ""
-        if spatial_relation(a, b) in ("left", "right"):
-            together = " " + g.pick(("side by side", "next to each other"))
-        other = a if c is b else b
-        return (
-            f"{g.noun(a)} and {g.noun(b)}{together}, "
-            f"with {g.noun(c, 'the', False)} {g.side(c, other)}"
-        )
-
-    def sides(g: _Grammar) -> str:
-        a, b = ordered(g)
-        return f"{g.noun(a)} {g.side(a, b)} and {g.noun(b)} {g.side(b, a)}"
-
-    return [plain, there_is, definite, picture, pair_with, sides]
-
-
-def _three_object_families(objs: Sequence[SceneObject]) -> list[Callable[[_Grammar], str]]:
-    def ordered(g: _Grammar) -> list[SceneObject]:
-        return [objs[int(i)] for i in g.rng.permutation(3)]
-
-    def chain_and(g: _Grammar, prefix: str = "") -> str:
-        a, b, c = ordered(g)
-        x = (a, b)[int(g.rng.integers(2))]
-        return (
-            f"{prefix}{g.noun(a)} {g.rel(a, b)} {g.noun(b)} and "
-            f"{g.noun(c)} {g.rel(c, x)} {g.noun(x, 'the', False)}"
-        )
-
-    def which_is(g: _Grammar) -> str:
-        a, b, c = ordered(g)
-        return f"{g.noun(a)} {g.rel(a, b)} {g.noun(b)}, which is {g.rel(b, c)} {g.noun(c)}"
-
-    def listing(g: _Grammar) -> str:
-        a, b, c = ordered(g)
-        x, y = ordered(g)[:2]
-        return (
-            f"three shapes: {g.noun(a)}, {g.noun(b)} and {g.noun(c)}, with "
-            f"{g.noun(x, 'the', False)} {g.rel(x, y)} {g.noun(y, 'the', False)}"
-        )
-
-    def definite(g: _Grammar) -> str:
-        a, b, c = ordered(g)
-        return (
-            f"{g.noun(b, 'the', False)} is {g.rel(b, a)} {g.noun(a, 'the', False)} and "
-            f"{g.noun(c, 'the', False)} is {g.rel(c, a)} {g.noun(a, 'the', False)}"
-        )
-
-    families = [chain_and, lambda g: chain_and(g, "there is "), which_is, listing, definite]
-    # "A and B are both above C" only when it is true for both.
-    for c in objs:
-        a, b = (o for o in objs if o is not c)
-        if spatial_relation(a, c) == spatial_relation(b, c):
-            families.append(
-                lambda g, a=a, b=b, c=c: (
-                    f"{g.noun(a)} and {g.noun(b)} are both {g.rel(b, c)} {g.noun(c)}"
-                )
-            )
-            break
-    return families
-
-
-_FAMILIES = {1: _one_object_families, 2: _two_object_families, 3: _three_object_families}
-
-
-def make_captions(objects: Sequence[SceneObject], rng: np.random.Generator) -> tuple[str, ...]:
-    """Five different captions (raw sentences, <= 22 words) for the scene, drawn with `rng`."""
-    families = _FAMILIES[len(objects)](objects)
-    chosen = rng.choice(len(families), size=NUM_CAPTIONS, replace=False)
-    captions = []
-    for index in chosen:
-        text = families[int(index)](_Grammar(rng, compact=False))
-        if len(clean_caption(text)) > MAX_CAPTION_WORDS:
-            text = families[int(index)](_Grammar(rng, compact=True))
-        captions.append(text[0].upper() + text[1:] + ".")
-    assert len(set(captions)) == NUM_CAPTIONS, captions  # Different families never coincide.
-    return tuple(captions)
-
-
-# ----------------------------------------------------------------------------------------------
-# Parsing captions back into objects and relations (for scoring generated captions).
-
-# Words that state "subject <relation> object" when they sit between two object mentions; the
-# side words count only when followed by "of" ("left of"), otherwise they are side phrases.
-_BINARY_WORDS = {
-    "above": "above",
-    "over": "above",
-    "below": "below",
-    "under": "below",
-    "beneath": "below",
-    "underneath": "below",
-}
-_SIDE_WORDS = {"left": "left", "right": "right", "top": "above", "bottom": "below"}
-_CLAUSE_BREAKS = {"and", "with", "while", "which"}
-
-
-def _mentions(words: Sequence[str]) -> list[tuple[int, int, Pair]]:
-    """(first word, last word, (colour, shape)) for each object named in the cleaned words.
-
-    A colour word followed within two words by a shape word names an object ("red circle",
-    "red big circle"); another colour or shape word in between breaks the link.
-    """
-    found = []
-    for i, word in enumerate(words):
-        if word not in COLOUR_WORDS:
-            continue
-        for j in range(i + 1, min(i + 3, len(words))):
-            if words[j] in SHAPE_WORDS:
-                found.append((i, j, (COLOUR_WORDS[word], SHAPE_WORDS[words[j]])))
-                break
-            if words[j] in COLOUR_WORDS:
-                break
-    return found
-
-
-def parse_objects(caption: str) -> list[Pair]:
-    """The (colour, shape) pairs a caption names, in order of first mention, without repeats."""
-    pairs: list[Pair] = []
-    for _, _, pair in _mentions(clean_caption(caption)):
-        if pair not in pairs:
-            pairs.append(pair)
-    return pairs
-
-
-def parse_relations(caption: str) -> list[Relation]:
-    """The spatial relations a caption states, as (subject, relation, reference) triples.
-
-    Two phrasings are understood:
-    - Between two consecutive object mentions X ... Y, each of "left of", "right of", "top of",
-      "bottom of", "above", "over", "below", "under", "beneath", "underneath" states
-      (X, relation, Y): "a red circle to the left of a blue square" -> (red circle, left, blue
-      square); "there is a blue square on the right of a red circle" -> (blue square, right, red
-      circle).
-    - When the caption names exactly two objects, a side word (left, right, top, bottom, not
-      followed by "of") in the words after a mention, up to the next mention or and/with/while/
-      which, places that object relative to the other: "... with the red circle on the left" ->
-      (red circle, left, other). Two side words there (a corner, "top left") say nothing.
-    A relation of an object to itself is dropped.
-    """
-    words = clean_caption(caption)
-    mentions = _mentions(words)
-
-    def of_follows(k: int) -> bool:
-        return k + 1 < len(words) and words[k + 1] == "of"
-
-    relations: list[Relation] = []
-    for (_, end, x), (start, _, y) in zip(mentions, mentions[1:], strict=False):
-        for k in range(end + 1, start):
-            if words[k] in _BINARY_WORDS:
-                relations.append((x, _BINARY_WORDS[words[k]], y))
-            elif words[k] in _SIDE_WORDS and of_follows(k):
-                relations.append((x, _SIDE_WORDS[words[k]], y))
-    named = list(dict.fromkeys(pair for _, _, pair in mentions))
-    if len(named) == 2:
-        for index, (_, end, x) in enumerate(mentions):
-            stop = mentions[index + 1][0] if index + 1 < len(mentions) else len(words)
-            sides = []
-            for k in range(end + 1, stop):
-                if words[k] in _CLAUSE_BREAKS:
-                    break
-                if words[k] in _SIDE_WORDS and not of_follows(k):
-                    sides.append(_SIDE_WORDS[words[k]])
-            if len(sides) == 1:
-                relations.append((x, sides[0], named[1] if x == named[0] else named[0]))
-    return [(x, r, y) for x, r, y in relations if x != y]
-
-
-def _true_objects(meta: Mapping[str, Any]) -> dict[Pair, Mapping[str, Any]]:
-    objects = meta["objects"]
-    return {
-        (o.colour, o.shape) if isinstance(o, SceneObject) else (o["colour"], o["shape"]): o
-        for o in objects
-    }
-
-
-def _check_lengths(captions: Sequence[str], metas: Sequence[Mapping[str, Any]]) -> None:
-    if len(captions) != len(metas):
-        raise ValueError(f"{len(captions)} captions but {len(metas)} metas; need one per image.")
-
-
-def attribute_accuracy(captions: Sequence[str], metas: Sequence[Mapping[str, Any]]) -> float:
-    """Share of images whose caption names exactly the true (colour, shape) pairs.
-
-    An image counts when the set of pairs found by `parse_objects` equals the set of true pairs:
-    every object named with the right colour and shape, and nothing invented. Sizes and positions
-    are not checked. `metas` are `ImageRecord.meta` dicts (with 'objects'); 0.0 for no images.
-    """
-    _check_lengths(captions, metas)
-    if not captions:
-        return 0.0
-    hits = [
-        set(parse_objects(c)) == set(_true_objects(m)) for c, m in zip(captions, metas, strict=True)
-    ]
-    return float(np.mean(hits))
-
-
-def relation_accuracy(captions: Sequence[str], metas: Sequence[Mapping[str, Any]]) -> float:
-    """Mean over eligible images of the share of stated relations that are true.
-
-    Eligible: the image has >= 2 objects and its caption names >= 2 of them (`parse_objects`).
-    Stated relations are those of `parse_relations` whose two objects are both in the image
-    (relations involving an invented object are ignored; `attribute_accuracy` punishes those).
-    A stated relation (X, r, Y) is true when `spatial_relation(X, Y) == r`, i.e. X lies on side r
-    of Y along the axis of their larger displacement ("left of" for an object mostly above is
-    false); the generator keeps every pair clearly along one axis. An eligible image stating no
-    relation scores 0, since references always state one. Returns 0.0 when no image is eligible.
-    """
-    _check_lengths(captions, metas)
-    scores = []
-    for caption, meta in zip(captions, metas, strict=True):
-        truth = _true_objects(meta)
-        if len(truth) < 2 or len([p for p in parse_objects(caption) if p in truth]) < 2:
-            continue
-        stated = [(x, r, y) for x, r, y in parse_relations(caption) if x in truth and y in truth]
-        correct = [spatial_relation(truth[x], truth[y]) == r for x, r, y in stated]
-        scores.append(float(np.mean(correct)) if correct else 0.0)
-    return float(np.mean(scores)) if scores else 0.0
 
 
 # ----------------------------------------------------------------------------------------------
 # The dataset on disk.
 
 
-def _settings(data_config: Any, seed: int) -> dict[str, int]:
+def _settings(data_config: Any, seed: int) -> dict[str, Any]:
     """Validated settings that decide the rendered files."""
-    settings = {"generator_version": GENERATOR_VERSION, "seed": seed}
+    settings: dict[str, Any] = {"generator_version": GENERATOR_VERSION, "seed": seed}
     for field in ("num_train", "num_val", "num_test", "image_size"):
         value = getattr(data_config, field)
         if isinstance(value, bool) or not isinstance(value, int | np.integer):
@@ -557,6 +258,11 @@ def _settings(data_config: Any, seed: int) -> dict[str, int]:
             raise DataError(f"config.data.{field}={settings[field]} must be >= 0.")
     if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
         raise DataError(f"config.seed={seed!r}: the scenes dataset needs a non-negative integer.")
+    jitter = data_config.train_jitter
+    if isinstance(jitter, bool) or not isinstance(jitter, int | float) or not 0 <= jitter <= 1:
+        raise DataError(f"config.data.train_jitter={jitter!r}: use a share between 0 and 1.")
+    settings["train_jitter"] = float(jitter)
+    settings["perturbed_test"] = bool(data_config.perturbed_test)
     return settings
 
 
@@ -568,6 +274,10 @@ def scenes_dir(data_config: Any, seed: int) -> str:
         f"scenes_seed{seed}_n{data_config.num_train}-{data_config.num_val}-"
         f"{data_config.num_test}_px{data_config.image_size}"
     )
+    if data_config.train_jitter:
+        name += f"_jitter{float(data_config.train_jitter):g}"
+    if data_config.perturbed_test:
+        name += "_perturbed"
     return os.path.abspath(os.path.join(os.path.expanduser(data_config.cache_dir), name))
 
 
@@ -576,13 +286,22 @@ def _split_seed(seed: int, split: str, stream: int) -> int:
     return int(np.random.SeedSequence([seed, SPLITS.index(split), stream]).generate_state(1)[0])
 
 
+def _record(folder: str, image_id: str, split: str, captions, objects, perturbation=None):
+    meta: dict[str, Any] = {"objects": [dataclasses.asdict(o) for o in objects]}
+    if perturbation is not None:
+        meta["perturbation"] = dataclasses.asdict(perturbation)
+    return ImageRecord(image_id, os.path.join(folder, image_id), captions, split, meta)
+
+
 def load_scenes(data_config: Any, seed: int) -> DatasetSplits:
     """Builds (or reuses) the rendered scenes and returns their records by split.
 
     Images are PNGs named `scene_00000.png`, ... (train first, then val, then test) in
-    `scenes_dir(data_config, seed)`. They are rendered once: a later call with the same settings
-    finds `manifest.json` (written last, so an interrupted render is redone) and all files, and
-    only rebuilds the records, which is deterministic and fast.
+    `scenes_dir(data_config, seed)`, and `perturbed_00000.png`, ... for `test_perturbed` (the test
+    scenes and captions, drawn perturbed). A share `data.train_jitter` of the training images,
+    picked at random, is drawn perturbed too. Images are rendered once: a later call with the same
+    settings finds `manifest.json` (written last, so an interrupted render is redone) and all
+    files, and only rebuilds the records, which is deterministic and fast.
     """
     settings = _settings(data_config, seed)
     folder = scenes_dir(data_config, seed)
@@ -596,25 +315,40 @@ def load_scenes(data_config: Any, seed: int) -> DatasetSplits:
     for split in SPLITS:
         scenes = generate_scenes(counts[split], _split_seed(seed, split, 0))
         caption_rng = np.random.default_rng(_split_seed(seed, split, 1))
+        jittered: set[int] = set()
+        if split == "train" and settings["train_jitter"]:
+            jitter_rng = np.random.default_rng(_split_seed(seed, split, 2))
+            count = round(settings["train_jitter"] * len(scenes))
+            jittered = {int(i) for i in jitter_rng.permutation(len(scenes))[:count]}
         splits[split] = []
-        for objects in scenes:
-            image_id = f"scene_{index:05d}.png"
-            index += 1
+        for k, objects in enumerate(scenes):
+            perturbation = None
+            if k in jittered:
+                perturbation = Perturbation.draw(len(objects), jitter_rng)
+            captions = make_captions(objects, caption_rng)
             splits[split].append(
-                ImageRecord(
-                    image_id=image_id,
-                    image_path=os.path.join(folder, image_id),
-                    captions=make_captions(objects, caption_rng),
-                    split=split,
-                    meta={"objects": [dataclasses.asdict(o) for o in objects]},
-                )
+                _record(folder, f"scene_{index:05d}.png", split, captions, objects, perturbation)
             )
+            index += 1
+    if settings["perturbed_test"]:
+        rng = np.random.default_rng(_split_seed(seed, "test", 3))
+        splits[PERTURBED_SPLIT] = [
+            _record(
+                folder,
+                f"perturbed_{k:05d}.png",
+                PERTURBED_SPLIT,
+                r.captions,
+                [SceneObject(**o) for o in r.meta["objects"]],
+                Perturbation.draw(len(r.meta["objects"]), rng),
+            )
+            for k, r in enumerate(splits["test"])
+        ]
     manifest = {
         "settings": settings,
         "images": [
             {"image_id": r.image_id, "split": r.split, "captions": list(r.captions), **r.meta}
-            for split in SPLITS
-            for r in splits[split]
+            for records in splits.values()
+            for r in records
         ],
     }
     if not _is_rendered(folder, manifest):
@@ -631,9 +365,11 @@ def _is_rendered(folder: str, manifest: dict[str, Any]) -> bool:
             old = json.load(f)
     except (OSError, json.JSONDecodeError):
         return False
-    same = old.get("settings") == manifest["settings"] and [
-        (i["image_id"], i["objects"]) for i in old.get("images", [])
-    ] == [(i["image_id"], i["objects"]) for i in manifest["images"]]
+    drawn = lambda images: [(i["image_id"], i["objects"], i.get("perturbation")) for i in images]
+    manifest = json.loads(json.dumps(manifest))  # Tuples become lists, as in the file.
+    same = old.get("settings") == manifest["settings"] and drawn(old.get("images", [])) == drawn(
+        manifest["images"]
+    )
     return same and all(
         os.path.exists(os.path.join(folder, i["image_id"])) for i in manifest["images"]
     )
@@ -648,11 +384,18 @@ def _render_all(
     manifest_path = os.path.join(folder, MANIFEST)
     if os.path.exists(manifest_path):
         os.remove(manifest_path)  # A stale manifest must not vouch for a half-done render.
-    records = [r for split in SPLITS for r in splits[split]]
+    records = [r for split_records in splits.values() for r in split_records]
     # tqdm only shows up if rendering takes longer than 2 s.
     for record in tqdm(records, desc=f"Rendering scenes into {folder}", delay=2.0, unit="img"):
         objects = [SceneObject(**o) for o in record.meta["objects"]]
-        pixels = render_scene(objects, image_size)
+        perturbation = record.meta.get("perturbation")
+        if perturbation is not None:
+            perturbation = Perturbation(
+                perturbation["background"],
+                tuple(tuple(c) for c in perturbation["colour_shifts"]),
+                tuple(perturbation["turns"]),
+            )
+        pixels = render_scene(objects, image_size, perturbation)
         # Low compression: these flat images stay small anyway and saving is the slow part.
         Image.fromarray(pixels).save(record.image_path, compress_level=1)
     tmp_path = manifest_path + ".tmp"
