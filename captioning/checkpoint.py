@@ -60,10 +60,13 @@ def restore(manager: ocp.CheckpointManager, step: int, **targets: Any) -> dict[s
     return {k: restored[k] for k in targets}
 
 
-def restore_params(workdir: str, params_like: Any, which: str = "best") -> tuple[Any, int]:
-    """The parameters of a run's best (else latest) checkpoint -> (params, step).
+def restore_params(
+    workdir: str, params_like: Any, which: str = "best"
+) -> tuple[Any, int, dict[str, Any]]:
+    """The parameters of a run's best (else latest) checkpoint -> (params, step, progress).
 
-    params_like: a pytree of the parameters' shapes and dtypes (e.g. a freshly built model's).
+    params_like: a pytree of the parameters' shapes and dtypes (e.g. a freshly built model's);
+    progress: the checkpoint's `progress` item as saved (epoch, best metric, ...) as Python numbers.
     """
     root = os.path.join(os.path.abspath(workdir), "checkpoints")
     for name in (which, "latest"):
@@ -73,7 +76,9 @@ def restore_params(workdir: str, params_like: Any, which: str = "best") -> tuple
         with manager_at(path) as manager:
             step = manager.latest_step()
             if step is not None:
-                return restore(manager, step, params=params_like)["params"], step
+                items = restore(manager, step, params=params_like, progress=None)
+                progress = {k: v.item() for k, v in items["progress"].items()}
+                return items["params"], step, progress
     raise FileNotFoundError(
         f"No checkpoint under {root}: train first with "
         f"`python main.py --config=... --workdir={workdir}`."

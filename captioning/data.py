@@ -22,7 +22,7 @@ from absl import logging
 
 from captioning import feature_store, text
 from captioning.datasets import registry
-from captioning.datasets.base import SPLITS, DatasetSplits
+from captioning.datasets.base import DatasetSplits
 
 STATS_FILE = "feature_stats.npz"
 SKIPPED_FILE = "skipped_images.txt"
@@ -86,8 +86,8 @@ class PreparedData:
 def dataset_key(config: ml_collections.ConfigDict, splits: DatasetSplits) -> str:
     """Names a dataset by its content (image ids and paths), so caches never mix datasets."""
     digest = hashlib.sha1()
-    for split in SPLITS:
-        for record in splits.get(split, []):
+    for split, records in splits.items():
+        for record in records:
             digest.update(f"{split}|{record.image_id}|{record.image_path}\n".encode())
     return f"{config.data.dataset}_{digest.hexdigest()[:10]}"
 
@@ -113,7 +113,7 @@ def export_store(
     """
     skipped: list[tuple[str, str]] = []
     splits = registry.load_records(config.data, config.seed, skipped=skipped)
-    all_records = [r for split in SPLITS for r in splits.get(split, [])]
+    all_records = [r for records in splits.values() for r in records]
     store_dir = feature_store.feature_store_dir(
         os.path.expanduser(config.data.cache_dir), dataset_key(config, splits), config.encoder
     )

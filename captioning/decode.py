@@ -40,6 +40,7 @@ def decode_fn(graphdef: nnx.GraphDef, decode_config: Any) -> DecodeFn:
     search.check_positive("max_len", max_len)
     beam_size, length_penalty = int(decode_config.beam_size), float(decode_config.length_penalty)
     temperature, top_k = float(decode_config.temperature), int(decode_config.top_k)
+    block_repeats = bool(decode_config.block_repeats)
     if method == "beam":
         search.check_positive("beam_size", beam_size)
     if method == "sample":
@@ -49,7 +50,7 @@ def decode_fn(graphdef: nnx.GraphDef, decode_config: Any) -> DecodeFn:
     def fn(params, features, key):
         model = nnx.merge(graphdef, params)
         if method == "greedy":
-            return search.greedy_decode(model, features, max_len)
+            return search.greedy_decode(model, features, max_len, block_repeats)
         if method == "beam":
             return search.beam_search(
                 model,
@@ -57,9 +58,16 @@ def decode_fn(graphdef: nnx.GraphDef, decode_config: Any) -> DecodeFn:
                 beam_size=beam_size,
                 max_len=max_len,
                 length_penalty=length_penalty,
+                block_repeats=block_repeats,
             )
         return search.sample_decode(
-            model, features, key, max_len=max_len, temperature=temperature, top_k=top_k
+            model,
+            features,
+            key,
+            max_len=max_len,
+            temperature=temperature,
+            top_k=top_k,
+            block_repeats=block_repeats,
         )
 
     return fn

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import ml_collections
 from absl import logging
@@ -19,9 +20,50 @@ from flax import nnx
 
 from captioning import checkpoint, decode, metrics, models, text
 from captioning.data import PreparedData, prepare_data
-from captioning.datasets.base import SPLITS, ImageRecord
+from captioning.datasets.base import ImageRecord
 
 SCENE_METRICS = ("attribute_accuracy", "relation_accuracy")
+_TERM = re.compile(r"^\s*(?:([0-9.eE+-]+)\s*\*\s*)?([A-Za-z_][A-Za-z0-9_]*)\s*$")
+
+
+class Inference(NamedTuple):
+    """A run's decoder ready to decode: graph, best parameters, and which checkpoint they are."""
+
+    graphdef: nnx.GraphDef
+    params: Any
+    step: int
+    progress: dict[str, Any]  # The checkpoint's progress: epoch, best_metric, best_epoch, ...
+
+
+def parse_selection(spec: str) -> list[tuple[float, str]]:
+    """`train.val_metric` -> [(weight, validation metric name)].
+
+    A metric name ("CIDEr"), or a weighted sum such as
+    "attribute_accuracy + relation_accuracy + 0.1*CIDEr"; raises ValueError naming the field.
+    """
+    terms = []
+    for part in spec.split("+") if spec.strip() else []:
+        match = _TERM.match(part)
+        if not match:
+            raise ValueError(
+                f"config.train.val_metric={spec!r}: cannot read {part.strip()!r}; write a metric "
+                "name or a sum of [weight*]name terms, e.g. 'attribute_accuracy+0.1*CIDEr'."
+            )
+        terms.append((float(match.group(1) or 1.0), match.group(2)))
+    if not terms:
+        raise ValueError("config.train.val_metric is empty; name a validation metric, e.g. CIDEr.")
+    return terms
+
+
+def selection_value(terms: list[tuple[float, str]], scores: dict[str, float]) -> float:
+    """The weighted sum of validation `scores` that `parse_selection` describes."""
+    missing = [name for _, name in terms if name not in scores]
+    if missing:
+        raise ValueError(
+            f"config.train.val_metric names {missing}, which validation does not compute; "
+            f"use any of {sorted(scores)}."
+        )
+    return float(sum(weight * scores[name] for weight, name in terms))
 
 
 def write_json(path: str, obj: Any) -> None:
@@ -49,13 +91,12 @@ def restore_inference(
     vocab_size: int,
     feature_shape: tuple[int, ...],
     which: str = "best",
-) -> tuple[nnx.GraphDef, Any, int]:
-    """The decoder of `config.model` with the run's best (else latest) parameters
-    -> (graphdef, params, step)."""
+) -> Inference:
+    """The decoder of `config.model` with the run's best (else latest) parameters."""
     model = models.create_model(config.model, vocab_size, feature_shape, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model)
-    params, step = checkpoint.restore_params(workdir, params, which)
-    return graphdef, params, step
+    params, step, progress = checkpoint.restore_params(workdir, params, which)
+    return Inference(graphdef, params, step, progress)
 
 
 def score_split(
@@ -78,12 +119,12 @@ def attribute_scores(records: list[ImageRecord], captions: list[str]) -> dict[st
     """Scenes only: attribute and spatial-relation accuracy of the generated captions."""
     if not records or not records[0].meta or "objects" not in records[0].meta:
         return {}
-    from captioning.datasets import scenes
+    from captioning.datasets import scene_captions
 
     metas = [r.meta for r in records]
     return {
-        "attribute_accuracy": scenes.attribute_accuracy(captions, metas),
-        "relation_accuracy": scenes.relation_accuracy(captions, metas),
+        "attribute_accuracy": scene_captions.attribute_accuracy(captions, metas),
+        "relation_accuracy": scene_captions.relation_accuracy(captions, metas),
     }
 
 
@@ -91,7 +132,7 @@ def validate(
     decode_greedy: decode.DecodeFn, params: Any, data: PreparedData, config
 ) -> dict[str, float]:
     """Greedy captions of the val split, scored without Java (no METEOR/SPICE) -> every metric
-    (BLEU, ROUGE-L, CIDEr, and the scenes accuracies)."""
+    (BLEU, ROUGE-L, CIDEr, and on the scenes attribute and relation accuracy)."""
     decoded = decode.decode_split(
         decode_greedy,
         params,
@@ -122,8 +163,11 @@ def evaluate(
     if data is None:
         data = prepare_data(config, workdir, vocab=vocab)
     if split not in data.splits or not data.splits[split]:
-        raise ValueError(f"Split {split!r} has no images; use one of {list(SPLITS)}.")
-    graphdef, params, step = restore_inference(config, workdir, len(vocab), data.features.shape[1:])
+        present = [s for s, records in data.splits.items() if records]
+        raise ValueError(f"Split {split!r} has no images; use one of {present}.")
+    graphdef, params, step, progress = restore_inference(
+        config, workdir, len(vocab), data.features.shape[1:]
+    )
     records = data.splits[split]
     rows = data.rows(split)
     method = config.decode.method
@@ -148,9 +192,19 @@ def evaluate(
     report = {
         "split": split,
         "step": int(step),
+        # Which checkpoint: the epoch that `train.val_metric` chose, and its validation value.
+        "checkpoint": {
+            "epoch": progress.get("best_epoch"),
+            "selected_by": config.train.val_metric,
+            "value": progress.get("best_metric"),
+        },
         "decode": config.decode.to_dict(),
         "tokenizer": scored.get("tokenizer", config.eval.tokenizer),
-        "metrics": {**scored["scores"], **attribute_scores(records, captions)},
+        "metrics": {
+            **scored["scores"],
+            **attribute_scores(records, captions),
+            **metrics.caption_stats(captions),
+        },
         "skipped_metrics": scored.get("skipped", {}),
         "decode_seconds": decode_seconds,
         "captions": [
@@ -167,17 +221,27 @@ def evaluate(
     os.makedirs(eval_dir, exist_ok=True)
     write_json(os.path.join(eval_dir, f"{split}_{method}.json"), report)
     row = {
+        "training": "scst" if config.scst.init_from else "xe",
         "method": method,
         "beam_size": config.decode.beam_size if method == "beam" else 1,
         "split": split,
         "step": int(step),
         **report["metrics"],
     }
-    columns = ["method", "beam_size", "split", "step", *metrics.METRIC_NAMES]
-    columns += [k for k in SCENE_METRICS if k in row]
+    columns = ["training", "method", "beam_size", "split", "step", *metrics.METRIC_NAMES]
+    columns += [k for k in SCENE_METRICS if k in row] + ["repeated_pair_share"]
     metrics.append_results_row(os.path.join(workdir, "results.md"), row, columns)
     shown = ", ".join(f"{k} {v:.4f}" for k, v in report["metrics"].items())
-    logging.info("Evaluated %s (%s, step %d): %s", split, method, step, shown)
+    logging.info(
+        "Evaluated %s (%s, step %d, epoch %s chosen by %s = %s): %s",
+        split,
+        method,
+        step,
+        progress.get("best_epoch"),
+        config.train.val_metric,
+        progress.get("best_metric"),
+        shown,
+    )
     _draw_samples(config, workdir, split, data, records, rows, captions, decoded, graphdef, params)
     return report
 
@@ -207,8 +271,9 @@ def _draw_samples(config, workdir, split, data, records, rows, captions, decoded
             f"beam{config.decode.beam_size}" if k == "beam" else k: v
             for k, v in shown_captions.items()
         }
+    name = "samples.png" if split == config.eval.split else f"samples_{split}.png"
     visualize.save_samples(
-        os.path.join(workdir, "samples.png"),
+        os.path.join(workdir, name),
         [r.image_path for r in shown],
         shown_captions,
         [" | ".join(r.captions) for r in shown],  # Every reference, as annotators wrote them.

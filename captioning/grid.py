@@ -1,7 +1,8 @@
-"""Ablation grid: trains and evaluates a grid of config variants, one markdown table of everything.
+"""Ablation grids and seed sweeps: trains and evaluates config variants, one table of everything.
 
     python -m captioning.grid --config=configs/scenes.py --grid=configs/grids/scenes.py \
         --workdir=runs/grid [--config.train.num_epochs=8] [--cells=merge_avgmax,attention_grid4]
+    python -m captioning.grid --config=configs/scenes.py --seeds=0,1,2,3,4 --workdir=runs/seeds
 
 The grid file defines `get_grid()` returning a list of cells:
 
@@ -12,19 +13,21 @@ The grid file defines `get_grid()` returning a list of cells:
 
 Every cell is the base config (with its `--config.*` overrides) plus the cell's dotted overrides,
 trained once with `train.train_and_evaluate` in `--workdir/<name>` (which also evaluates the first
-method); each further method is one more `evaluate.evaluate` of the same checkpoint, never a
-retraining. Cells with the same encoder settings share one feature store (`data.cache_dir`); the
-store is exported before the clock starts, so `train_s` (wall-clock of `train_and_evaluate`:
-data loading, compilation, training with per-epoch validation and the final evaluation) compares
-decoders, not who exported first.
+method on `eval.split` and `eval.extra_splits`); each further method is one more
+`evaluate.evaluate` of the same checkpoint, never a retraining. `--seeds` runs every cell (or,
+without `--grid`, the config itself) once per seed, as `<cell>_seed<k>`, and puts the mean ± std
+over seeds of every metric above the per-run table (all values in `seeds.json`): seeds change the
+scenes, initialisation, dropout and data order, so they show how far a result holds. Cells with
+the same encoder settings share one feature store (`data.cache_dir`); the store is exported before
+the clock starts, so `train_s` (wall-clock of `train_and_evaluate`) compares decoders, not who
+exported first.
 
-`--workdir/grid.md` gets one row per (cell, method) with every metric of the evaluation reports
-(BLEU-1..4, METEOR, ROUGE-L, CIDEr, SPICE when computed, and on scenes attribute_accuracy and
-relation_accuracy), the epochs trained, train_s and decode_s; it is rewritten after every cell, so
-a long grid shows its progress. A cell that fails is a row with its error (the traceback is in
-`<cell>/error.txt`); the other cells still run. A finished cell records itself in
-`<cell>/grid_cell.json` and is not retrained when the grid is run again with the same config;
-`--cells` runs a subset and the table still lists every cell the workdir holds.
+`--workdir/grid.md` gets one row per (cell, method, split) with every metric of the evaluation
+reports, the epoch the validation metric chose, the epochs trained, train_s and decode_s; it is
+rewritten after every cell, so a long grid shows its progress. A cell that fails is a row with its
+error (the traceback is in `<cell>/error.txt`); the other cells still run. A finished cell records
+itself in `<cell>/grid_cell.json` and is not retrained when the grid is run again with the same
+config; `--cells` runs a subset and the table still lists every cell the workdir holds.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import importlib.util
 import json
 import os
 import re
+import statistics
 import sys
 import time
 import traceback
@@ -47,6 +51,7 @@ from ml_collections import config_flags
 
 CELL_FILE = "grid_cell.json"
 TABLE_FILE = "grid.md"
+SUMMARY_FILE = "seeds.json"  # Mean, std, min, max and values over seeds of every metric.
 METRIC_COLUMNS = (
     "Bleu_1",
     "Bleu_2",
@@ -209,8 +214,24 @@ def _has_checkpoint(cell_dir: str) -> bool:
     return os.path.isdir(latest) and any(name.isdigit() for name in os.listdir(latest))
 
 
-def _row(cell: Cell, label: str, **fields) -> dict[str, Any]:
-    return {"cell": cell.name, "method": label, **fields}
+def _row(cell: Cell, label: str, split: str = "-", **fields) -> dict[str, Any]:
+    return {"cell": cell.name, "method": label, "split": split, **fields}
+
+
+def with_seeds(cells: Sequence[Cell], seeds: Sequence[int]) -> list[Cell]:
+    """Each cell once per seed: `<name>_seed<k>` with the override seed=k (no seeds: as given)."""
+    if not seeds:
+        return list(cells)
+    return [
+        Cell(f"{cell.name}_seed{seed}", {**cell.overrides, "seed": int(seed)}, cell.methods)
+        for cell in cells
+        for seed in seeds
+    ]
+
+
+def _extra_splits(config: ml_collections.ConfigDict) -> list[str]:
+    splits = (s.strip() for s in config.eval.extra_splits.split(","))
+    return [s for s in splits if s and s != config.eval.split]
 
 
 def run_cell(base_config: ml_collections.ConfigDict, cell: Cell, workdir: str) -> list[dict]:
@@ -239,7 +260,7 @@ def run_cell(base_config: ml_collections.ConfigDict, cell: Cell, workdir: str) -
     rows: list[dict] = []
     try:
         # Export (or find) the feature store before the clock starts; it is shared by cells.
-        data.prepare_data(configs[0], cell_dir)
+        data.export_store(configs[0], cell_dir)
         start = time.perf_counter()
         report = train.train_and_evaluate(configs[0], cell_dir)
         train_seconds = time.perf_counter() - start
@@ -249,6 +270,12 @@ def run_cell(base_config: ml_collections.ConfigDict, cell: Cell, workdir: str) -
             f.write(traceback.format_exc())
         status = f"failed: {_error_text(e)}"
         return [_row(cell, label, status=status) for label in labels]
+    # The splits scored besides eval.split that training scored too (e.g. test_perturbed).
+    extra = [
+        s
+        for s in _extra_splits(configs[0])
+        if os.path.exists(os.path.join(cell_dir, "eval", f"{s}_{configs[0].decode.method}.json"))
+    ]
 
     common = {
         "epochs": _epochs_trained(cell_dir),
@@ -259,17 +286,24 @@ def run_cell(base_config: ml_collections.ConfigDict, cell: Cell, workdir: str) -
 
     def ok_row(label: str, report: dict) -> dict:
         timing = {**common, "decode_s": report["decode_seconds"]}
-        return _row(cell, label, **report["metrics"], **timing, status=status)
+        chosen = report.get("checkpoint", {}).get("epoch")
+        fields = {**report["metrics"], **timing, "best_epoch": chosen}
+        return _row(cell, label, report["split"], **fields, status=status)
 
     rows.append(ok_row(labels[0], report))
+    for split in extra:
+        path = os.path.join(cell_dir, "eval", f"{split}_{configs[0].decode.method}.json")
+        with open(path, encoding="utf-8") as f:
+            rows.append(ok_row(labels[0], json.load(f)))
     for config, label in zip(configs[1:], labels[1:], strict=True):
-        try:
-            rows.append(ok_row(label, evaluate.evaluate(config, cell_dir, split=config.eval.split)))
-        except Exception as e:  # Only this method's row fails.
-            logging.exception("Grid cell %s: evaluating %s failed.", cell.name, label)
-            with open(os.path.join(cell_dir, f"error_{label}.txt"), "w", encoding="utf-8") as f:
-                f.write(traceback.format_exc())
-            rows.append(_row(cell, label, **common, status=f"failed: {_error_text(e)}"))
+        for split in [config.eval.split, *extra]:
+            try:
+                rows.append(ok_row(label, evaluate.evaluate(config, cell_dir, split=split)))
+            except Exception as e:  # Only this method's row fails.
+                logging.exception("Grid cell %s: evaluating %s failed.", cell.name, label)
+                with open(os.path.join(cell_dir, f"error_{label}.txt"), "w") as f:
+                    f.write(traceback.format_exc())
+                rows.append(_row(cell, label, split, **common, status=f"failed: {_error_text(e)}"))
     if all(r["status"].startswith("ok") for r in rows):
         _save_json(
             record_path,
@@ -344,7 +378,11 @@ def run_grid(
         rows_by_cell[cell.name] = run_cell(config, cell, workdir)
         write_table(os.path.join(workdir, TABLE_FILE), cells, rows_by_cell, header=header)
     write_table(os.path.join(workdir, TABLE_FILE), cells, rows_by_cell, header=header)
-    return [row for cell in cells for row in rows_by_cell.get(cell.name, [])]
+    rows = [row for cell in cells for row in rows_by_cell.get(cell.name, [])]
+    summary = summarize_seeds(rows)
+    if summary:
+        _save_json(os.path.join(workdir, SUMMARY_FILE), summary)
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -355,6 +393,9 @@ def run_grid(
 def _cell_text(column: str, value: Any) -> str:
     if value is None:
         return "-"
+    if isinstance(value, Mapping):  # A mean over seeds.
+        digits = 1 if column in ("train_s", "best_epoch") else 4
+        return f"{value['mean']:.{digits}f} ± {value['std']:.{digits}f}"
     if column in ("train_s", "decode_s"):
         return f"{float(value):.1f}"
     if isinstance(value, float):
@@ -364,6 +405,45 @@ def _cell_text(column: str, value: Any) -> str:
 
 def _override_text(overrides: Mapping[str, Any]) -> str:
     return ", ".join(f"`{k}={v!r}`" for k, v in overrides.items()) or "(base config)"
+
+
+_SEED_SUFFIX = re.compile(r"^(.*)_seed(\d+)$")
+
+
+def summarize_seeds(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Rows of `<cell>_seed<k>` cells grouped by (cell, method, split) -> one row each with every
+    numeric column as {"mean", "std" (sample), "min", "max", "values"} and `seeds` (how many).
+    Cells without a seed suffix and failed rows are left out."""
+    groups: dict[tuple, list[Mapping[str, Any]]] = {}
+    for row in rows:
+        match = _SEED_SUFFIX.match(str(row.get("cell", "")))
+        if match and str(row.get("status", "")).startswith("ok"):
+            groups.setdefault((match.group(1), row["method"], row.get("split", "-")), []).append(
+                row
+            )
+    summary = []
+    for (cell, method, split), members in groups.items():
+        out: dict[str, Any] = {"cell": cell, "method": method, "split": split}
+        out["seeds"] = len(members)
+        for column in (*METRIC_COLUMNS, "best_epoch", "train_s"):
+            values = [float(r[column]) for r in members if r.get(column) is not None]
+            if values:
+                out[column] = {
+                    "mean": statistics.fmean(values),
+                    "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                    "min": min(values),
+                    "max": max(values),
+                    "values": values,
+                }
+        summary.append(out)
+    return summary
+
+
+def _markdown(columns: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join(_cell_text(c, row.get(c)) for c in columns) + " |")
+    return lines
 
 
 def write_table(
@@ -382,12 +462,14 @@ def write_table(
         else:
             rows.append({"cell": cell.name, "method": "-", "status": "not run"})
     metrics = [m for m in METRIC_COLUMNS if any(m in r for r in rows)]
-    columns = ["cell", "method", *metrics, "epochs", "train_s", "decode_s", "status"]
+    columns = ["cell", "method", "split", *metrics, "best_epoch", "epochs", "train_s", "decode_s"]
+    columns.append("status")
     lines = [header.rstrip() + "\n"] if header else []
-    lines.append("| " + " | ".join(columns) + " |")
-    lines.append("|" + "|".join("---" for _ in columns) + "|")
-    for row in rows:
-        lines.append("| " + " | ".join(_cell_text(c, row.get(c)) for c in columns) + " |")
+    summary = summarize_seeds(rows)
+    if summary:
+        summary_columns = ["cell", "method", "split", "seeds", *metrics, "best_epoch", "train_s"]
+        lines += ["Mean ± std over seeds:", "", *_markdown(summary_columns, summary), ""]
+    lines += _markdown(columns, rows)
     lines += [
         "",
         "train_s: wall-clock seconds of train_and_evaluate (data loading, compilation, training "
@@ -417,6 +499,9 @@ config_flags.DEFINE_config_file("config", None, "Base config file; --config.* ov
 flags.DEFINE_string("grid", None, "Grid file defining get_grid() (e.g. configs/grids/scenes.py).")
 flags.DEFINE_string("workdir", None, "Folder of the grid: one run folder per cell, grid.md.")
 flags.DEFINE_list("cells", [], "Run only these cells (comma-separated names); default all.")
+flags.DEFINE_list(
+    "seeds", [], "Run every cell once per seed (e.g. 0,1,2,3,4) and add mean ± std over seeds."
+)
 
 
 def _quiet_library_logs() -> None:
@@ -433,14 +518,22 @@ def _quiet_library_logs() -> None:
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    for name in ("config", "grid", "workdir"):
+    for name in ("config", "workdir"):
         if not getattr(FLAGS, name):
             raise app.UsageError(f"--{name} is required.")
+    if not FLAGS.grid and not FLAGS.seeds:
+        raise app.UsageError("Give --grid=configs/grids/<name>.py, --seeds=0,1,2 or both.")
     _quiet_library_logs()
     import tensorflow as tf  # Keep TensorFlow (feature export) off any accelerator JAX uses.
 
     tf.config.set_visible_devices([], "GPU")
-    cells = load_grid(FLAGS.grid)
+    try:
+        seeds = [int(s) for s in FLAGS.seeds]
+    except ValueError as e:
+        raise app.UsageError(f"--seeds={','.join(FLAGS.seeds)}: give integers, e.g. 0,1,2.") from e
+    # Without a grid file: one cell, the config itself.
+    cells = load_grid(FLAGS.grid) if FLAGS.grid else [Cell("config", {})]
+    cells = with_seeds(cells, seeds)
     header = "`python -m captioning.grid " + " ".join(sys.argv[1:]) + "`"
     rows = run_grid(FLAGS.config, cells, FLAGS.workdir, only=FLAGS.cells, header=header)
     failed = [r for r in rows if not str(r.get("status", "")).startswith("ok")]

@@ -286,6 +286,47 @@ def score_captions(
     }
 
 
+# Words a finished caption does not end with: a caption ending in one was cut off ("... with a").
+FUNCTION_WORDS = frozenset(
+    ["a", "an", "the", "and", "or", "with", "of", "on", "in", "to", "at", "by", "for", "from"]
+    + ["is", "are", "which", "while", "that", "its", "their"]
+)
+
+
+def caption_stats(captions: Sequence[str]) -> dict[str, float]:
+    """How the generated captions read, beyond the reference metrics (our cleaning's words):
+
+    repeated_pair_share: share of captions in which some adjacent word pair occurs twice (a
+      reference may do that: "a red circle left of a blue square and a star above the red circle").
+    longest_word_run: the most times any caption says one word in a row ("square square square"
+      is 3; references never say a word twice in a row).
+    bad_ending_share: share of captions that end in a function word ("... with a", "... and the"),
+      the failure self-critical training is known for.
+    mean_length: words per caption; vocabulary_used: distinct words over all captions.
+    """
+    repeated = bad_endings = longest = total_words = 0
+    vocabulary: set[str] = set()
+    for caption in captions:
+        words = clean_caption(caption)
+        pairs = list(zip(words, words[1:], strict=False))
+        repeated += len(set(pairs)) < len(pairs)
+        bad_endings += bool(words) and words[-1] in FUNCTION_WORDS
+        run = 0
+        for i, word in enumerate(words):
+            run = run + 1 if i and word == words[i - 1] else 1
+            longest = max(longest, run)
+        total_words += len(words)
+        vocabulary.update(words)
+    count = max(len(captions), 1)
+    return {
+        "repeated_pair_share": repeated / count,
+        "longest_word_run": float(longest),
+        "bad_ending_share": bad_endings / count,
+        "mean_length": total_words / count,
+        "vocabulary_used": float(len(vocabulary)),
+    }
+
+
 def _format_cell(value: object) -> str:
     """Markdown cell: floats to 4 decimals, None as a dash, '|' escaped."""
     if value is None:

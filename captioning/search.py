@@ -93,8 +93,30 @@ def _step_shapes(model: nnx.Module, context: Any, state: Any, batch: int) -> tup
     return logits.shape[-1], attention.shape[-1]
 
 
-def greedy_decode(model: nnx.Module, features: Array, max_len: int) -> DecodeOutput:
-    """Most likely word at each step. features [B, ...] -> DecodeOutput."""
+def repeated_trigram_mask(tokens: Array, t: Array, vocab_size: int) -> Array:
+    """Words that would repeat a trigram: tokens [N, T] (words at positions < t), t a scalar
+    -> [N, V] bool, True for every w such that (tokens[t-2], tokens[t-1], w) already occurred.
+
+    The "block repeated trigrams" trick of the captioning anchors (`decode.block_repeats`).
+    """
+    positions = jnp.arange(tokens.shape[1])
+    last2 = jnp.take(tokens, jnp.maximum(t - 2, 0), axis=1)[:, None]  # [N, 1]
+    last1 = jnp.take(tokens, jnp.maximum(t - 1, 0), axis=1)[:, None]
+    before2, before1 = jnp.roll(tokens, 2, axis=1), jnp.roll(tokens, 1, axis=1)
+    # Position j ends an earlier trigram (tokens[j-2], tokens[j-1], tokens[j]) with the same start.
+    seen = (positions >= 2) & (positions < t) & (before2 == last2) & (before1 == last1)
+    rows = jnp.arange(tokens.shape[0])[:, None]
+    counts = jnp.zeros((tokens.shape[0], vocab_size), jnp.int32).at[rows, tokens].add(seen)
+    return counts > 0
+
+
+def greedy_decode(
+    model: nnx.Module, features: Array, max_len: int, block_repeats: bool = False
+) -> DecodeOutput:
+    """Most likely word at each step. features [B, ...] -> DecodeOutput.
+
+    block_repeats: never emit a word that repeats a trigram of the caption so far.
+    """
     batch = features.shape[0]
     context, state = model.init_decode(features)
     _, num_locations = _step_shapes(model, context, state, batch)
@@ -107,7 +129,11 @@ def greedy_decode(model: nnx.Module, features: Array, max_len: int) -> DecodeOut
         t, tokens, prev, state, logps, finished, attention = carry
         state, logits, attn = model.decode_step(context, state, prev)
         log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))
-        word = jnp.argmax(log_probs, axis=-1).astype(jnp.int32)
+        allowed = log_probs
+        if block_repeats:
+            blocked = repeated_trigram_mask(tokens, t, log_probs.shape[-1])
+            allowed = jnp.where(blocked, -jnp.inf, log_probs)
+        word = jnp.argmax(allowed, axis=-1).astype(jnp.int32)
         word = jnp.where(finished, text.PAD_ID, word)
         logp = jnp.where(finished, 0.0, jnp.take_along_axis(log_probs, word[:, None], 1)[:, 0])
         tokens = tokens.at[:, t].set(word)
@@ -136,8 +162,12 @@ def beam_search_beams(
     beam_size: int,
     max_len: int,
     length_penalty: float = 0.0,
+    block_repeats: bool = False,
 ) -> Beams:
-    """Beam search keeping all K hypotheses. features [B, ...] -> `Beams` (best first)."""
+    """Beam search keeping all K hypotheses. features [B, ...] -> `Beams` (best first).
+
+    block_repeats: no hypothesis is extended by a word that repeats one of its trigrams.
+    """
     check_positive("beam_size", beam_size)
     check_positive("max_len", max_len)
     batch, beams = features.shape[0], beam_size
@@ -159,6 +189,10 @@ def beam_search_beams(
         t, prev, state, tokens, logps, attention, logp_sum, lengths, finished = carry
         state, logits, attn = model.decode_step(context, state, prev.reshape(-1))
         log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))
+        if block_repeats:
+            flat_tokens = tokens.reshape(batch * beams, max_len)
+            blocked = repeated_trigram_mask(flat_tokens, t, vocab_size)
+            log_probs = jnp.where(blocked, -jnp.inf, log_probs)
         log_probs = log_probs.reshape(batch, beams, vocab_size)
         step_logp = jnp.where(finished[..., None], pad_only, log_probs)  # [B, K, V]
         cand_sum = logp_sum[..., None] + step_logp
@@ -215,6 +249,7 @@ def beam_search(
     beam_size: int,
     max_len: int,
     length_penalty: float = 0.0,
+    block_repeats: bool = False,
 ) -> DecodeOutput:
     """The best beam per image. features [B, ...] -> DecodeOutput ([B, max_len] tokens, ...).
 
@@ -222,7 +257,12 @@ def beam_search(
     never ended); `length_penalty` 0 ranks by raw log-probability, > 0 favours longer captions.
     """
     beams = beam_search_beams(
-        model, features, beam_size=beam_size, max_len=max_len, length_penalty=length_penalty
+        model,
+        features,
+        beam_size=beam_size,
+        max_len=max_len,
+        length_penalty=length_penalty,
+        block_repeats=block_repeats,
     )
     return DecodeOutput(beams.tokens[:, 0], beams.attention[:, 0], beams.logprobs[:, 0])
 
@@ -249,6 +289,7 @@ def sample_decode(
     max_len: int,
     temperature: float = 1.0,
     top_k: int = 0,
+    block_repeats: bool = False,
 ) -> DecodeOutput:
     """Samples one caption per image. features [B, ...], key: a PRNG key -> DecodeOutput.
 
@@ -257,7 +298,8 @@ def sample_decode(
     sampled from, softmax(logits / temperature) (renormalized over the top_k words when
     top_k > 0), 0 after `<end>`. They are computed from the logits without stop_gradient, so
     `jax.grad` of a function of them reaches the parameters (REINFORCE / self-critical training);
-    top_k=1 gives the greedy captions.
+    top_k=1 gives the greedy captions. block_repeats: words that would repeat a trigram of the
+    caption are excluded from the distribution.
     """
     check_positive("max_len", max_len)
     check_sampling(temperature, top_k)
@@ -266,8 +308,11 @@ def sample_decode(
     _, num_locations = _step_shapes(model, context, state, batch)
 
     def step(carry, t):
-        prev, state, finished = carry
+        prev, state, finished, tokens = carry
         state, logits, attn = model.decode_step(context, state, prev)
+        if block_repeats:
+            blocked = repeated_trigram_mask(tokens, t, logits.shape[-1])
+            logits = jnp.where(blocked, -jnp.inf, logits.astype(jnp.float32))
         cand_logp, cand_ids = _sample_step_distribution(logits, temperature, top_k)
         choice = jax.random.categorical(jax.random.fold_in(key, t), cand_logp, axis=-1)
         logp = jnp.take_along_axis(cand_logp, choice[:, None], axis=1)[:, 0]
@@ -275,7 +320,8 @@ def sample_decode(
         word = jnp.where(finished, text.PAD_ID, word.reshape(batch).astype(jnp.int32))
         logp = jnp.where(finished, 0.0, logp)
         attn = jnp.where(finished[:, None], 0.0, attn.astype(jnp.float32))
-        return (word, state, finished | (word == text.END_ID)), (word, logp, attn)
+        tokens = tokens.at[:, t].set(word)
+        return (word, state, finished | (word == text.END_ID), tokens), (word, logp, attn)
 
     def skip(carry, t):
         del t  # Every caption has ended: emit padding without running the decoder.
@@ -292,6 +338,7 @@ def sample_decode(
         jnp.full((batch,), text.START_ID, jnp.int32),
         state,
         jnp.zeros((batch,), bool),
+        jnp.zeros((batch, max_len), jnp.int32),  # The words so far (for block_repeats).
     )
     _, (words, logps, attention) = jax.lax.scan(scan_body, init, jnp.arange(max_len))
     return DecodeOutput(

@@ -31,12 +31,12 @@ from flax import nnx, traverse_util
 
 from captioning import checkpoint, decode, evaluate, input_pipeline, losses, models, parallel, text
 from captioning.data import PreparedData, prepare_data
-from captioning.datasets.base import SPLITS
 
 Array = jax.Array
 
 # Fields that only change how long, how loudly or how a run is scored, not what it learns: a
 # rerun may change them and still resume.
+HISTORY_FILE = "history.json"
 RESUMABLE_CHANGES = {
     ("train", "num_epochs"),
     ("train", "patience"),
@@ -47,6 +47,10 @@ RESUMABLE_CHANGES = {
     ("eval",),
     ("decode",),
 }
+
+
+# Validation metrics written to the log, TensorBoard and history.json each epoch (those computed).
+VALIDATION_LOGGED = ("CIDEr", "Bleu_4", "attribute_accuracy", "relation_accuracy")
 
 
 # --------------------------------------------------------------------------------------------
@@ -159,11 +163,16 @@ def compile_for_buckets(fn: Callable, make_args: Callable[[dict], tuple], batche
     }
 
 
-def progress_state(epoch: int, best_metric: float, epochs_since_best: int) -> dict[str, Any]:
-    """The checkpoint's `progress` item: what a rerun needs besides parameters and optimizer."""
+def progress_state(
+    epoch: int, best_metric: float, best_epoch: int, epochs_since_best: int
+) -> dict[str, Any]:
+    """The checkpoint's `progress` item: what a rerun needs besides parameters and optimizer
+    (epochs done, the best validation value so far, the epoch that reached it, and the epochs
+    since, for early stopping)."""
     return {
         "epoch": np.array(epoch, np.int32),
         "best_metric": np.array(best_metric, np.float32),
+        "best_epoch": np.array(best_epoch, np.int32),
         "epochs_since_best": np.array(epochs_since_best, np.int32),
     }
 
@@ -190,7 +199,7 @@ def init_train_state(
     train_state = {
         "params": params,
         "opt_state": tx.init(params),
-        "progress": progress_state(0, -np.inf, 0),
+        "progress": progress_state(0, -np.inf, 0, 0),
     }
     return graphdef, train_state, tx, schedule
 
@@ -200,7 +209,7 @@ def init_train_state(
 # --------------------------------------------------------------------------------------------
 
 
-def _check_resumable_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+def check_resumable_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     """Refuses to continue a run whose saved config differs in anything but run length."""
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
@@ -273,7 +282,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     """
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
-    _check_resumable_config(config, workdir)
+    check_resumable_config(config, workdir)
     evaluate.write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json()))
 
     vocab_path = os.path.join(workdir, "vocab.json")
@@ -282,7 +291,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     data.vocab.save(vocab_path)
     logging.info(
         "Data: %s; vocabulary %d; features %s from %s.",
-        ", ".join(f"{s} {len(data.splits[s])} images" for s in SPLITS),
+        ", ".join(f"{s} {len(records)} images" for s, records in data.splits.items()),
         len(data.vocab),
         data.features.shape,
         data.feature_metadata.get("backbone"),
@@ -307,21 +316,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     base_key = jax.random.key(config.seed)
 
     latest_mgr, best_mgr = checkpoint.managers(workdir, config.train.keep_checkpoints)
-    history_path = os.path.join(workdir, "history.json")
-    history: list[dict[str, float]] = []
-    if latest_mgr.latest_step() is not None:
-        restored_step = latest_mgr.latest_step()
-        train_state = checkpoint.restore(latest_mgr, restored_step, **train_state)
-        epoch = int(train_state["progress"]["epoch"])
-        if os.path.exists(history_path):
-            with open(history_path, encoding="utf-8") as f:
-                history = [h for h in json.load(f) if h["epoch"] <= epoch]
-        logging.info("Resumed from %s at step %d (epoch %d).", workdir, restored_step, epoch)
+    train_state, history = resume(latest_mgr, train_state, workdir)
     params = parallel.replicate(train_state["params"], mesh)
     opt_state = parallel.replicate(train_state["opt_state"], mesh)
     progress = train_state["progress"]
     start_epoch = int(progress["epoch"])
     best_metric = float(progress["best_metric"])
+    best_epoch = int(progress["best_epoch"])
     epochs_since_best = int(progress["epochs_since_best"])
 
     train_step, eval_step = make_steps(graphdef, tx, config.model)
@@ -356,6 +357,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         num_train_steps=total_steps, every_steps=config.train.log_every, every_secs=None
     )
     val_metric_name = config.train.val_metric
+    selection = evaluate.parse_selection(val_metric_name)  # Bad syntax fails before training.
     step = start_epoch * steps_per_epoch
     # Pending (asynchronous) checkpoint writes finish even when training is interrupted by an
     # exception, so a rerun resumes from the newest finished epoch.
@@ -399,51 +401,111 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 )
                 val_sums += (float(out["loss_sum"]), float(out["count"]))
             scores = evaluate.validate(decode_greedy, params, data, config)
-            val_metric = float(scores[val_metric_name])
+            val_metric = evaluate.selection_value(selection, scores)
             epoch_metrics = {
                 "train_loss": epoch_sums[0] / max(epoch_sums[1], 1.0),
                 "eval_loss": val_sums[0] / max(val_sums[1], 1.0),
-                f"eval_{val_metric_name}": val_metric,
-                **{f"eval_{k}": scores[k] for k in evaluate.SCENE_METRICS if k in scores},
+                **{f"eval_{k}": scores[k] for k in VALIDATION_LOGGED if k in scores},
+                "eval_selection": val_metric,
             }
-            writer.write_scalars(step, epoch_metrics)
             improved = val_metric > best_metric
             if improved:
-                best_metric, epochs_since_best = val_metric, 0
+                best_metric, best_epoch, epochs_since_best = val_metric, epoch + 1, 0
             else:
                 epochs_since_best += 1
-            history.append({"epoch": epoch + 1, "step": step, **epoch_metrics})
-            evaluate.write_json(history_path, history)
-            state = {
-                "params": params,
-                "opt_state": opt_state,
-                "progress": progress_state(epoch + 1, best_metric, epochs_since_best),
-            }
-            checkpoint.save(latest_mgr, step, **state)
-            if improved:
-                checkpoint.save(best_mgr, step, **state)
-            epoch_seconds = time.perf_counter() - epoch_start
-            logging.info(
-                "Epoch %d/%d (step %d) in %.1fs (train %.1fs, validation %.1fs): %s%s",
-                epoch + 1,
-                config.train.num_epochs,
+            progress = progress_state(epoch + 1, best_metric, best_epoch, epochs_since_best)
+            end_epoch(
+                writer,
+                (latest_mgr, best_mgr),
+                history,
+                workdir,
                 step,
-                epoch_seconds,
-                train_seconds,
-                epoch_seconds - train_seconds,
-                ", ".join(f"{k} {v:.4f}" for k, v in epoch_metrics.items()),
-                " (best)" if improved else "",
+                (epoch + 1, config.train.num_epochs),
+                epoch_metrics,
+                {"params": params, "opt_state": opt_state, "progress": progress},
+                improved,
+                (time.perf_counter() - epoch_start, train_seconds),
             )
     finally:
-        for manager in (latest_mgr, best_mgr):
-            manager.wait_until_finished()
-            manager.close()
-        writer.flush()
+        close(writer, latest_mgr, best_mgr)
+    return finish(config, workdir, data, history, ("eval_selection",))
 
+
+# --------------------------------------------------------------------------------------------
+# What every training phase (cross-entropy, SCST) does around its steps
+# --------------------------------------------------------------------------------------------
+
+
+def resume(latest_mgr, state: dict[str, Any], workdir: str) -> tuple[dict[str, Any], list[dict]]:
+    """-> (state restored from the newest checkpoint, or as given when there is none; the
+    history of the epochs it holds)."""
+    step = latest_mgr.latest_step()
+    if step is None:
+        return state, []
+    state = checkpoint.restore(latest_mgr, step, **state)
+    epoch = int(state["progress"]["epoch"])
+    history = []
+    path = os.path.join(workdir, HISTORY_FILE)
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            history = [h for h in json.load(f) if h["epoch"] <= epoch]
+    logging.info("Resumed from %s at step %d (epoch %d).", workdir, step, epoch)
+    return state, history
+
+
+def end_epoch(
+    writer,
+    managers,
+    history: list[dict],
+    workdir: str,
+    step: int,
+    epochs: tuple[int, int],
+    epoch_metrics: dict[str, float],
+    state: dict[str, Any],
+    improved: bool,
+    seconds: tuple[float, float],
+) -> None:
+    """Writes an epoch's metrics (TensorBoard, history.json, log line) and its checkpoints:
+    latest always, best when `improved`. epochs: (done, total); seconds: (epoch, training)."""
+    writer.write_scalars(step, epoch_metrics)
+    history.append({"epoch": epochs[0], "step": step, **epoch_metrics})
+    evaluate.write_json(os.path.join(workdir, HISTORY_FILE), history)
+    latest_mgr, best_mgr = managers
+    checkpoint.save(latest_mgr, step, **state)
+    if improved:
+        checkpoint.save(best_mgr, step, **state)
+    logging.info(
+        "Epoch %d/%d (step %d) in %.1fs (train %.1fs, validation %.1fs): %s%s",
+        *epochs,
+        step,
+        seconds[0],
+        seconds[1],
+        seconds[0] - seconds[1],
+        ", ".join(f"{k} {v:.4f}" for k, v in epoch_metrics.items()),
+        " (best)" if improved else "",
+    )
+
+
+def close(writer, *managers) -> None:
+    """Finishes pending (asynchronous) checkpoint writes and events, also after an exception,
+    so a rerun resumes from the newest finished epoch."""
+    for manager in managers:
+        manager.wait_until_finished()
+        manager.close()
+    writer.flush()
+
+
+def finish(config, workdir: str, data: PreparedData, history, curves) -> dict[str, Any]:
+    """curves.png of the `curves` history keys, then the best checkpoint scored on `eval.split`
+    (the returned report) and on every split of `eval.extra_splits` the data has."""
     from captioning import visualize
 
-    visualize.plot_curves(os.path.join(workdir, "curves.png"), history, val_metric_name)
-    return evaluate.evaluate(config, workdir, split=config.eval.split, data=data)
+    visualize.plot_curves(os.path.join(workdir, "curves.png"), history, curves)
+    report = evaluate.evaluate(config, workdir, split=config.eval.split, data=data)
+    for split in filter(None, (s.strip() for s in config.eval.extra_splits.split(","))):
+        if data.splits.get(split) and split != config.eval.split:
+            evaluate.evaluate(config, workdir, split=split, data=data)
+    return report
 
 
 def _window_row(stats: Mapping[str, Any]) -> np.ndarray:

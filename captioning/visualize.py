@@ -64,19 +64,23 @@ def save_samples(
     plt.close(fig)
 
 
-def plot_curves(path: str, history: Sequence[Mapping[str, float]], val_metric: str) -> None:
-    """Train/validation loss and the validation metric per epoch."""
+def plot_curves(path: str, history: Sequence[Mapping[str, float]], keys: Sequence[str]) -> None:
+    """Train/validation loss per epoch, and one panel per history key in `keys` (e.g.
+    eval_selection, train_reward); keys that no epoch has are left out."""
+    keys = [k for k in keys if any(k in h for h in history)]
     if not history:
         return
     epochs = [h["epoch"] for h in history]
-    fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(10, 3.5))
-    ax_loss.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
-    ax_loss.plot(epochs, [h["eval_loss"] for h in history], "o-", label="validation")
-    ax_loss.set(xlabel="epoch", ylabel="cross-entropy per word", title="Loss")
+    fig, axes = plt.subplots(1, 1 + len(keys), figsize=(4.5 * (1 + len(keys)), 3.5), squeeze=False)
+    ax_loss = axes[0, 0]
+    ax_loss.plot(epochs, [h.get("train_loss", float("nan")) for h in history], "o-", label="train")
+    if any("eval_loss" in h for h in history):
+        ax_loss.plot(epochs, [h.get("eval_loss", float("nan")) for h in history], "o-", label="val")
+    ax_loss.set(xlabel="epoch", ylabel="loss", title="Loss")
     ax_loss.legend()
-    key = f"eval_{val_metric}"
-    ax_metric.plot(epochs, [h.get(key, float("nan")) for h in history], "o-", color="C2")
-    ax_metric.set(xlabel="epoch", ylabel=val_metric, title=f"Validation {val_metric}")
+    for ax, key in zip(axes[0, 1:], keys, strict=True):
+        ax.plot(epochs, [h.get(key, float("nan")) for h in history], "o-", color="C2")
+        ax.set(xlabel="epoch", ylabel=key, title=key.replace("_", " "))
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)

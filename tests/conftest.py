@@ -8,7 +8,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from captioning import backbone, checkpoint, models, text
+from captioning import backbone, checkpoint, models, text, train
 
 
 @contextlib.contextmanager
@@ -57,7 +57,8 @@ def make_run_dir(workdir, config, words, *, mean=0.0, std=1.0, step=7) -> str:
     )
     model = models.create_model(config.model, len(vocab), feature_shape, rngs=nnx.Rngs(0))
     latest, best = checkpoint.managers(workdir, keep=1)
-    checkpoint.save(best, step, params=nnx.split(model)[1])
+    progress = train.progress_state(epoch=1, best_metric=0.0, best_epoch=1, epochs_since_best=0)
+    checkpoint.save(best, step, params=nnx.split(model)[1], progress=progress)
     for manager in (latest, best):
         manager.wait_until_finished()
         manager.close()

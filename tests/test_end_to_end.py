@@ -227,3 +227,39 @@ def test_early_stopping_with_patience(tmp_path, cache_dir, monkeypatch):
     history = json.loads((tmp_path / "run" / "history.json").read_text())
     assert [h["epoch"] for h in history] == [1, 2]  # Epoch 2 did not improve: stop.
     assert saved_params(tmp_path / "run", "best")[0] == history[0]["step"]
+
+
+def test_val_metric_combination_picks_the_best_epoch_and_says_so(tmp_path, cache_dir, monkeypatch):
+    """train.val_metric as a weighted sum: the epoch with the best sum is the one evaluated, and
+    the eval JSON names it and its value."""
+    config = _config(cache_dir)
+    config.train.num_epochs = 3
+    config.train.val_metric = "attribute_accuracy + 0.5*relation_accuracy"
+    # Epoch 2 is best by the sum (0.5 + 0.5*0.8 = 0.9) though epoch 3 has the best attributes.
+    fake = iter([(0.2, 0.0), (0.5, 0.8), (0.6, 0.1)])
+    original = evaluate.validate
+
+    def fake_validate(*args):
+        scores = original(*args)
+        scores["attribute_accuracy"], scores["relation_accuracy"] = next(fake)
+        return scores
+
+    monkeypatch.setattr(evaluate, "validate", fake_validate)
+    report = train.train_and_evaluate(config, str(tmp_path / "run"))
+    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert [round(h["eval_selection"], 4) for h in history] == [0.2, 0.9, 0.65]
+    assert report["checkpoint"]["epoch"] == 2
+    assert report["checkpoint"]["value"] == pytest.approx(0.9)
+    assert report["step"] == history[1]["step"]
+
+
+def test_val_metric_errors_name_the_field():
+    with pytest.raises(ValueError, match="config.train.val_metric"):
+        evaluate.parse_selection("0.5*")
+    assert evaluate.parse_selection(" CIDEr ") == [(1.0, "CIDEr")]
+    terms = evaluate.parse_selection("attribute_accuracy+relation_accuracy+0.1*CIDEr")
+    assert terms == [(1.0, "attribute_accuracy"), (1.0, "relation_accuracy"), (0.1, "CIDEr")]
+    scores = {"attribute_accuracy": 0.9, "relation_accuracy": 0.5, "CIDEr": 3.0}
+    assert evaluate.selection_value(terms, scores) == pytest.approx(1.7)
+    with pytest.raises(ValueError, match="relation_acc.*use any of"):
+        evaluate.selection_value([(1.0, "relation_acc")], scores)

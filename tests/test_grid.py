@@ -57,7 +57,16 @@ def test_method_labels():
 def test_table_keeps_present_metrics_and_failed_cells(tmp_path):
     cells = grid.parse_cells([{"name": "ok"}, {"name": "broken"}, {"name": "later"}])
     rows = {
-        "ok": [{"cell": "ok", "method": "greedy", "CIDEr": 0.5, "train_s": 3.0, "status": "ok"}],
+        "ok": [
+            {
+                "cell": "ok",
+                "method": "greedy",
+                "split": "test",
+                "CIDEr": 0.5,
+                "train_s": 3.0,
+                "status": "ok",
+            }
+        ],
         "broken": [{"cell": "broken", "method": "greedy", "status": "failed: ValueError: x|y"}],
     }
     path = tmp_path / "grid.md"
@@ -66,7 +75,7 @@ def test_table_keeps_present_metrics_and_failed_cells(tmp_path):
     assert lines[0] == "title"
     header = next(line for line in lines if line.startswith("| cell"))
     assert "CIDEr" in header and "Bleu_1" not in header
-    assert any("| ok | greedy | 0.5000 |" in line for line in lines)
+    assert any("| ok | greedy | test | 0.5000 |" in line for line in lines)
     assert any("failed: ValueError: x\\|y" in line for line in lines)
     assert any(line.startswith("| later | - |") and "not run" in line for line in lines)
 
@@ -107,11 +116,11 @@ def test_grid_command_trains_each_cell_once_and_tabulates_every_method(grid_run)
     header, rows = _table_rows(workdir)
     for column in ("Bleu_4", "CIDEr", "attribute_accuracy", "relation_accuracy", "train_s"):
         assert column in header
-    assert [(r["cell"], r["method"]) for r in rows] == [
-        ("merge_avg", "greedy"),
-        ("merge_avg", "beam2"),
-        ("attention_spatial", "greedy"),
-        ("attention_spatial", "beam2"),
+    assert [(r["cell"], r["method"], r["split"]) for r in rows] == [
+        (cell, method, split)
+        for cell in ("merge_avg", "attention_spatial")
+        for method in ("greedy", "beam2")
+        for split in ("test", "test_perturbed")
     ]
     assert all(r["status"] == "ok" and float(r["train_s"]) > 0 for r in rows)
     for cell in ("merge_avg", "attention_spatial"):
@@ -134,10 +143,33 @@ def test_failing_cell_is_reported_and_finished_cells_are_not_retrained(grid_run)
     before = os.path.getmtime(history)
     rows = grid.run_grid(config, cells, workdir)
     assert os.path.getmtime(history) == before  # Recorded cells are reused as they are.
-    assert [r["status"] for r in rows[:4]] == ["ok"] * 4
-    broken = rows[4]
+    assert [r["status"] for r in rows[:8]] == ["ok"] * 8
+    broken = rows[8]
     assert broken["cell"] == "broken" and broken["status"].startswith("failed: ValueError")
     assert "config.model.decoder" in broken["status"]
     assert os.path.exists(os.path.join(workdir, "broken", "error.txt"))
     _, table = _table_rows(workdir)
     assert table[-1]["cell"] == "broken" and table[-1]["status"].startswith("failed")
+
+
+def test_seeds_expand_cells_and_summarize_mean_std():
+    cells = grid.with_seeds([grid.Cell("base", {"model.decoder": "merge"})], [0, 3])
+    assert [c.name for c in cells] == ["base_seed0", "base_seed3"]
+    assert cells[1].overrides == {"model.decoder": "merge", "seed": 3}
+    assert grid.apply_overrides(test_config.get_config(), cells[1].overrides).seed == 3
+    rows = [
+        {"cell": "base_seed0", "method": "greedy", "split": "test", "CIDEr": 1.0, "status": "ok"},
+        {"cell": "base_seed3", "method": "greedy", "split": "test", "CIDEr": 3.0, "status": "ok"},
+        {"cell": "base_seed0", "method": "greedy", "split": "test_perturbed", "CIDEr": 0.5,
+         "status": "ok"},
+        {"cell": "base_seed9", "method": "greedy", "split": "test", "status": "failed: x"},
+        {"cell": "other", "method": "greedy", "split": "test", "CIDEr": 9.0, "status": "ok"},
+    ]  # fmt: skip
+    summary = grid.summarize_seeds(rows)
+    assert [(s["cell"], s["split"], s["seeds"]) for s in summary] == [
+        ("base", "test", 2),
+        ("base", "test_perturbed", 1),
+    ]
+    assert summary[0]["CIDEr"]["mean"] == 2.0 and summary[0]["CIDEr"]["min"] == 1.0
+    assert summary[0]["CIDEr"]["std"] == pytest.approx(2**0.5)  # Sample standard deviation.
+    assert grid._cell_text("CIDEr", summary[0]["CIDEr"]) == "2.0000 ± 1.4142"

@@ -139,3 +139,14 @@ def test_append_results_row(tmp_path):
     ]
     with pytest.raises(ValueError, match="other columns"):
         metrics.append_results_row(str(path), {"run": "x"}, ("run",))
+
+
+def test_caption_stats_count_repetition_bad_endings_length_and_vocabulary():
+    stats = metrics.caption_stats(
+        ["a red circle left of a red circle", "square square square", "a blue star with a", ""]
+    )
+    assert stats["repeated_pair_share"] == 0.5  # "red circle" twice; "square square" twice.
+    assert stats["longest_word_run"] == 3.0
+    assert stats["bad_ending_share"] == 0.25  # "... with a".
+    assert stats["mean_length"] == (8 + 3 + 5 + 0) / 4
+    assert stats["vocabulary_used"] == 9.0

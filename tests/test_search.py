@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 
 from captioning import decode, models, search, text
+from configs import scenes as scenes_config
 
 VOCAB = 6
 FEATURE_DIM = 8
@@ -307,20 +308,41 @@ def test_sampled_logprobs_are_differentiable():
 
 
 def _decode_config(**fields) -> ml_collections.ConfigDict:
-    config = ml_collections.ConfigDict(
-        {
-            "method": "beam",
-            "max_len": 8,
-            "beam_size": 3,
-            "length_penalty": 0.0,
-            "temperature": 1.0,
-            "top_k": 0,
-            "batch_size": 4,
-            "seed": 0,
-        }
-    )
+    config = scenes_config.get_config().decode
+    config.update(method="beam", max_len=8, beam_size=3, batch_size=4)
     config.update(fields)
     return config
+
+
+def _repeats_trigram(row) -> bool:
+    words = [int(w) for w in row if w not in (text.PAD_ID, text.END_ID)]
+    trigrams = list(zip(words, words[1:], words[2:], strict=False))
+    return len(set(trigrams)) < len(trigrams)
+
+
+@pytest.mark.parametrize("method", ["greedy", "beam", "sample"])
+def test_block_repeats_never_emits_a_repeated_trigram(method):
+    """A decoder that loves one word says it again and again; with decode.block_repeats it
+    never repeats a trigram (and the check itself does fire without blocking)."""
+    model = _model("merge")
+    bias = np.full(VOCAB, -5.0, np.float32)
+    bias[4], bias[5] = 8.0, 4.0  # Word 4 always wins, word 5 second, then <end>.
+    bias[text.END_ID] = 0.0
+    model.out_proj.bias[...] = jnp.asarray(bias)
+    model.out_proj.kernel[...] = jnp.zeros_like(model.out_proj.kernel[...])
+    graphdef, params = nnx.split(model)
+    features, key = _features(6), jax.random.key(0)
+    config = _decode_config(method=method, max_len=12, top_k=2)
+    plain = decode.decode_fn(graphdef, config)(params, features, key)
+    assert any(_repeats_trigram(row) for row in np.asarray(plain.tokens))
+    config.block_repeats = True
+    blocked = decode.decode_fn(graphdef, config)(params, features, key)
+    tokens = np.asarray(blocked.tokens)
+    assert not any(_repeats_trigram(row) for row in tokens)
+    if method != "sample":
+        assert (tokens[:, :3] == 4).all()  # The first trigram is free.
+    mask = search.repeated_trigram_mask(jnp.asarray([[4, 4, 4, 0]]), jnp.asarray(3), VOCAB)
+    assert np.flatnonzero(np.asarray(mask[0])).tolist() == [4]
 
 
 def test_decode_fn_dispatch():

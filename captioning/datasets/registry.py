@@ -8,6 +8,7 @@
 | `flickr8k`        | `flickr8k.read_flickr8k` (text zip)     | dir, skip_bad_images               |
 | `flickr8k_kaggle` | `kaggle.read_kaggle` (captions.txt)     | dir, skip_bad_images (+ seed)      |
 | `karpathy`        | `karpathy.read_karpathy` (JSON)         | dir, karpathy_json, skip_bad_images|
+| `coco_tfds`       | `coco_tfds.read_coco_tfds` (TFDS)       | tfds_data_dir, cache_dir (images)  |
 
 Images skipped with `skip_bad_images=True` are logged by the readers and appended as
 `(image_id, reason)` to `skipped` when given, so the caller can write them to the workdir.
@@ -19,7 +20,7 @@ from typing import Any
 
 from captioning.datasets.base import DataError, DatasetSplits
 
-DATASETS = ("scenes", "flickr8k", "flickr8k_kaggle", "karpathy")
+DATASETS = ("scenes", "flickr8k", "flickr8k_kaggle", "karpathy", "coco_tfds")
 
 
 def load_records(data_config: Any, seed: int, skipped: list | None = None) -> DatasetSplits:
@@ -29,6 +30,10 @@ def load_records(data_config: Any, seed: int, skipped: list | None = None) -> Da
         from captioning.datasets import scenes  # Imported here: only this branch needs it.
 
         return scenes.load_scenes(data_config, seed)
+    if name == "coco_tfds":
+        from captioning.datasets import coco_tfds  # Extracts the images into the cache once.
+
+        return coco_tfds.read_coco_tfds(data_config.tfds_data_dir, data_config.cache_dir)
     common = {
         "skip_bad_images": bool(data_config.skip_bad_images),
         "skipped": skipped,
