@@ -1,0 +1,125 @@
+"""Self-critical training: advantages, the loss mask, where the gradient flows, the starting run
+check, and an SCST run that resumes exactly after a crash."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import saved_params
+
+from captioning import scst, text, train
+from configs import test as test_config
+
+END, PAD = text.END_ID, text.PAD_ID
+
+
+def test_mean_baseline_advantages_sum_to_zero_per_image():
+    rewards = np.array([[1.0, 2.0, 3.0, 6.0], [0.5, 0.5, 0.5, 0.5]])
+    advantage, baseline = scst.advantages(rewards, "mean")
+    np.testing.assert_allclose(advantage.sum(axis=1), 0.0, atol=1e-12)
+    assert baseline[0, 3] == pytest.approx((1 + 2 + 3) / 3)  # The other samples' mean.
+    np.testing.assert_allclose(advantage[1], 0.0)
+    advantage, baseline = scst.advantages(rewards, "greedy", np.array([2.0, 1.0]))
+    np.testing.assert_allclose(advantage, rewards - np.array([[2.0], [1.0]]))
+    with pytest.raises(ValueError, match="config.scst.baseline"):
+        scst.advantages(rewards, "average")
+    with pytest.raises(ValueError, match="num_samples"):
+        scst.advantages(rewards[:, :1], "mean")
+
+
+def test_mask_keeps_words_up_to_and_including_the_first_end():
+    tokens = np.array([[5, 6, END, 7, END], [5, END, PAD, PAD, PAD], [5, 6, 7, 8, 9]])
+    mask = np.asarray(scst.sequence_mask(tokens))
+    np.testing.assert_array_equal(mask, [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]])
+
+
+def test_caption_texts_end_with_the_end_token_only_when_ended():
+    vocab = text.Vocabulary(["red", "circle"])
+    red, circle = vocab.stoi["red"], vocab.stoi["circle"]
+    texts = scst.caption_texts(np.array([[red, circle, END, red], [red, red, red, red]]), vocab)
+    assert texts == ["red circle <end>", "red red red red"]
+
+
+def test_gradient_flows_only_through_the_sampled_log_probabilities():
+    """d loss / d logits = -advantage x (one_hot - softmax) on the kept words / word count;
+    nothing reaches the advantages (rewards and baselines are constants)."""
+    rng = np.random.default_rng(0)
+    logits = jnp.asarray(rng.normal(size=(2, 4, 6)), jnp.float32)
+    tokens = jnp.asarray([[4, 5, END, 4], [5, 5, 4, 4]])
+    advantage = jnp.asarray([0.5, -2.0])
+    d_logits, d_advantage = jax.grad(scst.policy_loss, argnums=(0, 2))(logits, tokens, advantage)
+    mask = np.array([[1, 1, 1, 0], [1, 1, 1, 1]], np.float32)
+    expected = -(np.asarray(jax.nn.one_hot(tokens, 6)) - np.asarray(jax.nn.softmax(logits)))
+    expected *= (np.asarray(advantage)[:, None] * mask / mask.sum())[..., None]
+    np.testing.assert_allclose(d_logits, expected, atol=1e-6)
+    np.testing.assert_array_equal(d_advantage, 0.0)
+    assert np.all(np.asarray(d_logits)[0, 3] == 0)  # After <end>: no gradient.
+
+
+@pytest.fixture(scope="module")
+def xe_run(tmp_path_factory):
+    """A finished (one-epoch) cross-entropy run of the tiny config."""
+    root = tmp_path_factory.mktemp("scst")
+    config = test_config.get_config()
+    config.data.cache_dir = str(root / "cache")
+    config.train.num_epochs = 1
+    config.eval.extra_splits = ""
+    train.train_and_evaluate(config, str(root / "xe"))
+    return config, str(root / "xe"), root
+
+
+def _scst_config(xe_config, xe_dir, epochs=2):
+    config = test_config.get_config()
+    config.data.cache_dir = xe_config.data.cache_dir
+    config.eval.extra_splits = ""
+    config.scst.init_from = xe_dir
+    config.scst.num_epochs = epochs
+    config.scst.batch_size = 16  # 48 training images: 3 steps an epoch.
+    config.scst.learning_rate = 1e-3
+    return config
+
+
+def test_a_run_with_other_features_or_decoder_is_refused(xe_run):
+    xe_config, xe_dir, root = xe_run
+    config = _scst_config(xe_config, xe_dir)
+    config.model.hidden_size = 64
+    with pytest.raises(ValueError, match="model.hidden_size"):
+        scst.train_and_evaluate(config, str(root / "refused"))
+    config = _scst_config(xe_config, "")
+    config.scst.init_from = ""
+    with pytest.raises(ValueError, match="config.scst.init_from"):
+        scst.train_and_evaluate(config, str(root / "refused"))
+
+
+def test_scst_resumes_exactly_after_a_crash(xe_run, monkeypatch):
+    xe_config, xe_dir, root = xe_run
+    config = _scst_config(xe_config, xe_dir)
+    whole = scst.train_and_evaluate(config, str(root / "whole"))
+    history = json.loads((root / "whole" / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [0, 1, 2]  # Epoch 0: the starting run, validated.
+    assert all("train_reward" in h and "train_baseline" in h for h in history[1:])
+    assert (root / "whole" / "curves.png").exists()
+    assert "| scst |" in (root / "whole" / "results.md").read_text()
+
+    calls = {"n": 0}
+    original = scst.rewards.CiderD.scores
+
+    def crash_in_epoch_two(self, *args):
+        calls["n"] += 1
+        if calls["n"] == 5:  # The second step of epoch 2 (3 steps an epoch).
+            raise KeyboardInterrupt
+        return original(self, *args)
+
+    monkeypatch.setattr(scst.rewards.CiderD, "scores", crash_in_epoch_two)
+    with pytest.raises(KeyboardInterrupt):
+        scst.train_and_evaluate(config, str(root / "resumed"))
+    monkeypatch.setattr(scst.rewards.CiderD, "scores", original)
+    resumed = scst.train_and_evaluate(config, str(root / "resumed"))
+    whole_step, whole_params = saved_params(root / "whole")
+    resumed_step, resumed_params = saved_params(root / "resumed")
+    assert whole_step == resumed_step == 6
+    for a, b in zip(jax.tree.leaves(whole_params), jax.tree.leaves(resumed_params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert resumed["metrics"] == whole["metrics"] and resumed["captions"] == whole["captions"]
