@@ -47,6 +47,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from captioning import text
 from captioning.layers import LSTM, Decoder, Dense, dropout, matmul, param
 
 Array = jax.Array
@@ -87,9 +88,10 @@ def flatten_locations(features: Array) -> Array:
     return features
 
 
-def append_positions(features: Array) -> Array:
+def append_positions(features: Array, scale: float = 1.0) -> Array:
     """[B, H, W, C] (or [B, L, C] with L a square) -> [B, H, W, C + 2]: each location's row and
-    column centre in [-1, 1] appended to its features (top left = (-1, -1), approximately)."""
+    column centre in [-1, 1], times `scale`, appended to its features (top left = (-1, -1),
+    approximately)."""
     if features.ndim == 3:
         side = round(features.shape[1] ** 0.5)
         if side * side != features.shape[1]:
@@ -102,18 +104,18 @@ def append_positions(features: Array) -> Array:
     rows = (2.0 * jnp.arange(height) + 1.0) / height - 1.0
     cols = (2.0 * jnp.arange(width) + 1.0) / width - 1.0
     grid = jnp.stack(jnp.meshgrid(rows, cols, indexing="ij"), axis=-1)  # [H, W, 2]
-    grid = jnp.broadcast_to(grid, (batch, height, width, 2)).astype(features.dtype)
+    grid = jnp.broadcast_to(scale * grid, (batch, height, width, 2)).astype(features.dtype)
     return jnp.concatenate([features, grid], axis=-1)
 
 
-def spatial_input(features: Array, use_image: bool, positions: bool) -> Array:
+def spatial_input(features: Array, use_image: bool, positions: float) -> Array:
     """[B, H, W, C] | [B, L, C] -> float32 [B, L, C (+2)]: zeros for the image-blind ablation,
-    each location's (row, column) appended when `positions`."""
+    each location's (row, column) times `positions` appended when it is not 0."""
     feats = features.astype(jnp.float32)
     if not use_image:
         feats = jnp.zeros_like(feats)
     if positions:
-        feats = append_positions(feats)
+        feats = append_positions(feats, float(positions))
     return flatten_locations(feats)
 
 
@@ -145,7 +147,7 @@ class AttentionDecoder(Decoder):
         dropout_rate: float,
         use_image: bool,
         rngs: nnx.Rngs,
-        positions: bool = False,
+        positions: float = 0.0,
         dtype: Any = jnp.float32,
     ):
         self.dropout_rate = dropout_rate
@@ -251,8 +253,8 @@ class AttentionDecoder(Decoder):
 
 class MergeAttentionDecoder(Decoder):
     """The merge decoder with spatial attention at its output (Lu et al. 2017, "Knowing When to
-    Look", section 2.2): the image still never enters the LSTM, but what is added to the LSTM's
-    output h_t is no longer one pooled vector but a context looked up *with h_t itself*.
+    Look", section 2.2): what is added to the LSTM's output h_t is no longer one pooled vector but
+    a context looked up *with h_t itself*.
 
     Per image, from the locations a_1..a_L ([L, C], positions appended when configured):
         v = relu(W_v mean(a))           the merge decoder's pooled image embedding  [H]
@@ -267,6 +269,16 @@ class MergeAttentionDecoder(Decoder):
     look at the blue object's cells. Since alpha_t depends on h_t and not on h_{t-1}, training
     runs the attention for every step in parallel: it costs little more than the merge decoder,
     unlike Show-Attend-Tell's attention inside the recurrence.
+
+    Two options give the LSTM itself a view of the image, still without attention inside the
+    recurrence:
+    * `layout_init`: (h_0, c_0) = tanh(W flatten(a)): the LSTM starts knowing the whole layout
+      (which objects, where), so it can keep track of which ones it has named.
+    * `word_attention`: the words just read look the image up too: q_t = U_1 e(w_t) + U_2
+      e(w_{t-1}) (so "red" then "circle" asks for the red circle), z_t = sum_i beta_ti r_i, and the
+      LSTM reads [e(w_t); z_t]. The queries depend on the input words only, so z_t of every step
+      is computed before the scan. The LSTM then knows where the objects it named are, which the
+      spatial relation it states next depends on.
     """
 
     def __init__(
@@ -280,65 +292,181 @@ class MergeAttentionDecoder(Decoder):
         dropout_rate: float,
         use_image: bool,
         rngs: nnx.Rngs,
-        positions: bool = False,
+        positions: float = 0.0,
         dtype: Any = jnp.float32,
+        num_locations: int = 0,
+        layout_init: bool = False,
+        word_attention: bool = False,
+        heads: int = 1,
+        feed_attention: bool = False,
     ):
         self.dropout_rate = dropout_rate
         self.use_image = use_image
         self.positions = positions
         self.dtype = dtype
+        self.word_attention = word_attention
         feature_dim += 2 if positions else 0
+        # The LSTM also reads where the previous word looked (alpha_{t-1} over the L locations).
+        if feed_attention and num_locations < 1:
+            raise ValueError("config.model.feed_attention needs the number of feature locations.")
+        self.feed_attention = (
+            param(rngs, (num_locations, 4 * hidden_size)) if feed_attention else None
+        )
+        if heads < 1:
+            raise ValueError(f"config.model.attention_heads={heads}: use 1 or more.")
+        self.heads = heads
         self.image_proj = Dense(feature_dim, hidden_size, rngs=rngs, dtype=dtype)
-        self.att_keys = Dense(feature_dim, attention_dim, rngs=rngs, dtype=dtype)
-        self.att_values = param(rngs, (feature_dim, hidden_size))
-        self.att_query = param(rngs, (hidden_size, attention_dim))
-        self.att_score = param(rngs, (attention_dim, 1))
+        self.att_keys = Dense(feature_dim, heads * attention_dim, rngs=rngs, dtype=dtype)
+        self.att_values = param(rngs, (feature_dim, heads * hidden_size))
+        self.att_query = param(rngs, (hidden_size, heads * attention_dim))
+        self.att_score = param(rngs, (heads, attention_dim))
         self.embed = nnx.Embed(vocab_size, embed_dim, rngs=rngs)
-        self.lstm = LSTM(embed_dim, hidden_size, rngs=rngs, dtype=dtype)
+        lstm_in = embed_dim + (hidden_size if word_attention else 0)
+        self.lstm = LSTM(lstm_in, hidden_size, rngs=rngs, dtype=dtype)
         self.merge_proj = Dense(hidden_size, hidden_size, rngs=rngs, dtype=dtype)
         self.out_proj = Dense(hidden_size, vocab_size, rngs=rngs, dtype=dtype)
+        if layout_init and num_locations < 1:
+            raise ValueError("config.model.layout_init needs the number of feature locations.")
+        layout_dim = num_locations * feature_dim
+        self.layout = (
+            Dense(layout_dim, 2 * hidden_size, rngs=rngs, dtype=dtype) if layout_init else None
+        )
+        if word_attention:
+            self.word_keys = Dense(feature_dim, attention_dim, rngs=rngs, dtype=dtype)
+            self.word_values = param(rngs, (feature_dim, hidden_size))
+            self.word_query = param(rngs, (embed_dim, attention_dim))
+            self.word_query_prev = param(rngs, (embed_dim, attention_dim))
+            self.word_score = param(rngs, (attention_dim, 1))
 
-    def _prepare(
-        self, features: Array, key: Array | None, train: bool
-    ) -> tuple[Array, AttentionContext]:
-        """features [B, H, W, C] | [B, L, C] -> (pooled embedding v [B, H], context)."""
+    def _prepare(self, features: Array, key: Array | None, train: bool):
+        """features [B, H, W, C] | [B, L, C] -> (pooled v [B, H], output context, word context
+        or None, initial LSTM state)."""
         feats = spatial_input(features, self.use_image, self.positions)
         feats = dropout(feats, self.dropout_rate, key, train)  # [B, L, C]
         pooled = jax.nn.relu(self.image_proj(feats.mean(axis=1)))
-        values = matmul(feats, self.att_values[...], self.dtype)  # [B, L, H]
-        return pooled, AttentionContext(values=values, keys=self.att_keys(feats))
+        # Per head k: values [B, L, k, H], keys [B, L, k, A].
+        split = lambda x: x.reshape(*x.shape[:2], self.heads, -1)
+        values = split(matmul(feats, self.att_values[...], self.dtype))
+        output_context = AttentionContext(values=values, keys=split(self.att_keys(feats)))
+        word_context = None
+        if self.word_attention:
+            word_values = matmul(feats, self.word_values[...], self.dtype)
+            word_context = AttentionContext(values=word_values, keys=self.word_keys(feats))
+        state = self.lstm.zero_state(features.shape[0])
+        if self.layout is not None:
+            h0, c0 = jnp.split(jnp.tanh(self.layout(feats.reshape(feats.shape[0], -1))), 2, -1)
+            state = (h0, c0)
+        return pooled, output_context, word_context, state
+
+    def _lstm_inputs(self, word_context, words: Array, prev_words: Array) -> Array:
+        """words, prev_words [B, (T,) E] -> the LSTM's gate inputs [B, (T,) 4H]."""
+        if word_context is None:
+            return self.lstm.project_inputs(words)
+        query = matmul(words, self.word_query[...], self.dtype) + matmul(
+            prev_words, self.word_query_prev[...], self.dtype
+        )
+        beta = jax.nn.softmax(
+            matmul(
+                jnp.tanh(
+                    (word_context.keys[:, None] if words.ndim == 3 else word_context.keys)
+                    + query[..., None, :]
+                ),
+                self.word_score[...],
+                self.dtype,
+            )[..., 0],
+            axis=-1,
+        )
+        seen = _weighted(beta, word_context.values, self.dtype)  # [B, (T,) H]
+        return self.lstm.project_inputs(jnp.concatenate([words, seen], axis=-1))
 
     def _output(self, pooled: Array, context: AttentionContext, h: Array) -> tuple[Array, Array]:
-        """h [B, T, H] -> (pre-logits [B, T, H], alpha [B, T, L])."""
-        alpha = additive_attention(
-            context.keys, h, self.att_query[...], self.att_score[...], self.dtype
+        """h [B, T, H] -> (pre-logits [B, T, H], alpha [B, T, L] averaged over the heads)."""
+        attended, alpha = self._attend(context, h)
+        return self._merge(pooled, attended, h), alpha
+
+    def _merge(self, pooled: Array, attended: Array, h: Array) -> Array:
+        """The merge decoder's output: relu(dense(v + c_t + h_t)) [B, T, H]."""
+        return jax.nn.relu(self.merge_proj(pooled[:, None, :] + attended + h))
+
+    def _attend(self, context: AttentionContext, h: Array) -> tuple[Array, Array]:
+        """h [B, T, H] -> (context c_t [B, T, H], alpha [B, T, L] averaged over the heads).
+
+        Each head k looks up its own context: alpha_tk = softmax_i(w_k^T tanh(k_ik + U_k h_t)),
+        and the contexts sum_i alpha_tki u_ik of all heads add up.
+        """
+        alpha = self._weights(context, h)
+        return self._read(context, alpha), alpha.mean(axis=2)
+
+    def _weights(self, context: AttentionContext, h: Array) -> Array:
+        """h [B, T, H] -> alpha [B, T, heads, L], each head's weights over the locations."""
+        query = matmul(h, self.att_query[...], self.dtype)
+        query = query.reshape(*query.shape[:2], self.heads, -1)  # [B, T, k, A]
+        hidden = jnp.tanh(context.keys[:, None] + query[:, :, None])  # [B, T, L, k, A]
+        scores = jnp.einsum(
+            "btlka,ka->btkl",
+            hidden.astype(self.dtype),
+            self.att_score[...].astype(self.dtype),
+            preferred_element_type=jnp.float32,
         )
-        attended = _weighted(alpha, context.values, self.dtype)  # [B, T, H]
-        return jax.nn.relu(self.merge_proj(pooled[:, None, :] + attended + h)), alpha
+        return jax.nn.softmax(scores, axis=-1)  # [B, T, k, L]
+
+    def _read(self, context: AttentionContext, alpha: Array) -> Array:
+        """alpha [B, T, heads, L] -> the heads' contexts summed [B, T, H]."""
+        return jnp.einsum(
+            "btkl,blkd->btd",
+            alpha.astype(self.dtype),
+            context.values.astype(self.dtype),
+            preferred_element_type=jnp.float32,
+        )
 
     def pre_logits(
         self, features: Array, tokens_in: Array, *, train: bool = False, key: Array | None = None
     ) -> tuple[Array, dict[str, Array]]:
         """Teacher forcing up to the output layer: -> ([B, T, H] input of `out_proj`, aux)."""
         k_img, k_emb = jax.random.split(key) if key is not None else (None, None)
-        pooled, context = self._prepare(features, k_img, train)
+        pooled, output_context, word_context, state = self._prepare(features, k_img, train)
         words = dropout(self.embed(tokens_in), self.dropout_rate, k_emb, train)  # [B, T, E]
-        h_bth = self.lstm.scan(
-            self.lstm.zero_state(tokens_in.shape[0]), self.lstm.project_inputs(words)
-        )
-        pre_logits, alpha = self._output(pooled, context, h_bth)
-        return pre_logits, {"attention": alpha}
+        # Before the first word, the previous word is <start> again (as in init_decode).
+        start = self.embed(jnp.full_like(tokens_in[:, :1], text.START_ID))
+        prev_words = jnp.concatenate([start, words[:, :-1]], axis=1)
+        gates = self._lstm_inputs(word_context, words, prev_words)  # [B, T, 4H]
+        if self.feed_attention is None:
+            h_bth = self.lstm.scan(state, gates)
+            pre_logits, alpha = self._output(pooled, output_context, h_bth)
+            return pre_logits, {"attention": alpha}
 
-    def init_decode(
-        self, features: Array
-    ) -> tuple[tuple[Array, AttentionContext], tuple[Array, Array]]:
-        """-> ((pooled embedding, attention context), LSTM state)."""
-        return self._prepare(features, None, False), self.lstm.zero_state(features.shape[0])
+        def step(carry, gates_t):  # The attention weights run inside the recurrence.
+            (h, c), fed = carry
+            h, c = self.lstm.cell((h, c), gates_t + self._feed(fed))
+            alpha = self._weights(output_context, h[:, None])  # [B, 1, heads, L]
+            return ((h, c), alpha[:, 0].mean(axis=1)), (h, alpha[:, 0])
 
-    def decode_step(
-        self, context: tuple[Array, AttentionContext], state: tuple[Array, Array], tokens: Array
-    ) -> tuple[tuple[Array, Array], Array, Array]:
+        fed = jnp.zeros((tokens_in.shape[0], output_context.keys.shape[1]), jnp.float32)
+        _, (h, alpha) = jax.lax.scan(step, (state, fed), jnp.swapaxes(gates, 0, 1))
+        h, alpha = jnp.swapaxes(h, 0, 1), jnp.swapaxes(alpha, 0, 1)  # [B, T, H], [B, T, k, L]
+        attended = self._read(output_context, alpha)  # All steps at once, after the scan.
+        return self._merge(pooled, attended, h), {"attention": alpha.mean(axis=2)}
+
+    def _feed(self, fed: Array) -> Array:
+        """Where the previous word looked, alpha_{t-1} [B, L] -> its part of the gates [B, 4H]."""
+        return matmul(fed, self.feed_attention[...], self.dtype)
+
+    def init_decode(self, features: Array):
+        """-> ((pooled embedding, output and word attention contexts), (h, c, previous word,
+        previous attended context))."""
+        pooled, output_context, word_context, (h, c) = self._prepare(features, None, False)
+        start = jnp.full((features.shape[0],), text.START_ID, jnp.int32)
+        fed = jnp.zeros((features.shape[0], output_context.keys.shape[1]), jnp.float32)
+        return (pooled, output_context, word_context), (h, c, start, fed)
+
+    def decode_step(self, context, state, tokens: Array):
         """tokens [B] -> (state, logits [B, V] float32, attention [B, L] of this word)."""
-        state = self.lstm.cell(state, self.lstm.project_inputs(self.embed(tokens)))
-        pre_logits, alpha = self._output(*context, state[0][:, None, :])
-        return state, self.out_proj(pre_logits)[:, 0], alpha[:, 0]
+        pooled, output_context, word_context = context
+        h, c, prev, fed = state
+        gates = self._lstm_inputs(word_context, self.embed(tokens), self.embed(prev))
+        if self.feed_attention is not None:
+            gates = gates + self._feed(fed)
+        h, c = self.lstm.cell((h, c), gates)
+        attended, alpha = self._attend(output_context, h[:, None, :])
+        pre_logits = self._merge(pooled, attended, h[:, None, :])
+        return (h, c, tokens, alpha[:, 0]), self.out_proj(pre_logits)[:, 0], alpha[:, 0]

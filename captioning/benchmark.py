@@ -91,6 +91,11 @@ SEED_MODEL = {
     "attention_reg": 0.0,
     "attention_dim": 0,
     "attention_positions": False,
+    "position_scale": 1.0,
+    "attention_heads": 1,
+    "feed_attention": False,
+    "layout_init": False,
+    "word_attention": False,
     "dtype": "float32",
 }
 SEED_TRAIN = {
@@ -281,6 +286,7 @@ def benchmark_decoding(graphdef, params, num_images, max_len):
                 "length_penalty": 0.0,
                 "temperature": 1.0,
                 "top_k": 0,
+                "block_repeats": False,
             }
         )
         fn = decode.decode_fn(graphdef, config)

@@ -45,6 +45,11 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.max_caption_len = 24  # Words per caption kept (longer ones are truncated).
     config.data.skip_bad_images = False  # Skip unreadable images (listed in the workdir) or raise.
     config.data.karpathy_json = ""  # karpathy: which dataset_*.json when data.dir holds several.
+    config.data.tfds_data_dir = ""  # coco_tfds: tensorflow-datasets data_dir ('' = TFDS default).
+    # Scenes only: share of training images drawn perturbed (background, colours, anti-aliased
+    # edges, turns; captions stay true), so the captioner learns shapes and colours, not pixels.
+    config.data.train_jitter = 0.0
+    config.data.perturbed_test = True  # Scenes only: also score test_perturbed (test, perturbed).
 
     config.encoder = ml_collections.ConfigDict()
     config.encoder.backbone = "resnet50"  # inception_v3 | resnet50 | vgg16 (keras.applications)
@@ -78,6 +83,13 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.attention_reg = 0.0
     config.model.attention_dim = 32  # Attention decoders: hidden size of the attention MLP.
     config.model.attention_positions = True  # Attention decoders: add (row, col) to each cell.
+    config.model.position_scale = 1.0  # Attention decoders: the appended (row, col) times this.
+    config.model.attention_heads = 1  # merge_attention: output attention heads (contexts add up).
+    config.model.feed_attention = (
+        False  # merge_attention: the LSTM reads where the last word looked.
+    )
+    config.model.layout_init = False  # merge_attention: LSTM state starts from the whole grid.
+    config.model.word_attention = False  # merge_attention: words just read attend; LSTM reads it.
     config.model.dtype = "float32"  # float32 | bfloat16 matmuls (state, loss, optimizer stay fp32).
 
     config.train = ml_collections.ConfigDict()
@@ -93,6 +105,16 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.val_metric = "CIDEr"  # Validation metric that picks the best checkpoint.
     config.train.patience = 0  # Stop after this many epochs without a better val metric (0=off).
 
+    # Self-critical training (captioning/scst.py): a second phase that fine-tunes a finished
+    # cross-entropy run on CIDEr-D (configs/scenes_scst.py).
+    config.scst = ml_collections.ConfigDict()
+    config.scst.init_from = ""  # Workdir of the cross-entropy run to start from ('' = no SCST).
+    config.scst.num_samples = 5  # Captions sampled per image.
+    config.scst.baseline = "mean"  # mean (of the image's other samples) | greedy (its caption).
+    config.scst.learning_rate = 5e-5  # Adam learning rate (constant).
+    config.scst.num_epochs = 5  # Passes over the training images.
+    config.scst.batch_size = 50  # Images per step (x num_samples captions).
+
     config.decode = ml_collections.ConfigDict()
     config.decode.method = "greedy"  # greedy | beam | sample
     config.decode.max_len = 24  # Longest generated caption in words.
@@ -102,9 +124,11 @@ def get_config() -> ml_collections.ConfigDict:
     config.decode.top_k = 0  # Sample among the k most likely words (0 = all).
     config.decode.batch_size = 256  # Images decoded per call.
     config.decode.seed = 0  # PRNG seed of method=sample (batch i draws with fold_in(seed, i)).
+    config.decode.block_repeats = False  # Never emit a word that repeats a trigram (all methods).
 
     config.eval = ml_collections.ConfigDict()
     config.eval.split = "test"  # Split scored by --mode=evaluate and at the end of training.
+    config.eval.extra_splits = "test_perturbed"  # Also scored after training, when present (a,b).
     config.eval.tokenizer = "simple"  # simple (our cleaning) | ptb (Stanford PTB tokenizer, Java)
     config.eval.meteor = True  # METEOR needs Java; reported as skipped when Java is missing.
     config.eval.spice = False  # SPICE needs Java and Stanford CoreNLP jars; skipped if absent.
