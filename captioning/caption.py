@@ -116,7 +116,7 @@ def caption_images(
                 "the run's own config (omit --config)."
             )
         features = stats.apply(raw)
-        graphdef, params, step = evaluate.restore_inference(
+        graphdef, params, step, _ = evaluate.restore_inference(
             config, workdir, len(vocab), features.shape[1:]
         )
         decoded = decode.decode_split(
