@@ -115,14 +115,13 @@ def caption_images(
                 f"config.encoder ({config.encoder.backbone}) gives {raw.shape[-1]}: caption with "
                 "the run's own config (omit --config)."
             )
-        features = stats.apply(raw)
         graphdef, params, step, _ = evaluate.restore_inference(
-            config, workdir, len(vocab), features.shape[1:]
+            config, workdir, len(vocab), raw.shape[1:]
         )
         decoded = decode.decode_split(
-            decode.decode_fn(graphdef, config.decode),
+            decode.decode_fn(graphdef, config.decode, stats),
             params,
-            features,
+            raw,
             batch_size=config.decode.batch_size,
             seed=config.decode.seed,
         )
@@ -136,7 +135,7 @@ def caption_images(
                 decoded.tokens,
                 decoded.attention,
                 vocab,
-                features.shape[1:-1],
+                raw.shape[1:-1],
             )
 
     results = []

@@ -1,12 +1,20 @@
 """Data preparation, once per run: records, feature store, vocabulary and feature statistics.
 
-    data = prepare_data(config, workdir)   # PreparedData: splits, vocab, features, image_row
+    data = prepare_data(config, workdir)   # PreparedData: splits, vocab, features, stats, ...
 
 The dataset reader (`captioning.datasets`) gives the records of every split; the feature store
-(`captioning.feature_store`) is exported if missing, then loaded; the vocabulary is built on the
+(`captioning.feature_store`) is exported if missing, then opened; the vocabulary is built on the
 train captions (or taken from the run). Features are standardised per channel with train-split
 statistics (`FeatureStats`, saved as `workdir/feature_stats.npz`), because random or ImageNet
-backbones give activations of very different scales; caption mode applies the same statistics.
+backbones give activations of very different scales. The store's rows stay as they are stored
+(float16 stays float16); the statistics are applied to each batch on the device, by the train
+step and the decoder, so no float32 copy of the store is ever made.
+
+Where the rows live (`data.feature_residency`): `device` (one array on the accelerator; the step
+gathers its rows), `host` (in RAM; each batch's rows are gathered by the input pipeline's
+background thread and sent with the batch) or `disk` (memory-mapped shards read per batch, on the
+same thread). `auto` picks by the store's size: device below a quarter of the device's memory
+(RAM on a CPU), host below half of the RAM, else disk.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ import hashlib
 import os
 from typing import Any
 
+import jax
 import ml_collections
 import numpy as np
 from absl import logging
@@ -26,6 +35,8 @@ from captioning.datasets.base import DatasetSplits
 
 STATS_FILE = "feature_stats.npz"
 SKIPPED_FILE = "skipped_images.txt"
+RESIDENCIES = ("auto", "device", "host", "disk")
+_STATS_CHUNK = 512  # Images per chunk of the statistics pass (bounded memory on large stores).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,11 +47,21 @@ class FeatureStats:
     std: np.ndarray
 
     @classmethod
-    def compute(cls, features: np.ndarray, rows: np.ndarray) -> FeatureStats:
-        """Statistics over `features[rows]` ([N, ..., C]), all axes but the last."""
-        train = features[rows].astype(np.float32)
-        axes = tuple(range(train.ndim - 1))
-        return cls(train.mean(axis=axes), train.std(axis=axes) + 1e-6)
+    def compute(cls, features, rows: np.ndarray) -> FeatureStats:
+        """Statistics over `features[rows]` ([N, ..., C]), all axes but the last, accumulated
+        in float64 over chunks of rows, so a store larger than memory needs one pass and no copy."""
+        total = np.zeros(features.shape[-1], np.float64)
+        squares = np.zeros_like(total)
+        count = 0
+        for start in range(0, len(rows), _STATS_CHUNK):
+            chunk = np.asarray(features[np.sort(rows[start : start + _STATS_CHUNK])], np.float64)
+            chunk = chunk.reshape(-1, chunk.shape[-1])
+            total += chunk.sum(axis=0)
+            squares += np.square(chunk).sum(axis=0)
+            count += len(chunk)
+        mean = total / max(count, 1)
+        std = np.sqrt(np.maximum(squares / max(count, 1) - np.square(mean), 0.0))
+        return cls(mean.astype(np.float32), (std + 1e-6).astype(np.float32))
 
     @classmethod
     def load(cls, workdir: str) -> FeatureStats:
@@ -55,9 +76,9 @@ class FeatureStats:
     def save(self, workdir: str) -> None:
         np.savez(os.path.join(workdir, STATS_FILE), mean=self.mean, std=self.std)
 
-    def apply(self, features: np.ndarray) -> np.ndarray:
-        """[..., C] raw features -> standardised float32, same shape."""
-        return ((features.astype(np.float32) - self.mean) / self.std).astype(np.float32)
+    def apply(self, features):
+        """[..., C] raw features (numpy or jax) -> standardised float32, same shape."""
+        return (features.astype(np.float32) - self.mean) / self.std
 
 
 @dataclasses.dataclass
@@ -67,16 +88,21 @@ class PreparedData:
     Attributes:
       splits: records per split (images that failed to load already removed).
       vocab: the vocabulary built on the train captions.
-      features: [N, D] or [N, H, W, C] float32 standardised features of every image.
+      features: [N, D] or [N, H, W, C] features of every image as stored (float16 or float32,
+        not standardised): an array in RAM, or `feature_store.MappedFeatures` (disk residency).
+      stats: the standardisation to apply to rows of `features`.
       image_row: image_id -> row of `features`.
       feature_metadata: the feature store's metadata (backbone, weights, image size, ...).
+      residency: where the rows live while training: device, host or disk.
     """
 
     splits: DatasetSplits
     vocab: text.Vocabulary
-    features: np.ndarray
+    features: Any
+    stats: FeatureStats
     image_row: dict[str, int]
     feature_metadata: dict[str, Any]
+    residency: str = "device"
 
     def rows(self, split: str) -> np.ndarray:
         """[n] int32 feature rows of the split's images, in record order."""
@@ -128,13 +154,38 @@ def export_store(
     return splits, result
 
 
+def choose_residency(requested: str, nbytes: int) -> str:
+    """`data.feature_residency` -> device | host | disk (auto: by size against the memory)."""
+    if requested not in RESIDENCIES:
+        raise ValueError(f"config.data.feature_residency={requested!r}: use one of {RESIDENCIES}.")
+    if requested != "auto":
+        return requested
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    device_memory = (jax.devices()[0].memory_stats() or {}).get("bytes_limit", ram)
+    if nbytes < device_memory / 4:
+        return "device"
+    return "host" if nbytes < ram / 2 else "disk"
+
+
 def prepare_data(
     config: ml_collections.ConfigDict, workdir: str, *, vocab: text.Vocabulary | None = None
 ) -> PreparedData:
-    """Reads the dataset, exports/loads features, builds (or takes) the vocabulary, and
-    standardises the features with the run's statistics (computed on train and saved once)."""
+    """Reads the dataset, exports/opens the feature store, builds (or takes) the vocabulary, and
+    computes the run's feature statistics on train (once; saved in the workdir)."""
     splits, result = export_store(config, workdir)
-    store = feature_store.load_feature_store(result.store_dir)
+    store = feature_store.load_feature_store(result.store_dir, on_disk=True)
+    residency = choose_residency(config.data.feature_residency, store.nbytes)
+    features = store.features
+    if residency != "disk":  # One read into memory, as stored (float16 stays float16).
+        features = features[np.arange(len(store))]
+    logging.info(
+        "Features %s %s, %.2f GB: %s-resident (data.feature_residency=%s).",
+        store.metadata["dtype"],
+        tuple(store.metadata["feature_shape"]),
+        store.nbytes / 1e9,
+        residency,
+        config.data.feature_residency,
+    )
     image_row = {image_id: i for i, image_id in enumerate(store.ids)}
     splits = {
         split: [r for r in records if r.image_id in image_row] for split, records in splits.items()
@@ -150,7 +201,6 @@ def prepare_data(
         stats = FeatureStats.load(workdir)
     else:
         train_rows = np.asarray([image_row[r.image_id] for r in splits["train"]])
-        stats = FeatureStats.compute(store.features, train_rows)
+        stats = FeatureStats.compute(features, train_rows)
         stats.save(workdir)
-    features = stats.apply(store.features)
-    return PreparedData(splits, vocab, features, image_row, dict(store.metadata))
+    return PreparedData(splits, vocab, features, stats, image_row, dict(store.metadata), residency)

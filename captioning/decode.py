@@ -26,12 +26,14 @@ METHODS = ("greedy", "beam", "sample")
 DecodeFn = Callable[[Any, Array, Array], DecodeOutput]
 
 
-def decode_fn(graphdef: nnx.GraphDef, decode_config: Any) -> DecodeFn:
+def decode_fn(graphdef: nnx.GraphDef, decode_config: Any, stats=None) -> DecodeFn:
     """-> jitted `fn(params, features [B, ...], key) -> DecodeOutput` for `decode_config.method`.
 
-    `key` is a PRNG key; only `method=sample` uses it (`decode_split` passes
-    `fold_in(key(decode.seed), batch index)`, so sampled batches are independent and reproducible).
-    Settings are validated here, before anything is traced.
+    `features` are rows as the store holds them; `stats` (a `data.FeatureStats`) standardises
+    them on the device first (None: they are standardised already). `key` is a PRNG key; only
+    `method=sample` uses it (`decode_split` passes `fold_in(key(decode.seed), batch index)`, so
+    sampled batches are independent and reproducible). Settings are validated here, before
+    anything is traced.
     """
     method = decode_config.method
     max_len = int(decode_config.max_len)
@@ -49,6 +51,8 @@ def decode_fn(graphdef: nnx.GraphDef, decode_config: Any) -> DecodeFn:
     @jax.jit
     def fn(params, features, key):
         model = nnx.merge(graphdef, params)
+        if stats is not None:
+            features = stats.apply(features)
         if method == "greedy":
             return search.greedy_decode(model, features, max_len, block_repeats)
         if method == "beam":
@@ -93,7 +97,8 @@ def decode_split(
     """Decodes images in batches of one fixed size (the last padded) -> DecodeOutput of numpy
     arrays, one row per image.
 
-    features: [N, ...] (already standardised); rows: which of them (default all), in order.
+    features: [N, ...] rows as `decode` expects them; rows: which of them (default all), in
+    order (an array in memory or `feature_store.MappedFeatures`).
     The batch is `min(batch_size, number of images)`, so a handful of images is not padded up to a
     large configured batch; batch i samples with `fold_in(key(seed), i)`.
     """

@@ -173,7 +173,7 @@ def evaluate(
     method = config.decode.method
     start = time.perf_counter()
     decoded = decode.decode_split(
-        decode.decode_fn(graphdef, config.decode),
+        decode.decode_fn(graphdef, config.decode, data.stats),
         params,
         data.features,
         rows=rows,
@@ -259,7 +259,7 @@ def _draw_samples(config, workdir, split, data, records, rows, captions, decoded
             other_config = ml_collections.ConfigDict(config.decode.to_dict())
             other_config.method = other
             out = decode.decode_split(
-                decode.decode_fn(graphdef, other_config),
+                decode.decode_fn(graphdef, other_config, data.stats),
                 params,
                 data.features,
                 rows=rows[: len(shown)],

@@ -16,8 +16,10 @@ import json
 import logging
 import os
 import re
+import struct
 import sys
 import time
+import zipfile
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -66,20 +68,77 @@ class ExportResult:
 
 @dataclasses.dataclass
 class FeatureStore:
-    """Features of a whole dataset, in memory.
+    """Features of a whole dataset.
 
     Attributes:
       ids: image ids, row order of `features`.
-      features: [N, D] (pooling 'avg') or [N, H, W, C] (pooling 'none'), float32 or float16.
+      features: [N, D] (pooling 'avg') or [N, H, W, C] (pooling 'none'), float32 or float16 as
+        stored: an array in memory, or `MappedFeatures` reading rows from the shards on disk.
       metadata: the store's metadata.json.
     """
 
     ids: list[str]
-    features: np.ndarray
+    features: np.ndarray | MappedFeatures
     metadata: dict[str, Any]
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    @property
+    def nbytes(self) -> int:
+        """Size of the features in memory (as stored: float16 stays float16)."""
+        shape, dtype = self.metadata["feature_shape"], np.dtype(self.metadata["dtype"])
+        return len(self.ids) * int(np.prod(shape)) * dtype.itemsize
+
+
+def _mapped_member(path: str, member: str = "features.npy") -> np.memmap:
+    """An array stored uncompressed inside an .npz (np.savez) memory-mapped where it lies."""
+    with zipfile.ZipFile(path) as archive:
+        info = archive.getinfo(member)
+        if info.compress_type != zipfile.ZIP_STORED:
+            raise FeatureStoreError(f"{path}: {member} is compressed and cannot be memory-mapped.")
+    with open(path, "rb") as f:
+        f.seek(info.header_offset)
+        local = f.read(30)  # The zip local file header: name and extra field lengths at 26..30.
+        name_length, extra_length = struct.unpack("<HH", local[26:30])
+        f.seek(info.header_offset + 30 + name_length + extra_length)
+        version = np.lib.format.read_magic(f)
+        read_header = (
+            np.lib.format.read_array_header_1_0
+            if version == (1, 0)
+            else np.lib.format.read_array_header_2_0
+        )
+        shape, fortran, dtype = read_header(f)
+        offset = f.tell()
+    if fortran:
+        raise FeatureStoreError(f"{path}: {member} is in Fortran order; export the store again.")
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
+
+
+class MappedFeatures:
+    """The store's feature rows read from its shards on disk when indexed (memory-mapped, so
+    the operating system's page cache keeps what fits): `features[rows]` -> [len(rows), ...]."""
+
+    def __init__(self, shard_paths: Sequence[str]):
+        self._shards = [_mapped_member(p) for p in shard_paths]
+        sizes = [len(s) for s in self._shards]
+        self._starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        first = self._shards[0]
+        self.shape = (int(self._starts[-1]), *first.shape[1:])
+        self.dtype = first.dtype
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows) -> np.ndarray:
+        rows = np.asarray(rows, np.int64)
+        flat = rows.reshape(-1)
+        shard = np.searchsorted(self._starts, flat, side="right") - 1
+        out = np.empty((len(flat), *self.shape[1:]), self.dtype)
+        for k in np.unique(shard):
+            where = np.flatnonzero(shard == k)
+            out[where] = self._shards[k][flat[where] - self._starts[k]]
+        return out.reshape(*rows.shape, *self.shape[1:])
 
 
 def feature_store_dir(
@@ -348,8 +407,9 @@ def _export_shards(
     return time.perf_counter() - start
 
 
-def load_feature_store(store_dir: str) -> FeatureStore:
-    """Reads a complete feature store: all shards concatenated in id order."""
+def load_feature_store(store_dir: str, *, on_disk: bool = False) -> FeatureStore:
+    """Reads a complete feature store: all shards concatenated in id order, into memory, or,
+    with `on_disk`, as `MappedFeatures` that read the rows they are asked for."""
     path = os.path.join(store_dir, METADATA_FILE)
     if not os.path.isfile(path):
         raise FeatureStoreError(
@@ -370,12 +430,16 @@ def load_feature_store(store_dir: str) -> FeatureStore:
     for name in names:
         with np.load(os.path.join(store_dir, name)) as shard:
             ids += shard["ids"].tolist()
-            chunks.append(shard["features"])
+            if not on_disk:
+                chunks.append(shard["features"])
     if len(ids) != metadata["num_images"]:
         raise FeatureStoreError(
             f"The feature store {store_dir} has {len(ids)} images in its shards but its "
             f"{METADATA_FILE} says {metadata['num_images']}: delete the folder and export again."
         )
     shape = (0, *metadata["feature_shape"])
-    features = np.concatenate(chunks) if chunks else np.zeros(shape, metadata["dtype"])
+    if on_disk and names:
+        features = MappedFeatures([os.path.join(store_dir, name) for name in names])
+    else:
+        features = np.concatenate(chunks) if chunks else np.zeros(shape, metadata["dtype"])
     return FeatureStore(ids, features, metadata)

@@ -13,6 +13,8 @@ Batch layout (dict of numpy arrays):
   targets:     [B, T] int32 `w1 .. wn <end>` then `<pad>` (mask = targets != 0)
   concepts:    [B, K] uint8 (only with `concepts`): the words and frequent word pairs of the
                caption's image's references, for the auxiliary concept loss
+  features:    [B, ...] (only with `features`, host or disk residency): the images' feature
+               rows as stored, gathered on the pipeline's background thread
 """
 
 from __future__ import annotations
@@ -152,6 +154,7 @@ class CaptionBatches:
         shuffle: bool,
         prefetch: int = 2,
         concepts: np.ndarray | None = None,
+        features=None,
     ):
         if len(data) == 0:
             raise ValueError("No captions to batch: the split is empty after cleaning.")
@@ -161,6 +164,7 @@ class CaptionBatches:
         self.shuffle = shuffle
         self.prefetch = prefetch
         self.concepts = concepts  # [num_rows, K] uint8 or None (see concept_targets).
+        self.features = features  # [num_rows, ...] rows to send with each batch, or None.
         max_targets = data.tokens.shape[1] - 1
         self.lengths = bucket_lengths(data.lengths, num_buckets, max_targets)
         bucket_of = np.searchsorted(np.asarray(self.lengths), data.lengths)
@@ -191,6 +195,8 @@ class CaptionBatches:
         batch = {"image_index": image_index, "inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
         if self.concepts is not None:
             batch["concepts"] = self.concepts[image_index]
+        if self.features is not None:
+            batch["features"] = self.features[image_index]
         return batch
 
     def epoch(self, epoch: int) -> Iterator[dict[str, np.ndarray]]:
@@ -214,6 +220,9 @@ class CaptionBatches:
             signature["concepts"] = tf.TensorSpec(
                 [self.batch_size, self.concepts.shape[1]], tf.uint8
             )
+        if self.features is not None:
+            shape = [self.batch_size, *self.features.shape[1:]]
+            signature["features"] = tf.TensorSpec(shape, tf.as_dtype(self.features.dtype))
         dataset = tf.data.Dataset.from_generator(generate, output_signature=signature)
         return dataset.prefetch(self.prefetch).with_options(fixed_options())
 

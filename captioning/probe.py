@@ -108,7 +108,8 @@ def main(argv):
         data = data_lib.prepare_data(config, workdir)
     records = {s: data.splits[s] for s in ("train", "val", "test")}
     features = {
-        s: data.features[[data.image_row[r.image_id] for r in rs]] for s, rs in records.items()
+        s: data.stats.apply(data.features[[data.image_row[r.image_id] for r in rs]])
+        for s, rs in records.items()
     }
     report = probe(features, records)
     report["features"] = {k: config.encoder[k] for k in ("backbone", "layer", "pooling", "grid")}

@@ -120,31 +120,36 @@ def policy_loss(logits: jax.Array, tokens: jax.Array, advantage: jax.Array) -> j
     return -jnp.sum(jax.lax.stop_gradient(advantage) * summed) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
-def make_steps(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, scst_config, max_len):
-    """-> (sample, update), pure functions to be jitted.
+def make_steps(
+    graphdef: nnx.GraphDef, tx: optax.GradientTransformation, scst_config, max_len, stats=None
+):
+    """-> (sample, update), pure functions to be jitted. `features` are the batch images' rows
+    as the store holds them [B, ...], standardised on the device with `stats`.
 
-    sample(params, features, image_index [B], key) -> tokens [B * num_samples, max_len], each
-      image's samples adjacent.
-    update(params, opt_state, features, image_index [M], tokens [M, T], advantage [M])
+    sample(params, features [B, ...], key) -> tokens [B * num_samples, max_len], each image's
+      samples adjacent.
+    update(params, opt_state, features [B, ...], tokens [B * num_samples, T], advantage [same])
       -> (params, opt_state, {loss, grad_norm}).
     """
     num_samples = int(scst_config.num_samples)
 
-    def sample(params, features, image_index, key):
-        model = nnx.merge(graphdef, params)
-        rows = jnp.repeat(image_index, num_samples)
-        out = search.sample_decode(model, jnp.take(features, rows, axis=0), key, max_len=max_len)
-        return out.tokens
+    def standardized(features):
+        features = jnp.repeat(features, num_samples, axis=0)
+        return features if stats is None else stats.apply(features)
 
-    def loss_fn(params, features, image_index, tokens, advantage):
+    def sample(params, features, key):
+        model = nnx.merge(graphdef, params)
+        return search.sample_decode(model, standardized(features), key, max_len=max_len).tokens
+
+    def loss_fn(params, features, tokens, advantage):
         model = nnx.merge(graphdef, params)
         start = jnp.full((tokens.shape[0], 1), text.START_ID, tokens.dtype)
         inputs = jnp.concatenate([start, tokens[:, :-1]], axis=1)
-        logits, _ = model(jnp.take(features, image_index, axis=0), inputs)
+        logits, _ = model(standardized(features), inputs)
         return policy_loss(logits, tokens, advantage)
 
-    def update(params, opt_state, features, image_index, tokens, advantage):
-        loss, grads = jax.value_and_grad(loss_fn)(params, features, image_index, tokens, advantage)
+    def update(params, opt_state, features, tokens, advantage):
+        loss, grads = jax.value_and_grad(loss_fn)(params, features, tokens, advantage)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         return params, opt_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
@@ -235,13 +240,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         logging.info("SCST from %s (its checkpoint of step %d).", init_dir, init_step)
     best_metric, best_epoch = float(progress["best_metric"]), int(progress["best_epoch"])
 
-    features = jnp.asarray(data.features)
     max_len = int(config.decode.max_len)
-    sample_fn, update_fn = make_steps(graphdef, tx, scst, max_len)
+    sample_fn, update_fn = make_steps(graphdef, tx, scst, max_len, data.stats)
     sample_fn = jax.jit(sample_fn)
     update_fn = jax.jit(update_fn, donate_argnums=(0, 1))
     greedy_config = ml_collections.ConfigDict({**config.decode.to_dict(), "method": "greedy"})
-    greedy_fn = decode.decode_fn(graphdef, greedy_config)
+    greedy_fn = decode.decode_fn(graphdef, greedy_config, data.stats)
     batches_per_epoch = len(_image_batches(len(train_rows), scst.batch_size, config.seed, 0))
     total_steps = batches_per_epoch * scst.num_epochs
     selection = evaluate.parse_selection(config.train.val_metric)
@@ -269,16 +273,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             for batch_rows, valid in _image_batches(
                 len(train_rows), scst.batch_size, config.seed, epoch
             ):
-                image_index = jnp.asarray(train_rows[batch_rows], jnp.int32)
+                # The images' rows, gathered wherever they live (device, host or disk residency).
+                features = jnp.asarray(data.features[train_rows[batch_rows]])
                 key = jax.random.fold_in(base_key, step)
-                tokens = np.asarray(sample_fn(params, features, image_index, key))
+                tokens = np.asarray(sample_fn(params, features, key))
                 reward_start = time.perf_counter()
                 sample_images = np.repeat(batch_rows, scst.num_samples)
                 sample_rewards = scorer.scores(caption_texts(tokens, vocab), sample_images)
                 sample_rewards = sample_rewards.reshape(-1, scst.num_samples)
                 greedy_rewards = None
                 if scst.baseline == "greedy":
-                    greedy = np.asarray(greedy_fn(params, features[image_index], key).tokens)
+                    greedy = np.asarray(greedy_fn(params, features, key).tokens)
                     greedy_rewards = scorer.scores(caption_texts(greedy, vocab), batch_rows)
                 advantage, baseline = advantages(sample_rewards, scst.baseline, greedy_rewards)
                 advantage[valid:] = 0.0  # Batch filler images teach nothing.
@@ -287,7 +292,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     params,
                     opt_state,
                     features,
-                    jnp.repeat(image_index, scst.num_samples),
                     jnp.asarray(tokens),
                     jnp.asarray(advantage.reshape(-1), jnp.float32),
                 )

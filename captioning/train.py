@@ -95,10 +95,14 @@ def make_steps(
     tx: optax.GradientTransformation,
     model_config,
     *,
+    stats=None,
     freeze_embeddings: bool | None = None,
 ):
     """-> (train_step, eval_step), pure functions to be jitted.
 
+    `features` is the store on the device ([N, ...], rows gathered by `batch["image_index"]`), or
+    None when the batch carries its rows as `batch["features"]` (host or disk residency); `stats`
+    (a `data.FeatureStats`) standardises the rows on the device (None: already standardised).
     With frozen embeddings (default: `embeddings_frozen(model_config)`) the embedding matrix is
     behind a stop_gradient, so XLA skips its gradient (a scatter-add) and the gradient of the
     embedded words (a [B*T, 4H] x [4H, E] matmul) instead of computing and discarding them.
@@ -116,7 +120,12 @@ def make_steps(
                 lambda path, x: jax.lax.stop_gradient(x) if _is_embedding(path) else x, params
             )
         model = nnx.merge(graphdef, params)
-        image_features = jnp.take(features, batch["image_index"], axis=0)
+        if features is None:
+            image_features = batch["features"]
+        else:
+            image_features = jnp.take(features, batch["image_index"], axis=0)
+        if stats is not None:
+            image_features = stats.apply(image_features)
         pre_logits, aux = model.pre_logits(image_features, batch["inputs"], train=train, key=key)
         # The output layer and the cross-entropy in one (captioning/losses.py).
         out = model.out_proj
@@ -234,6 +243,8 @@ def check_resumable_config(config: ml_collections.ConfigDict, workdir: str) -> N
 def _caption_batches(
     config: ml_collections.ConfigDict, data: PreparedData, split: str, shuffle: bool
 ) -> input_pipeline.CaptionBatches:
+    """The split's bucketed batches; they carry their feature rows unless those are on the
+    device."""
     captions = input_pipeline.build_caption_data(
         data.splits[split],
         data.image_row,
@@ -253,6 +264,7 @@ def _caption_batches(
         seed=config.seed,
         shuffle=shuffle,
         concepts=concepts,
+        features=None if data.residency == "device" else data.features,
     )
 
 
@@ -311,8 +323,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     mesh = parallel.make_mesh()
     parallel.check_batch_size(config.train.batch_size, mesh, "config.train.batch_size")
-    # Kept on the device(s) for the whole run; steps gather their rows from it.
-    features = parallel.replicate(jnp.asarray(data.features), mesh)
+    # Device residency: the store (as stored, float16 stays float16) on the device(s) for the
+    # whole run, steps gather their rows from it. Otherwise the batches bring their rows.
+    features = None
+    if data.residency == "device":
+        features = parallel.replicate(jnp.asarray(data.features), mesh)
     base_key = jax.random.key(config.seed)
 
     latest_mgr, best_mgr = checkpoint.managers(workdir, config.train.keep_checkpoints)
@@ -325,7 +340,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     best_epoch = int(progress["best_epoch"])
     epochs_since_best = int(progress["epochs_since_best"])
 
-    train_step, eval_step = make_steps(graphdef, tx, config.model)
+    train_step, eval_step = make_steps(graphdef, tx, config.model, stats=data.stats)
     train_step = jax.jit(train_step, donate_argnums=(0, 1))
     eval_step = jax.jit(eval_step)
     compile_start = time.perf_counter()
@@ -338,7 +353,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         eval_step, lambda b: (params, features, parallel.shard_batch(b, mesh)), val_batches
     )
     greedy = ml_collections.ConfigDict({**config.decode.to_dict(), "method": "greedy"})
-    decode_greedy = decode.decode_fn(graphdef, greedy)
+    decode_greedy = decode.decode_fn(graphdef, greedy, data.stats)
     logging.info(
         "Compiled %d train and %d eval steps in %.1fs (bucket lengths %s).",
         len(compiled_train),

@@ -44,6 +44,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.min_word_len = 1  # Shorter words are dropped by cleaning (the seed uses 2).
     config.data.max_caption_len = 24  # Words per caption kept (longer ones are truncated).
     config.data.skip_bad_images = False  # Skip unreadable images (listed in the workdir) or raise.
+    config.data.feature_residency = "auto"  # auto | device | host | disk: where feature rows live.
     config.data.karpathy_json = ""  # karpathy: which dataset_*.json when data.dir holds several.
     config.data.tfds_data_dir = ""  # coco_tfds: tensorflow-datasets data_dir ('' = TFDS default).
     # Scenes only: share of training images drawn perturbed (background, colours, anti-aliased
@@ -85,9 +86,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.attention_positions = True  # Attention decoders: add (row, col) to each cell.
     config.model.position_scale = 1.0  # Attention decoders: the appended (row, col) times this.
     config.model.attention_heads = 1  # merge_attention: output attention heads (contexts add up).
-    config.model.feed_attention = (
-        False  # merge_attention: the LSTM reads where the last word looked.
-    )
+    config.model.feed_dim = 0  # merge_attention: LSTM reads an F-dim summary of the last lookup.
     config.model.layout_init = False  # merge_attention: LSTM state starts from the whole grid.
     config.model.word_attention = False  # merge_attention: words just read attend; LSTM reads it.
     config.model.dtype = "float32"  # float32 | bfloat16 matmuls (state, loss, optimizer stay fp32).

@@ -259,3 +259,26 @@ def test_feature_store_dir_names_settings(tmp_path):
 def test_backbone_throughput(image_dir):
     images = np.zeros([5, 75, 75, 3], np.uint8)
     assert backbone.backbone_throughput(encoder_config(), images, repeats=1) > 0
+
+
+def test_mapped_features_read_the_rows_asked_for_across_shards(tmp_path):
+    rng = np.random.default_rng(0)
+    parts = [rng.normal(size=(n, 2, 3)).astype(np.float16) for n in (5, 3)]
+    paths = []
+    for k, part in enumerate(parts):
+        paths.append(str(tmp_path / f"shard_{k:05d}.npz"))
+        feature_store._write_shard(paths[-1], [f"{k}_{i}" for i in range(len(part))], part, [])
+    mapped = feature_store.MappedFeatures(paths)
+    whole = np.concatenate(parts)
+    assert mapped.shape == (8, 2, 3) and mapped.dtype == np.float16 and len(mapped) == 8
+    rows = np.array([7, 0, 5, 4, 4, 2])
+    np.testing.assert_array_equal(mapped[rows], whole[rows])
+    np.testing.assert_array_equal(mapped[rows.reshape(2, 3)], whole[rows.reshape(2, 3)])
+
+
+def test_store_on_disk_equals_the_store_in_memory(reference_store):
+    result, store = reference_store
+    mapped = feature_store.load_feature_store(result.store_dir, on_disk=True)
+    assert isinstance(mapped.features, feature_store.MappedFeatures)
+    assert mapped.ids == store.ids and mapped.nbytes == store.features.nbytes
+    np.testing.assert_array_equal(mapped.features[np.arange(len(store))], store.features)
