@@ -5,6 +5,7 @@ Modes:
   evaluate         score the best checkpoint on --config.eval.split with --config.decode.method.
   caption          caption new images: --images=FILE|FOLDER|GLOB (uses the run's own settings).
   export_features  only export the CNN feature store for the configured dataset and backbone.
+  serve            web demo and API of a trained run (Gradio): --host, --port, --max_upload_mb.
 
 Any config field can be overridden, e.g. `--config.model.hidden_size=512`.
 """
@@ -16,10 +17,15 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).")
 flags.DEFINE_string("workdir", None, "Run directory: config, vocabulary, checkpoints, logs, evals.")
 flags.DEFINE_enum(
-    "mode", "train", ["train", "evaluate", "caption", "export_features"], "What to do."
+    "mode", "train", ["train", "evaluate", "caption", "export_features", "serve"], "What to do."
 )
 flags.DEFINE_string("images", None, "caption mode: an image file, a folder or a glob pattern.")
 flags.DEFINE_string("output", None, "caption mode: JSON file for the captions (default: workdir).")
+flags.DEFINE_integer("port", 7860, "serve mode: the port the web demo listens on.")
+flags.DEFINE_string(
+    "host", "127.0.0.1", "serve mode: the address to bind (0.0.0.0 opens it to the network)."
+)
+flags.DEFINE_float("max_upload_mb", 10, "serve mode: largest image file accepted, in MB.")
 flags.mark_flag_as_required("workdir")
 
 
@@ -44,7 +50,16 @@ def main(argv):
     tf.config.set_visible_devices([], "GPU")
     from captioning import cli
 
-    cli.run(FLAGS.mode, FLAGS.config, FLAGS.workdir, images=FLAGS.images, output=FLAGS.output)
+    cli.run(
+        FLAGS.mode,
+        FLAGS.config,
+        FLAGS.workdir,
+        images=FLAGS.images,
+        output=FLAGS.output,
+        host=FLAGS.host,
+        port=FLAGS.port,
+        max_upload_mb=FLAGS.max_upload_mb,
+    )
     logging.info("Done: %s", FLAGS.workdir)
 
 

@@ -10,7 +10,7 @@ import os
 import ml_collections
 from absl import logging
 
-MODES = ("train", "evaluate", "caption", "export_features")
+MODES = ("train", "evaluate", "caption", "export_features", "serve")
 
 
 def _require_config(config: ml_collections.ConfigDict | None, mode: str):
@@ -35,13 +35,21 @@ def run(
     *,
     images: str | None = None,
     output: str | None = None,
+    host: str = "127.0.0.1",
+    port: int = 7860,
+    max_upload_mb: float = 10,
 ) -> object:
     """Runs one mode of main.py and returns its result (a report, captions or store metadata)."""
     workdir = os.path.abspath(os.path.expanduser(workdir))
     if mode == "train":
+        config = _require_config(config, mode)
+        if config.scst.init_from:  # The self-critical phase after a cross-entropy run.
+            from captioning import scst
+
+            return scst.train_and_evaluate(config, workdir)
         from captioning import train
 
-        return train.train_and_evaluate(_require_config(config, mode), workdir)
+        return train.train_and_evaluate(config, workdir)
     if mode == "evaluate":
         from captioning import evaluate
 
@@ -61,4 +69,10 @@ def run(
 
         config = _config_or_run_config(config, workdir)
         return caption.caption_images(config, workdir, images, output=output)
+    if mode == "serve":
+        if config is not None:
+            logging.warning("--mode=serve uses the run's own config.json; --config is ignored.")
+        from captioning import serve  # Gradio: imported only by this mode.
+
+        return serve.serve(workdir, host=host, port=port, max_upload_mb=max_upload_mb)
     raise ValueError(f"Unknown --mode={mode!r}; use one of {MODES}.")
