@@ -143,12 +143,20 @@ def export_store(
     store_dir = feature_store.feature_store_dir(
         os.path.expanduser(config.data.cache_dir), dataset_key(config, splits), config.encoder
     )
+    barrier = None
+    if jax.process_count() > 1:  # Every host exports its share of the shards.
+        from jax.experimental import multihost_utils
+
+        barrier = multihost_utils.sync_global_devices
     result = feature_store.export_features(
         all_records,
         config.encoder,
         store_dir,
         skip_bad_images=config.data.skip_bad_images,
         seed=config.seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        barrier=barrier,
     )
     _write_skipped(workdir, skipped + list(result.skipped))
     return splits, result
@@ -202,5 +210,6 @@ def prepare_data(
     else:
         train_rows = np.asarray([image_row[r.image_id] for r in splits["train"]])
         stats = FeatureStats.compute(features, train_rows)
-        stats.save(workdir)
+        if jax.process_index() == 0:  # Every process computes the same; one writes.
+            stats.save(workdir)
     return PreparedData(splits, vocab, features, stats, image_row, dict(store.metadata), residency)

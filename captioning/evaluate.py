@@ -14,6 +14,7 @@ import re
 import time
 from typing import Any, NamedTuple
 
+import jax
 import ml_collections
 from absl import logging
 from flax import nnx
@@ -64,6 +65,11 @@ def selection_value(terms: list[tuple[float, str]], scores: dict[str, float]) ->
             f"use any of {sorted(scores)}."
         )
     return float(sum(weight * scores[name] for weight, name in terms))
+
+
+def writes_files() -> bool:
+    """Whether this process writes the run's files: with several processes, only the first."""
+    return jax.process_index() == 0
 
 
 def write_json(path: str, obj: Any) -> None:
@@ -217,6 +223,8 @@ def evaluate(
             for r, c in zip(records, captions, strict=True)
         ],
     }
+    if not writes_files():  # Every process decodes alike; the first one reports.
+        return report
     eval_dir = os.path.join(workdir, "eval")
     os.makedirs(eval_dir, exist_ok=True)
     write_json(os.path.join(eval_dir, f"{split}_{method}.json"), report)

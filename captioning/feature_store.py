@@ -270,6 +270,9 @@ def export_features(
     skip_bad_images: bool = False,
     shard_size: int = 1024,
     seed: int | None = None,
+    process_index: int = 0,
+    process_count: int = 1,
+    barrier: Callable[[str], None] | None = None,
 ) -> ExportResult:
     """Runs the backbone over every record's image (once per image_id) into `store_dir`.
 
@@ -277,6 +280,11 @@ def export_features(
     Missing or undecodable image files raise `DataError` naming the file, or with
     `skip_bad_images` are left out and returned in `ExportResult.skipped`.
     `seed` seeds random ('none') weights (default: encoder.seed or 0).
+
+    Several processes (hosts) share the work: process p computes the shards k with
+    k % process_count == p (shards are made small enough that every process gets one), `barrier`
+    waits for all of them, and process 0 then writes the index (metadata.json) covering every
+    shard.
     """
     settings = backbone.encoder_settings(encoder_config, seed)
     weights_path = backbone.resolve_weights(encoder_config)  # Fails fast, before touching the disk.
@@ -291,13 +299,20 @@ def export_features(
             )
 
     os.makedirs(store_dir, exist_ok=True)
-    old_metadata = _check_store_settings(store_dir, settings)
+    first = process_index == 0
+    barrier = barrier or (lambda name: None)
+    old_metadata = _check_store_settings(store_dir, settings) if first else None
+    barrier("feature store checked")  # Process 0 has refused a mismatched store, or not.
 
+    shard_size = min(shard_size, max(1, -(-len(ids) // process_count)))
     num_shards = -(-len(ids) // shard_size)
     todo: list[tuple[int, int, int]] = []  # (shard, first, end) positions into work_*.
     work_ids: list[str] = []
     work_paths: list[str] = []
+    done_images = 0
     for shard in range(num_shards):
+        if shard % process_count != process_index:
+            continue  # Another process's share.
         lo, hi = shard * shard_size, min((shard + 1) * shard_size, len(ids))
         done = _read_shard_index(_shard_path(store_dir, shard))
         if done is not None:
@@ -305,12 +320,20 @@ def export_features(
             complete = sorted(done_ids + [s[0] for s in done_skipped]) == ids[lo:hi]
             # Without skipping, a shard with skipped images is redone (the file may be fixed).
             if complete and (skip_bad_images or not done_skipped):
+                done_images += hi - lo
                 continue
         todo.append((shard, len(work_ids), len(work_ids) + hi - lo))
         work_ids += ids[lo:hi]
         work_paths += paths[lo:hi]
+    logger.info(
+        "Feature export into %s%s: %d images already in finished shards, %d to compute.",
+        store_dir,
+        f" (process {process_index} of {process_count})" if process_count > 1 else "",
+        done_images,
+        len(work_ids),
+    )
     # Shards left over from a larger record set would otherwise be loaded with the rest.
-    for name in os.listdir(store_dir):
+    for name in os.listdir(store_dir) if first else []:
         match = SHARD_PATTERN.match(name)
         if match and int(match.group(1)) >= num_shards:
             os.remove(os.path.join(store_dir, name))
@@ -335,9 +358,11 @@ def export_features(
         )
     runner = backbone.get_runner(encoder_config, encoder_config.batch_size, seed)
     metadata["feature_shape"] = list(runner.feature_shape)
-    _write_json(os.path.join(store_dir, METADATA_FILE), metadata)
+    if first:
+        _write_json(os.path.join(store_dir, METADATA_FILE), metadata)
 
     seconds = _export_shards(store_dir, todo, work_ids, work_paths, runner, skip_bad_images)
+    barrier("feature shards written")
 
     num_images, skipped = 0, []
     for shard in range(num_shards):
@@ -345,7 +370,9 @@ def export_features(
         num_images += len(shard_ids)
         skipped += shard_skipped
     metadata.update(num_images=num_images, skipped=skipped, complete=True)
-    _write_json(os.path.join(store_dir, METADATA_FILE), metadata)
+    if first:
+        _write_json(os.path.join(store_dir, METADATA_FILE), metadata)
+    barrier("feature store complete")
     rate = len(work_ids) / seconds if seconds > 0 else 0.0
     logger.info(
         "Feature store %s: %d images (%d computed now in %.1f s, %.1f images/s; %d skipped).",

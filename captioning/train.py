@@ -295,12 +295,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
     check_resumable_config(config, workdir)
-    evaluate.write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json()))
+    if evaluate.writes_files():
+        evaluate.write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json()))
 
     vocab_path = os.path.join(workdir, "vocab.json")
     existing_vocab = text.Vocabulary.load(vocab_path) if os.path.exists(vocab_path) else None
     data = prepare_data(config, workdir, vocab=existing_vocab)
-    data.vocab.save(vocab_path)
+    if evaluate.writes_files():
+        data.vocab.save(vocab_path)
     logging.info(
         "Data: %s; vocabulary %d; features %s from %s.",
         ", ".join(f"{s} {len(records)} images" for s, records in data.splits.items()),
@@ -415,7 +417,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     params, features, parallel.shard_batch(batch, mesh)
                 )
                 val_sums += (float(out["loss_sum"]), float(out["count"]))
-            scores = evaluate.validate(decode_greedy, params, data, config)
+            # Each process decodes the validation images with its own copy of the parameters.
+            scores = evaluate.validate(decode_greedy, parallel.local(params), data, config)
             val_metric = evaluate.selection_value(selection, scores)
             epoch_metrics = {
                 "train_loss": epoch_sums[0] / max(epoch_sums[1], 1.0),
@@ -484,7 +487,8 @@ def end_epoch(
     latest always, best when `improved`. epochs: (done, total); seconds: (epoch, training)."""
     writer.write_scalars(step, epoch_metrics)
     history.append({"epoch": epochs[0], "step": step, **epoch_metrics})
-    evaluate.write_json(os.path.join(workdir, HISTORY_FILE), history)
+    if evaluate.writes_files():
+        evaluate.write_json(os.path.join(workdir, HISTORY_FILE), history)
     latest_mgr, best_mgr = managers
     checkpoint.save(latest_mgr, step, **state)
     if improved:
@@ -515,7 +519,8 @@ def finish(config, workdir: str, data: PreparedData, history, curves) -> dict[st
     (the returned report) and on every split of `eval.extra_splits` the data has."""
     from captioning import visualize
 
-    visualize.plot_curves(os.path.join(workdir, "curves.png"), history, curves)
+    if evaluate.writes_files():
+        visualize.plot_curves(os.path.join(workdir, "curves.png"), history, curves)
     report = evaluate.evaluate(config, workdir, split=config.eval.split, data=data)
     for split in filter(None, (s.strip() for s in config.eval.extra_splits.split(","))):
         if data.splits.get(split) and split != config.eval.split:
