@@ -298,7 +298,7 @@ class MergeAttentionDecoder(Decoder):
         layout_init: bool = False,
         word_attention: bool = False,
         heads: int = 1,
-        feed_attention: bool = False,
+        feed_dim: int = 0,
     ):
         self.dropout_rate = dropout_rate
         self.use_image = use_image
@@ -306,12 +306,8 @@ class MergeAttentionDecoder(Decoder):
         self.dtype = dtype
         self.word_attention = word_attention
         feature_dim += 2 if positions else 0
-        # The LSTM also reads where the previous word looked (alpha_{t-1} over the L locations).
-        if feed_attention and num_locations < 1:
-            raise ValueError("config.model.feed_attention needs the number of feature locations.")
-        self.feed_attention = (
-            param(rngs, (num_locations, 4 * hidden_size)) if feed_attention else None
-        )
+        # Feeding: the LSTM also reads an F-dim summary of what the previous word looked at.
+        self.feed_dim = feed_dim
         if heads < 1:
             raise ValueError(f"config.model.attention_heads={heads}: use 1 or more.")
         self.heads = heads
@@ -331,6 +327,9 @@ class MergeAttentionDecoder(Decoder):
         self.layout = (
             Dense(layout_dim, 2 * hidden_size, rngs=rngs, dtype=dtype) if layout_init else None
         )
+        if feed_dim:
+            self.feed_values = param(rngs, (feature_dim, feed_dim))
+            self.feed_gates = param(rngs, (feed_dim, 4 * hidden_size))
         if word_attention:
             self.word_keys = Dense(feature_dim, attention_dim, rngs=rngs, dtype=dtype)
             self.word_values = param(rngs, (feature_dim, hidden_size))
@@ -340,7 +339,7 @@ class MergeAttentionDecoder(Decoder):
 
     def _prepare(self, features: Array, key: Array | None, train: bool):
         """features [B, H, W, C] | [B, L, C] -> (pooled v [B, H], output context, word context
-        or None, initial LSTM state)."""
+        or None, fed values [B, L, F] or None, initial LSTM state)."""
         feats = spatial_input(features, self.use_image, self.positions)
         feats = dropout(feats, self.dropout_rate, key, train)  # [B, L, C]
         pooled = jax.nn.relu(self.image_proj(feats.mean(axis=1)))
@@ -352,11 +351,14 @@ class MergeAttentionDecoder(Decoder):
         if self.word_attention:
             word_values = matmul(feats, self.word_values[...], self.dtype)
             word_context = AttentionContext(values=word_values, keys=self.word_keys(feats))
+        feed_values = None
+        if self.feed_dim:
+            feed_values = matmul(feats, self.feed_values[...], self.dtype)  # [B, L, F]
         state = self.lstm.zero_state(features.shape[0])
         if self.layout is not None:
             h0, c0 = jnp.split(jnp.tanh(self.layout(feats.reshape(feats.shape[0], -1))), 2, -1)
             state = (h0, c0)
-        return pooled, output_context, word_context, state
+        return pooled, output_context, word_context, feed_values, state
 
     def _lstm_inputs(self, word_context, words: Array, prev_words: Array) -> Array:
         """words, prev_words [B, (T,) E] -> the LSTM's gate inputs [B, (T,) 4H]."""
@@ -424,13 +426,15 @@ class MergeAttentionDecoder(Decoder):
     ) -> tuple[Array, dict[str, Array]]:
         """Teacher forcing up to the output layer: -> ([B, T, H] input of `out_proj`, aux)."""
         k_img, k_emb = jax.random.split(key) if key is not None else (None, None)
-        pooled, output_context, word_context, state = self._prepare(features, k_img, train)
+        pooled, output_context, word_context, feed_values, state = self._prepare(
+            features, k_img, train
+        )
         words = dropout(self.embed(tokens_in), self.dropout_rate, k_emb, train)  # [B, T, E]
         # Before the first word, the previous word is <start> again (as in init_decode).
         start = self.embed(jnp.full_like(tokens_in[:, :1], text.START_ID))
         prev_words = jnp.concatenate([start, words[:, :-1]], axis=1)
         gates = self._lstm_inputs(word_context, words, prev_words)  # [B, T, 4H]
-        if self.feed_attention is None:
+        if feed_values is None:
             h_bth = self.lstm.scan(state, gates)
             pre_logits, alpha = self._output(pooled, output_context, h_bth)
             return pre_logits, {"attention": alpha}
@@ -439,34 +443,43 @@ class MergeAttentionDecoder(Decoder):
             (h, c), fed = carry
             h, c = self.lstm.cell((h, c), gates_t + self._feed(fed))
             alpha = self._weights(output_context, h[:, None])  # [B, 1, heads, L]
-            return ((h, c), alpha[:, 0].mean(axis=1)), (h, alpha[:, 0])
+            return ((h, c), self._fed(feed_values, alpha[:, 0])), (h, alpha[:, 0])
 
-        fed = jnp.zeros((tokens_in.shape[0], output_context.keys.shape[1]), jnp.float32)
+        fed = jnp.zeros((tokens_in.shape[0], feed_values.shape[-1]), jnp.float32)
         _, (h, alpha) = jax.lax.scan(step, (state, fed), jnp.swapaxes(gates, 0, 1))
         h, alpha = jnp.swapaxes(h, 0, 1), jnp.swapaxes(alpha, 0, 1)  # [B, T, H], [B, T, k, L]
         attended = self._read(output_context, alpha)  # All steps at once, after the scan.
         return self._merge(pooled, attended, h), {"attention": alpha.mean(axis=2)}
 
+    def _fed(self, feed_values: Array, alpha: Array) -> Array:
+        """alpha [B, heads, L] of the word just looked up -> what the LSTM reads next [B, F]."""
+        return jnp.einsum("bl,blf->bf", alpha.mean(axis=1), feed_values)
+
     def _feed(self, fed: Array) -> Array:
-        """Where the previous word looked, alpha_{t-1} [B, L] -> its part of the gates [B, 4H]."""
-        return matmul(fed, self.feed_attention[...], self.dtype)
+        """What the previous word looked at [B, F] -> its part of the gates [B, 4H]."""
+        return matmul(fed, self.feed_gates[...], self.dtype)
 
     def init_decode(self, features: Array):
         """-> ((pooled embedding, output and word attention contexts), (h, c, previous word,
         previous attended context))."""
-        pooled, output_context, word_context, (h, c) = self._prepare(features, None, False)
+        pooled, output_context, word_context, feed_values, (h, c) = self._prepare(
+            features, None, False
+        )
         start = jnp.full((features.shape[0],), text.START_ID, jnp.int32)
-        fed = jnp.zeros((features.shape[0], output_context.keys.shape[1]), jnp.float32)
-        return (pooled, output_context, word_context), (h, c, start, fed)
+        fed = jnp.zeros((features.shape[0], self.feed_dim), jnp.float32)
+        return (pooled, output_context, word_context, feed_values), (h, c, start, fed)
 
     def decode_step(self, context, state, tokens: Array):
         """tokens [B] -> (state, logits [B, V] float32, attention [B, L] of this word)."""
-        pooled, output_context, word_context = context
+        pooled, output_context, word_context, feed_values = context
         h, c, prev, fed = state
         gates = self._lstm_inputs(word_context, self.embed(tokens), self.embed(prev))
-        if self.feed_attention is not None:
+        if feed_values is not None:
             gates = gates + self._feed(fed)
         h, c = self.lstm.cell((h, c), gates)
-        attended, alpha = self._attend(output_context, h[:, None, :])
-        pre_logits = self._merge(pooled, attended, h[:, None, :])
-        return (h, c, tokens, alpha[:, 0]), self.out_proj(pre_logits)[:, 0], alpha[:, 0]
+        alpha_heads = self._weights(output_context, h[:, None, :])  # [B, 1, heads, L]
+        pre_logits = self._merge(pooled, self._read(output_context, alpha_heads), h[:, None, :])
+        if feed_values is not None:
+            fed = self._fed(feed_values, alpha_heads[:, 0])
+        alpha = alpha_heads[:, 0].mean(axis=1)
+        return (h, c, tokens, fed), self.out_proj(pre_logits)[:, 0], alpha

@@ -93,7 +93,7 @@ SEED_MODEL = {
     "attention_positions": False,
     "position_scale": 1.0,
     "attention_heads": 1,
-    "feed_attention": False,
+    "feed_dim": 0,
     "layout_init": False,
     "word_attention": False,
     "dtype": "float32",

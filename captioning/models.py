@@ -211,7 +211,7 @@ def create_model(
                 layout_init=bool(model_config.layout_init),
                 word_attention=bool(model_config.word_attention),
                 heads=int(model_config.attention_heads),
-                feed_attention=bool(model_config.feed_attention),
+                feed_dim=int(model_config.feed_dim),
             )
         elif model_config.layout_init or model_config.word_attention:
             raise ValueError(

@@ -26,7 +26,7 @@ def _model(decoder="attention", feature_shape=SPATIAL, **overrides):
     config.decoder = decoder
     if decoder == "merge_attention+":
         config.decoder, config.layout_init, config.word_attention = "merge_attention", True, True
-        config.feed_attention, config.attention_heads = True, 2
+        config.feed_dim, config.attention_heads = 8, 2
     for k, v in overrides.items():
         config[k] = v
     return models.create_model(config, VOCAB, feature_shape, rngs=nnx.Rngs(0))
@@ -134,7 +134,7 @@ def test_one_training_step_lowers_the_loss(decoder, feature_shape):
     config = test_config.get_config()
     config.model.decoder = decoder.rstrip("+")
     config.model.layout_init = config.model.word_attention = decoder.endswith("+")
-    config.model.feed_attention = decoder.endswith("+")
+    config.model.feed_dim = 8 if decoder.endswith("+") else 0
     config.model.dropout = 0.0  # The same function before and after the step.
     config.train.learning_rate = 1e-2
     config.train.warmup_steps = 0  # Step 0 at the peak rate (warm-up would start at 0).
