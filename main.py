@@ -26,6 +26,14 @@ flags.DEFINE_string(
     "host", "127.0.0.1", "serve mode: the address to bind (0.0.0.0 opens it to the network)."
 )
 flags.DEFINE_float("max_upload_mb", 10, "serve mode: largest image file accepted, in MB.")
+flags.DEFINE_string(
+    "coordinator_address",
+    None,
+    "Several processes (hosts): host:port of process 0's coordinator (not needed on Cloud TPU or "
+    "under SLURM, where it is detected).",
+)
+flags.DEFINE_integer("num_processes", None, "Several processes: how many take part.")
+flags.DEFINE_integer("process_id", None, "Several processes: this process's index, 0 first.")
 flags.mark_flag_as_required("workdir")
 
 
@@ -48,8 +56,9 @@ def main(argv):
     import tensorflow as tf
 
     tf.config.set_visible_devices([], "GPU")
-    from captioning import cli
+    from captioning import cli, parallel
 
+    parallel.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     cli.run(
         FLAGS.mode,
         FLAGS.config,

@@ -137,17 +137,22 @@ def export_store(
 
     Unreadable images skipped with `data.skip_bad_images` are listed in workdir/skipped_images.txt.
     """
-    skipped: list[tuple[str, str]] = []
-    splits = registry.load_records(config.data, config.seed, skipped=skipped)
-    all_records = [r for records in splits.values() for r in records]
-    store_dir = feature_store.feature_store_dir(
-        os.path.expanduser(config.data.cache_dir), dataset_key(config, splits), config.encoder
-    )
-    barrier = None
+    barrier = lambda name: None
     if jax.process_count() > 1:  # Every host exports its share of the shards.
         from jax.experimental import multihost_utils
 
         barrier = multihost_utils.sync_global_devices
+    first = jax.process_index() == 0
+    if not first:
+        barrier("dataset read")  # Process 0 renders or extracts what the others then read.
+    skipped: list[tuple[str, str]] = []
+    splits = registry.load_records(config.data, config.seed, skipped=skipped)
+    if first:
+        barrier("dataset read")
+    all_records = [r for records in splits.values() for r in records]
+    store_dir = feature_store.feature_store_dir(
+        os.path.expanduser(config.data.cache_dir), dataset_key(config, splits), config.encoder
+    )
     result = feature_store.export_features(
         all_records,
         config.encoder,
@@ -158,7 +163,8 @@ def export_store(
         process_count=jax.process_count(),
         barrier=barrier,
     )
-    _write_skipped(workdir, skipped + list(result.skipped))
+    if first:
+        _write_skipped(workdir, skipped + list(result.skipped))
     return splits, result
 
 
@@ -169,7 +175,7 @@ def choose_residency(requested: str, nbytes: int) -> str:
     if requested != "auto":
         return requested
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    device_memory = (jax.devices()[0].memory_stats() or {}).get("bytes_limit", ram)
+    device_memory = (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit", ram)
     if nbytes < device_memory / 4:
         return "device"
     return "host" if nbytes < ram / 2 else "disk"

@@ -28,11 +28,17 @@ def count_compiles():
 
 
 def saved_params(workdir, which: str = "latest"):
-    """(step, params) of the newest checkpoint in workdir/checkpoints/<which> (arrays as saved)."""
+    """(step, params) of the newest checkpoint in workdir/checkpoints/<which>, restored onto this
+    process's first device whatever devices saved it."""
     path = os.path.join(str(workdir), "checkpoints", which)
+    here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     with checkpoint.manager_at(path) as manager:
         step = manager.latest_step()
-        return step, checkpoint.restore(manager, step, params=None)["params"]
+        shapes = manager.item_metadata(step)["params"]
+        target = jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here), shapes
+        )
+        return step, checkpoint.restore(manager, step, params=target)["params"]
 
 
 def make_run_dir(workdir, config, words, *, mean=0.0, std=1.0, step=7) -> str:
