@@ -47,7 +47,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from captioning import text
 from captioning.layers import LSTM, Decoder, Dense, dropout, matmul, param
 
 Array = jax.Array
@@ -88,10 +87,9 @@ def flatten_locations(features: Array) -> Array:
     return features
 
 
-def append_positions(features: Array, scale: float = 1.0) -> Array:
+def append_positions(features: Array) -> Array:
     """[B, H, W, C] (or [B, L, C] with L a square) -> [B, H, W, C + 2]: each location's row and
-    column centre in [-1, 1], times `scale`, appended to its features (top left = (-1, -1),
-    approximately)."""
+    column centre in [-1, 1] appended to its features (top left = (-1, -1), approximately)."""
     if features.ndim == 3:
         side = round(features.shape[1] ** 0.5)
         if side * side != features.shape[1]:
@@ -104,18 +102,18 @@ def append_positions(features: Array, scale: float = 1.0) -> Array:
     rows = (2.0 * jnp.arange(height) + 1.0) / height - 1.0
     cols = (2.0 * jnp.arange(width) + 1.0) / width - 1.0
     grid = jnp.stack(jnp.meshgrid(rows, cols, indexing="ij"), axis=-1)  # [H, W, 2]
-    grid = jnp.broadcast_to(scale * grid, (batch, height, width, 2)).astype(features.dtype)
+    grid = jnp.broadcast_to(grid, (batch, height, width, 2)).astype(features.dtype)
     return jnp.concatenate([features, grid], axis=-1)
 
 
-def spatial_input(features: Array, use_image: bool, positions: float) -> Array:
+def spatial_input(features: Array, use_image: bool, positions: bool) -> Array:
     """[B, H, W, C] | [B, L, C] -> float32 [B, L, C (+2)]: zeros for the image-blind ablation,
-    each location's (row, column) times `positions` appended when it is not 0."""
+    each location's (row, column) appended when `positions`."""
     feats = features.astype(jnp.float32)
     if not use_image:
         feats = jnp.zeros_like(feats)
     if positions:
-        feats = append_positions(feats, float(positions))
+        feats = append_positions(feats)
     return flatten_locations(feats)
 
 
@@ -147,7 +145,7 @@ class AttentionDecoder(Decoder):
         dropout_rate: float,
         use_image: bool,
         rngs: nnx.Rngs,
-        positions: float = 0.0,
+        positions: bool = False,
         dtype: Any = jnp.float32,
     ):
         self.dropout_rate = dropout_rate
@@ -259,26 +257,22 @@ class MergeAttentionDecoder(Decoder):
     Per image, from the locations a_1..a_L ([L, C], positions appended when configured):
         v = relu(W_v mean(a))           the merge decoder's pooled image embedding  [H]
         k_i = W_k a_i + b,  u_i = W_u a_i                     keys [L, A], values [L, H]
-    Per word t, all t at once after the LSTM's scan (no recurrence through the attention):
+    Per word t:
         alpha_t = softmax_i(w^T tanh(k_i + U h_t))                                  [L]
         c_t = sum_i alpha_ti u_i                                                    [H]
         logits_t = dense(V)(relu(dense(H)(v + c_t + h_t)))
 
     Why for the scenes: naming "a blue ..." then its shape needs the shape *of the blue object*;
     a pooled vector mixes all objects (binding errors), while h_t, having just emitted "blue", can
-    look at the blue object's cells. Since alpha_t depends on h_t and not on h_{t-1}, training
-    runs the attention for every step in parallel: it costs little more than the merge decoder,
-    unlike Show-Attend-Tell's attention inside the recurrence.
+    look at the blue object's cells. Since alpha_t depends on h_t and not on h_{t-1}, all steps'
+    lookups can run in parallel after the LSTM's scan, unlike Show-Attend-Tell's.
 
-    Two options give the LSTM itself a view of the image, still without attention inside the
-    recurrence:
-    * `layout_init`: (h_0, c_0) = tanh(W flatten(a)): the LSTM starts knowing the whole layout
-      (which objects, where), so it can keep track of which ones it has named.
-    * `word_attention`: the words just read look the image up too: q_t = U_1 e(w_t) + U_2
-      e(w_{t-1}) (so "red" then "circle" asks for the red circle), z_t = sum_i beta_ti r_i, and the
-      LSTM reads [e(w_t); z_t]. The queries depend on the input words only, so z_t of every step
-      is computed before the scan. The LSTM then knows where the objects it named are, which the
-      spatial relation it states next depends on.
+    `feed_dim` F > 0 closes the loop a little: the LSTM also reads what the previous word's lookup
+    saw, f_{t-1} = sum_i alpha_{t-1,i} r_i with small per-location values r_i = W_r a_i [F], as
+    gate inputs W_f f_{t-1} (Luong et al.'s input feeding, through an F-dim bottleneck). Stating a
+    spatial relation after naming an object needs to know where that object is, which the LSTM
+    otherwise never sees. The attention weights then run inside the recurrence (cheap: [L] per
+    word); the contexts c_t still come after it, all at once.
     """
 
     def __init__(
@@ -292,194 +286,101 @@ class MergeAttentionDecoder(Decoder):
         dropout_rate: float,
         use_image: bool,
         rngs: nnx.Rngs,
-        positions: float = 0.0,
+        positions: bool = False,
         dtype: Any = jnp.float32,
-        num_locations: int = 0,
-        layout_init: bool = False,
-        word_attention: bool = False,
-        heads: int = 1,
         feed_dim: int = 0,
     ):
         self.dropout_rate = dropout_rate
         self.use_image = use_image
         self.positions = positions
         self.dtype = dtype
-        self.word_attention = word_attention
-        feature_dim += 2 if positions else 0
-        # Feeding: the LSTM also reads an F-dim summary of what the previous word looked at.
         self.feed_dim = feed_dim
-        if heads < 1:
-            raise ValueError(f"config.model.attention_heads={heads}: use 1 or more.")
-        self.heads = heads
+        feature_dim += 2 if positions else 0
         self.image_proj = Dense(feature_dim, hidden_size, rngs=rngs, dtype=dtype)
-        self.att_keys = Dense(feature_dim, heads * attention_dim, rngs=rngs, dtype=dtype)
-        self.att_values = param(rngs, (feature_dim, heads * hidden_size))
-        self.att_query = param(rngs, (hidden_size, heads * attention_dim))
-        self.att_score = param(rngs, (heads, attention_dim))
+        self.att_keys = Dense(feature_dim, attention_dim, rngs=rngs, dtype=dtype)
+        self.att_values = param(rngs, (feature_dim, hidden_size))
+        self.att_query = param(rngs, (hidden_size, attention_dim))
+        # Unit-variance scores w^T tanh(.) from the start (lecun init would give 1/A): sharper
+        # first lookups, which the feeding below learns from much better (configs/scenes.py).
+        score_init = nnx.initializers.variance_scaling(attention_dim, "fan_in", "truncated_normal")
+        self.att_score = nnx.Param(score_init(rngs.params(), (attention_dim, 1), jnp.float32))
         self.embed = nnx.Embed(vocab_size, embed_dim, rngs=rngs)
-        lstm_in = embed_dim + (hidden_size if word_attention else 0)
-        self.lstm = LSTM(lstm_in, hidden_size, rngs=rngs, dtype=dtype)
+        self.lstm = LSTM(embed_dim, hidden_size, rngs=rngs, dtype=dtype)
         self.merge_proj = Dense(hidden_size, hidden_size, rngs=rngs, dtype=dtype)
         self.out_proj = Dense(hidden_size, vocab_size, rngs=rngs, dtype=dtype)
-        if layout_init and num_locations < 1:
-            raise ValueError("config.model.layout_init needs the number of feature locations.")
-        layout_dim = num_locations * feature_dim
-        self.layout = (
-            Dense(layout_dim, 2 * hidden_size, rngs=rngs, dtype=dtype) if layout_init else None
-        )
         if feed_dim:
             self.feed_values = param(rngs, (feature_dim, feed_dim))
             self.feed_gates = param(rngs, (feed_dim, 4 * hidden_size))
-        if word_attention:
-            self.word_keys = Dense(feature_dim, attention_dim, rngs=rngs, dtype=dtype)
-            self.word_values = param(rngs, (feature_dim, hidden_size))
-            self.word_query = param(rngs, (embed_dim, attention_dim))
-            self.word_query_prev = param(rngs, (embed_dim, attention_dim))
-            self.word_score = param(rngs, (attention_dim, 1))
 
     def _prepare(self, features: Array, key: Array | None, train: bool):
-        """features [B, H, W, C] | [B, L, C] -> (pooled v [B, H], output context, word context
-        or None, fed values [B, L, F] or None, initial LSTM state)."""
+        """features [B, H, W, C] | [B, L, C] -> (pooled v [B, H], context, fed values [B, L, F]
+        or None)."""
         feats = spatial_input(features, self.use_image, self.positions)
         feats = dropout(feats, self.dropout_rate, key, train)  # [B, L, C]
         pooled = jax.nn.relu(self.image_proj(feats.mean(axis=1)))
-        # Per head k: values [B, L, k, H], keys [B, L, k, A].
-        split = lambda x: x.reshape(*x.shape[:2], self.heads, -1)
-        values = split(matmul(feats, self.att_values[...], self.dtype))
-        output_context = AttentionContext(values=values, keys=split(self.att_keys(feats)))
-        word_context = None
-        if self.word_attention:
-            word_values = matmul(feats, self.word_values[...], self.dtype)
-            word_context = AttentionContext(values=word_values, keys=self.word_keys(feats))
+        values = matmul(feats, self.att_values[...], self.dtype)  # [B, L, H]
+        context = AttentionContext(values=values, keys=self.att_keys(feats))
         feed_values = None
         if self.feed_dim:
             feed_values = matmul(feats, self.feed_values[...], self.dtype)  # [B, L, F]
-        state = self.lstm.zero_state(features.shape[0])
-        if self.layout is not None:
-            h0, c0 = jnp.split(jnp.tanh(self.layout(feats.reshape(feats.shape[0], -1))), 2, -1)
-            state = (h0, c0)
-        return pooled, output_context, word_context, feed_values, state
-
-    def _lstm_inputs(self, word_context, words: Array, prev_words: Array) -> Array:
-        """words, prev_words [B, (T,) E] -> the LSTM's gate inputs [B, (T,) 4H]."""
-        if word_context is None:
-            return self.lstm.project_inputs(words)
-        query = matmul(words, self.word_query[...], self.dtype) + matmul(
-            prev_words, self.word_query_prev[...], self.dtype
-        )
-        beta = jax.nn.softmax(
-            matmul(
-                jnp.tanh(
-                    (word_context.keys[:, None] if words.ndim == 3 else word_context.keys)
-                    + query[..., None, :]
-                ),
-                self.word_score[...],
-                self.dtype,
-            )[..., 0],
-            axis=-1,
-        )
-        seen = _weighted(beta, word_context.values, self.dtype)  # [B, (T,) H]
-        return self.lstm.project_inputs(jnp.concatenate([words, seen], axis=-1))
-
-    def _output(self, pooled: Array, context: AttentionContext, h: Array) -> tuple[Array, Array]:
-        """h [B, T, H] -> (pre-logits [B, T, H], alpha [B, T, L] averaged over the heads)."""
-        attended, alpha = self._attend(context, h)
-        return self._merge(pooled, attended, h), alpha
-
-    def _merge(self, pooled: Array, attended: Array, h: Array) -> Array:
-        """The merge decoder's output: relu(dense(v + c_t + h_t)) [B, T, H]."""
-        return jax.nn.relu(self.merge_proj(pooled[:, None, :] + attended + h))
-
-    def _attend(self, context: AttentionContext, h: Array) -> tuple[Array, Array]:
-        """h [B, T, H] -> (context c_t [B, T, H], alpha [B, T, L] averaged over the heads).
-
-        Each head k looks up its own context: alpha_tk = softmax_i(w_k^T tanh(k_ik + U_k h_t)),
-        and the contexts sum_i alpha_tki u_ik of all heads add up.
-        """
-        alpha = self._weights(context, h)
-        return self._read(context, alpha), alpha.mean(axis=2)
+        return pooled, context, feed_values
 
     def _weights(self, context: AttentionContext, h: Array) -> Array:
-        """h [B, T, H] -> alpha [B, T, heads, L], each head's weights over the locations."""
-        query = matmul(h, self.att_query[...], self.dtype)
-        query = query.reshape(*query.shape[:2], self.heads, -1)  # [B, T, k, A]
-        hidden = jnp.tanh(context.keys[:, None] + query[:, :, None])  # [B, T, L, k, A]
-        scores = jnp.einsum(
-            "btlka,ka->btkl",
-            hidden.astype(self.dtype),
-            self.att_score[...].astype(self.dtype),
-            preferred_element_type=jnp.float32,
+        """h [B, T, H] -> alpha [B, T, L] summing to 1 over the locations."""
+        return additive_attention(
+            context.keys, h, self.att_query[...], self.att_score[...], self.dtype
         )
-        return jax.nn.softmax(scores, axis=-1)  # [B, T, k, L]
 
-    def _read(self, context: AttentionContext, alpha: Array) -> Array:
-        """alpha [B, T, heads, L] -> the heads' contexts summed [B, T, H]."""
-        return jnp.einsum(
-            "btkl,blkd->btd",
-            alpha.astype(self.dtype),
-            context.values.astype(self.dtype),
-            preferred_element_type=jnp.float32,
-        )
+    def _output(self, pooled: Array, context: AttentionContext, h: Array, alpha: Array) -> Array:
+        """h, alpha [B, T, ...] -> pre-logits relu(dense(v + c_t + h_t)) [B, T, H]."""
+        attended = _weighted(alpha, context.values, self.dtype)  # [B, T, H]
+        return jax.nn.relu(self.merge_proj(pooled[:, None, :] + attended + h))
+
+    def _feed(self, feed_values: Array, alpha: Array) -> Array:
+        """alpha [B, L] of the previous word -> its part of the LSTM's gates [B, 4H]."""
+        seen = jnp.einsum("bl,blf->bf", alpha, feed_values)  # [B, F]
+        return matmul(seen, self.feed_gates[...], self.dtype)
 
     def pre_logits(
         self, features: Array, tokens_in: Array, *, train: bool = False, key: Array | None = None
     ) -> tuple[Array, dict[str, Array]]:
         """Teacher forcing up to the output layer: -> ([B, T, H] input of `out_proj`, aux)."""
         k_img, k_emb = jax.random.split(key) if key is not None else (None, None)
-        pooled, output_context, word_context, feed_values, state = self._prepare(
-            features, k_img, train
-        )
+        pooled, context, feed_values = self._prepare(features, k_img, train)
         words = dropout(self.embed(tokens_in), self.dropout_rate, k_emb, train)  # [B, T, E]
-        # Before the first word, the previous word is <start> again (as in init_decode).
-        start = self.embed(jnp.full_like(tokens_in[:, :1], text.START_ID))
-        prev_words = jnp.concatenate([start, words[:, :-1]], axis=1)
-        gates = self._lstm_inputs(word_context, words, prev_words)  # [B, T, 4H]
+        gates = self.lstm.project_inputs(words)  # [B, T, 4H], one matmul for all steps
+        state = self.lstm.zero_state(tokens_in.shape[0])
         if feed_values is None:
-            h_bth = self.lstm.scan(state, gates)
-            pre_logits, alpha = self._output(pooled, output_context, h_bth)
-            return pre_logits, {"attention": alpha}
+            h = self.lstm.scan(state, gates)
+            alpha = self._weights(context, h)
+        else:
 
-        def step(carry, gates_t):  # The attention weights run inside the recurrence.
-            (h, c), fed = carry
-            h, c = self.lstm.cell((h, c), gates_t + self._feed(fed))
-            alpha = self._weights(output_context, h[:, None])  # [B, 1, heads, L]
-            return ((h, c), self._fed(feed_values, alpha[:, 0])), (h, alpha[:, 0])
+            def step(carry, gates_t):  # Only the [L] weights run inside the recurrence.
+                state, alpha_prev = carry
+                state = self.lstm.cell(state, gates_t + self._feed(feed_values, alpha_prev))
+                alpha_t = self._weights(context, state[0][:, None])[:, 0]
+                return (state, alpha_t), (state[0], alpha_t)
 
-        fed = jnp.zeros((tokens_in.shape[0], feed_values.shape[-1]), jnp.float32)
-        _, (h, alpha) = jax.lax.scan(step, (state, fed), jnp.swapaxes(gates, 0, 1))
-        h, alpha = jnp.swapaxes(h, 0, 1), jnp.swapaxes(alpha, 0, 1)  # [B, T, H], [B, T, k, L]
-        attended = self._read(output_context, alpha)  # All steps at once, after the scan.
-        return self._merge(pooled, attended, h), {"attention": alpha.mean(axis=2)}
-
-    def _fed(self, feed_values: Array, alpha: Array) -> Array:
-        """alpha [B, heads, L] of the word just looked up -> what the LSTM reads next [B, F]."""
-        return jnp.einsum("bl,blf->bf", alpha.mean(axis=1), feed_values)
-
-    def _feed(self, fed: Array) -> Array:
-        """What the previous word looked at [B, F] -> its part of the gates [B, 4H]."""
-        return matmul(fed, self.feed_gates[...], self.dtype)
+            nothing = jnp.zeros(feed_values.shape[:2], jnp.float32)  # Before the first word.
+            _, (h, alpha) = jax.lax.scan(step, (state, nothing), jnp.swapaxes(gates, 0, 1))
+            h, alpha = jnp.swapaxes(h, 0, 1), jnp.swapaxes(alpha, 0, 1)
+        return self._output(pooled, context, h, alpha), {"attention": alpha}
 
     def init_decode(self, features: Array):
-        """-> ((pooled embedding, output and word attention contexts), (h, c, previous word,
-        previous attended context))."""
-        pooled, output_context, word_context, feed_values, (h, c) = self._prepare(
-            features, None, False
-        )
-        start = jnp.full((features.shape[0],), text.START_ID, jnp.int32)
-        fed = jnp.zeros((features.shape[0], self.feed_dim), jnp.float32)
-        return (pooled, output_context, word_context, feed_values), (h, c, start, fed)
+        """-> ((pooled embedding, context, fed values), (h, c, alpha of the previous word))."""
+        pooled, context, feed_values = self._prepare(features, None, False)
+        h, c = self.lstm.zero_state(features.shape[0])
+        nothing = jnp.zeros(context.keys.shape[:2], jnp.float32)
+        return (pooled, context, feed_values), (h, c, nothing)
 
     def decode_step(self, context, state, tokens: Array):
         """tokens [B] -> (state, logits [B, V] float32, attention [B, L] of this word)."""
-        pooled, output_context, word_context, feed_values = context
-        h, c, prev, fed = state
-        gates = self._lstm_inputs(word_context, self.embed(tokens), self.embed(prev))
+        pooled, attention_context, feed_values = context
+        h, c, alpha_prev = state
+        gates = self.lstm.project_inputs(self.embed(tokens))
         if feed_values is not None:
-            gates = gates + self._feed(fed)
+            gates = gates + self._feed(feed_values, alpha_prev)
         h, c = self.lstm.cell((h, c), gates)
-        alpha_heads = self._weights(output_context, h[:, None, :])  # [B, 1, heads, L]
-        pre_logits = self._merge(pooled, self._read(output_context, alpha_heads), h[:, None, :])
-        if feed_values is not None:
-            fed = self._fed(feed_values, alpha_heads[:, 0])
-        alpha = alpha_heads[:, 0].mean(axis=1)
-        return (h, c, tokens, fed), self.out_proj(pre_logits)[:, 0], alpha
+        alpha = self._weights(attention_context, h[:, None, :])
+        pre_logits = self._output(pooled, attention_context, h[:, None, :], alpha)
+        return (h, c, alpha[:, 0]), self.out_proj(pre_logits)[:, 0], alpha[:, 0]

@@ -29,6 +29,7 @@ Flags: --captions, --train_seconds, --batch_size, --num_buckets, --train_embeddi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -41,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from absl import app, flags
 from flax import nnx
 
@@ -61,6 +63,21 @@ flags.DEFINE_integer("export_images", 128, "Images for the export vs bare backbo
 flags.DEFINE_string("backbone", "inception_v3", "Backbone for the export figures.")
 flags.DEFINE_integer("image_size", 299, "Backbone input side for the export figures.")
 flags.DEFINE_string("dtype", "float32", "Matmul dtype: float32 | bfloat16.")
+flags.DEFINE_float(
+    "spatial_seconds",
+    20.0,
+    "Seconds of timed Show-Attend-Tell training at Flickr8k sizes (0: skip).",
+)
+flags.DEFINE_integer(
+    "disk_images",
+    0,
+    "Also train from a store of this many random 8x8x2048 float16 images on disk against the same "
+    "store on the device (30000: 7.9 GB; 0: skip).",
+)
+flags.DEFINE_float("scst_seconds", 15.0, "Seconds of timed SCST steps (0: skip).")
+flags.DEFINE_string(
+    "serve_workdir", "", "A trained run to load-test the web demo with (64 requests, 16 threads)."
+)
 flags.DEFINE_bool(
     "train_embeddings",
     False,
@@ -91,11 +108,7 @@ SEED_MODEL = {
     "attention_reg": 0.0,
     "attention_dim": 0,
     "attention_positions": False,
-    "position_scale": 1.0,
-    "attention_heads": 1,
     "feed_dim": 0,
-    "layout_init": False,
-    "word_attention": False,
     "dtype": "float32",
 }
 SEED_TRAIN = {
@@ -184,8 +197,8 @@ class _CompileCounter:
             self.count += 1
 
 
-def benchmark_training(config, tokenized, batch_size, num_buckets, seconds, train_embeddings):
-    """-> (figures, graphdef, params) after timed steady-state training."""
+def caption_batches(tokenized, batch_size: int, num_buckets: int):
+    """Synthetic train records of 5 captions per image -> (vocab, CaptionData, batches, records)."""
     vocab = text.Vocabulary.build(tokenized, 10)  # The seed's min count.
     num_images = len(tokenized) // 5
     records = [
@@ -198,17 +211,24 @@ def benchmark_training(config, tokenized, batch_size, num_buckets, seconds, trai
     data = input_pipeline.build_caption_data(
         records, rows, vocab, max_len=MAX_CAPTION_LEN, min_word_len=2
     )
-    batches = input_pipeline.CaptionBatches(
-        data, batch_size=batch_size, num_buckets=num_buckets, seed=0, shuffle=True
-    )
-    features = jnp.asarray(np.random.default_rng(0).normal(size=(num_images, 2048)), jnp.float32)
-    model = models.create_model(config.model, len(vocab), (2048,), rngs=nnx.Rngs(0))
-    # Random vectors stand in for the seed's frozen GloVe matrix.
-    freeze = not train_embeddings
+    return vocab, data, records
+
+
+def timed_training(config, vocab, batches, features, seconds, *, freeze, stats=None, shape=None):
+    """Trains `config.model` on `batches` for `seconds` after every bucket ran twice.
+
+    features: the store on the device ([N, ...], rows gathered by the step), or None when the
+    batches carry their rows (host or disk residency; `shape` is then a row's shape).
+    -> (figures, graphdef, params).
+    """
+    shape = features.shape[1:] if features is not None else shape
+    model = models.create_model(config.model, len(vocab), shape, rngs=nnx.Rngs(0))
     graphdef, state, tx, _ = train.init_train_state(
         config, model, total_steps=10_000, freeze_embeddings=freeze
     )
-    train_step, _ = train.make_steps(graphdef, tx, config.model, freeze_embeddings=freeze)
+    train_step, _ = train.make_steps(
+        graphdef, tx, config.model, stats=stats, freeze_embeddings=freeze
+    )
     train_step = jax.jit(train_step, donate_argnums=(0, 1))
     params, opt_state = state["params"], state["opt_state"]
     key = jax.random.key(0)
@@ -220,12 +240,12 @@ def benchmark_training(config, tokenized, batch_size, num_buckets, seconds, trai
     compile_s = time.perf_counter() - start
 
     counter = _CompileCounter()
-    step, targets, timed_start, timed_targets = 0, 0, None, 0
+    step, timed_start, timed_targets = 0, None, 0
     warmup_steps = 2 * len(compiled)  # Every bucket runs at least once before timing.
     epoch = 0
     while True:
         for batch in batches.epoch(epoch):
-            params, opt_state, stats = compiled[batch["inputs"].shape[1]](
+            params, opt_state, step_stats = compiled[batch["inputs"].shape[1]](
                 params, opt_state, features, batch, key, step
             )
             real = int((batch["targets"] != text.PAD_ID).sum())  # Host-side: no device sync.
@@ -238,7 +258,6 @@ def benchmark_training(config, tokenized, batch_size, num_buckets, seconds, trai
                 timed_targets += real
                 if time.perf_counter() - timed_start > seconds:
                     break
-            targets += real
         else:
             epoch += 1
             continue
@@ -249,16 +268,202 @@ def benchmark_training(config, tokenized, batch_size, num_buckets, seconds, trai
     figures = {
         "train_targets_per_s": round(timed_targets / elapsed, 1),
         "train_steps_timed": step - warmup_steps,
-        "train_loss_last": round(float(stats["loss_sum"] / stats["count"]), 3),
+        "train_loss_last": round(float(step_stats["loss_sum"] / step_stats["count"]), 3),
         "first_step_compile_s": round(compile_s, 2),
         "recompiles_after_first_step": counter.count,
-        "vocab_size": len(vocab),
-        "batch_size": batch_size,
-        "embeddings": "trained" if train_embeddings else "frozen (as the seed's GloVe)",
-        "bucket_lengths": batches.lengths,
-        "mean_targets_per_caption": round(float(data.lengths.mean()), 2),
     }
     return figures, graphdef, params
+
+
+def benchmark_training(config, tokenized, batch_size, num_buckets, seconds, train_embeddings):
+    """The seed's merge decoder on pooled [2048] features -> (figures, graphdef, params, vocab)."""
+    vocab, data, _ = caption_batches(tokenized, batch_size, num_buckets)
+    batches = input_pipeline.CaptionBatches(
+        data, batch_size=batch_size, num_buckets=num_buckets, seed=0, shuffle=True
+    )
+    num_images = len(tokenized) // 5
+    features = jnp.asarray(np.random.default_rng(0).normal(size=(num_images, 2048)), jnp.float32)
+    # Random vectors stand in for the seed's frozen GloVe matrix.
+    figures, graphdef, params = timed_training(
+        config, vocab, batches, features, seconds, freeze=not train_embeddings
+    )
+    figures.update(
+        vocab_size=len(vocab),
+        batch_size=batch_size,
+        embeddings="trained" if train_embeddings else "frozen (as the seed's GloVe)",
+        bucket_lengths=batches.lengths,
+        mean_targets_per_caption=round(float(data.lengths.mean()), 2),
+    )
+    return figures, graphdef, params, vocab
+
+
+# Show, Attend and Tell at configs/flickr8k_attention.py's sizes, and the merge decoder with
+# output attention at configs/flickr8k_merge_attention.py's, over InceptionV3's 8x8x2048 map.
+SPATIAL_SHAPE = (8, 8, 2048)
+ATTENTION_MODEL = {
+    **SEED_MODEL,
+    "decoder": "attention",
+    "embed_dim": 512,
+    "hidden_size": 1000,
+    "attention_dim": 512,
+    "train_embeddings": True,
+}
+MERGE_ATTENTION_MODEL = {**SEED_MODEL, "decoder": "merge_attention", "attention_dim": 256}
+
+
+def attention_mflop_per_target(model_config, vocab_size: int, locations: int, channels: int):
+    """Matmul MFLOP per trained word of Show-Attend-Tell (forward + backward, 2 x 3 per
+    multiply-add): the word, state and context gate inputs, the attention query, scores and
+    weighted sum over the locations, the deep output and the output layer (the per-image keys
+    are left out: about 1/T of the rest)."""
+    e, h, a = model_config.embed_dim, model_config.hidden_size, model_config.attention_dim
+    per_word = e * 4 * h + h * 4 * h + channels * 4 * h + h * a + locations * (a + channels)
+    per_word += h * e + channels * e + e * vocab_size
+    return 6 * per_word / 1e6
+
+
+def spatial_store(tmp: str, num_images: int, dtype: str = "float16") -> str:
+    """A feature store of random [8, 8, 2048] rows written as the export writes them."""
+    from captioning import feature_store
+
+    store_dir = os.path.join(tmp, "store")
+    os.makedirs(store_dir)
+    rng = np.random.default_rng(0)
+    shard_size = 1024
+    for shard, start in enumerate(range(0, num_images, shard_size)):
+        count = min(shard_size, num_images - start)
+        rows = rng.standard_normal((count, *SPATIAL_SHAPE), np.float32).astype(dtype)
+        ids = [f"img{start + i}" for i in range(count)]
+        feature_store._write_shard(os.path.join(store_dir, f"shard_{shard:05d}.npz"), ids, rows, [])
+    metadata = {"num_images": num_images, "feature_shape": list(SPATIAL_SHAPE), "dtype": dtype}
+    feature_store._write_json(
+        os.path.join(store_dir, "metadata.json"), {**metadata, "complete": True}
+    )
+    return store_dir
+
+
+def benchmark_spatial(tokenized, seconds: float, disk_images: int) -> dict:
+    """Show-Attend-Tell's training speed at the Flickr8k sizes (float16 device-resident features),
+    and, with `disk_images`, the merge decoder with output attention trained from a store of that
+    many random images read from disk against the same store resident on the device."""
+    from captioning import feature_store
+
+    figures = {}
+    vocab, data, _ = caption_batches(tokenized, 64, 10)
+    config = seed_config(FLAGS.dtype)
+    config.model.update(ATTENTION_MODEL)
+    batches = input_pipeline.CaptionBatches(
+        data, batch_size=64, num_buckets=10, seed=0, shuffle=True
+    )
+    rng = np.random.default_rng(0)
+    shape = (len(tokenized) // 5, *SPATIAL_SHAPE)
+    features = jnp.asarray(rng.standard_normal(shape, np.float32).astype(np.float16))
+    sat, _, _ = timed_training(config, vocab, batches, features, seconds, freeze=False)
+    work = attention_mflop_per_target(config.model, len(vocab), 64, 2048)
+    figures["attention_train_targets_per_s"] = sat["train_targets_per_s"]
+    figures["attention_mflop_per_target"] = round(work, 1)
+    figures["attention_recompiles_after_first_step"] = sat["recompiles_after_first_step"]
+    del features
+    if not disk_images:
+        return figures
+    config.model.update(MERGE_ATTENTION_MODEL)
+    with tempfile.TemporaryDirectory(dir=os.path.expanduser("~")) as tmp:
+        start = time.perf_counter()
+        store = feature_store.load_feature_store(spatial_store(tmp, disk_images), on_disk=True)
+        figures["disk_store_gb"] = round(store.nbytes / 1e9, 2)
+        figures["disk_store_write_s"] = round(time.perf_counter() - start, 1)
+        rows = np.arange(len(data)) % disk_images  # Captions spread over the whole store.
+        spread = dataclasses.replace(data, image_index=rows.astype(np.int32))
+        for residency in ("disk", "device"):
+            on_disk = residency == "disk"
+            batches = input_pipeline.CaptionBatches(
+                spread,
+                batch_size=64,
+                num_buckets=10,
+                seed=0,
+                shuffle=True,
+                features=store.features if on_disk else None,
+            )
+            table = None if on_disk else jnp.asarray(store.features[np.arange(disk_images)])
+            result, _, _ = timed_training(
+                config, vocab, batches, table, seconds, freeze=False, shape=SPATIAL_SHAPE
+            )
+            figures[f"{residency}_train_targets_per_s"] = result["train_targets_per_s"]
+            del table
+    figures["disk_vs_device"] = round(
+        figures["disk_train_targets_per_s"] / figures["device_train_targets_per_s"], 3
+    )
+    return figures
+
+
+def benchmark_scst(graphdef, params, vocab, records, seconds: float, num_samples: int = 5):
+    """SCST at the seed's sizes: images per second of whole steps (5 samples each: sample,
+    CIDEr-D rewards, teacher-forced update) and the rewards alone."""
+    from captioning import rewards, scst
+
+    config = seed_config(FLAGS.dtype)
+    config.scst = ml_collections.ConfigDict({"num_samples": num_samples})
+    tx = optax.adam(5e-5)
+    sample_fn, update_fn = scst.make_steps(graphdef, tx, config.scst, 16)
+    sample_fn, update_fn = jax.jit(sample_fn), jax.jit(update_fn, donate_argnums=(0, 1))
+    references = [[f"{c} {scst.END_WORD}" for c in r.captions] for r in records]
+    scorer = rewards.CiderD(references)
+    rng = np.random.default_rng(2)
+    features = rng.normal(size=(len(records), 2048)).astype(np.float32)
+    opt_state = tx.init(params)
+    images = reward_seconds = candidates = 0
+    start = None
+    for step in range(10_000):
+        rows = rng.integers(0, len(records), 50)
+        batch = jnp.asarray(features[rows])
+        tokens = np.asarray(sample_fn(params, batch, jax.random.key(step)))
+        tick = time.perf_counter()
+        sample_rewards = scorer.scores(scst.caption_texts(tokens, vocab), np.repeat(rows, 5))
+        spent = time.perf_counter() - tick
+        advantage, _ = scst.advantages(sample_rewards.reshape(-1, num_samples), "mean")
+        params, opt_state, stats = update_fn(
+            params, opt_state, batch, jnp.asarray(tokens), jnp.asarray(advantage.reshape(-1))
+        )
+        jax.block_until_ready(params)
+        if step == 1:  # Both functions compiled: time from here.
+            start, images, reward_seconds, candidates = time.perf_counter(), 0, 0.0, 0
+        elif start is not None:
+            images, reward_seconds, candidates = (
+                images + 50,
+                reward_seconds + spent,
+                candidates + len(tokens),
+            )
+            if time.perf_counter() - start > seconds:
+                break
+    elapsed = time.perf_counter() - start
+    return {
+        "scst_images_per_s": round(images / elapsed, 1),
+        "cider_rewards_per_s": round(candidates / reward_seconds, 1),
+        "scst_reward_share_of_step": round(reward_seconds / elapsed, 3),
+    }
+
+
+def benchmark_serve(workdir: str, requests: int = 64, threads: int = 16) -> dict:
+    """The web demo of a trained run under load: `requests` from `threads` threads."""
+    from PIL import Image
+
+    from captioning import serve
+
+    captioner = serve.Captioner(workdir)
+    app = serve.build_app(workdir, captioner=captioner)
+    port = 7860 + os.getpid() % 1000
+    app.launch(**serve.launch_settings("127.0.0.1", port, 10), prevent_thread_lock=True)
+    rng = np.random.default_rng(3)
+    with tempfile.TemporaryDirectory() as tmp:
+        images = []
+        for i in range(8):  # What users upload: photos of other sizes than the model's input.
+            images.append(os.path.join(tmp, f"upload{i}.jpg"))
+            Image.fromarray(rng.integers(0, 255, (240, 320, 3), np.uint8)).save(images[-1])
+        try:
+            return serve.load_benchmark(f"http://127.0.0.1:{port}/", images, requests, threads)
+        finally:
+            app.close()
+            captioner.close()
 
 
 def benchmark_decoding(graphdef, params, num_images, max_len):
@@ -362,7 +567,7 @@ def main(argv):
         "dtype": FLAGS.dtype,
     }
     peak_before = matmul_peak_gflops()
-    train_figures, graphdef, params = benchmark_training(
+    train_figures, graphdef, params, vocab = benchmark_training(
         config,
         tokenized,
         FLAGS.batch_size,
@@ -378,7 +583,23 @@ def main(argv):
     results["train_fraction_of_peak"] = round(
         train_figures["train_targets_per_s"] * work / 1e3 / ((peak_before + peak_after) / 2), 3
     )
+    peak = (peak_before + peak_after) / 2
+    if FLAGS.spatial_seconds:
+        spatial = benchmark_spatial(tokenized, FLAGS.spatial_seconds, FLAGS.disk_images)
+        spatial["attention_train_fraction_of_peak"] = round(
+            spatial["attention_train_targets_per_s"]
+            * spatial["attention_mflop_per_target"]
+            / 1e3
+            / peak,
+            3,
+        )
+        results.update(spatial)
+    if FLAGS.scst_seconds:
+        _, _, records = caption_batches(tokenized, FLAGS.batch_size, FLAGS.num_buckets)
+        results.update(benchmark_scst(graphdef, params, vocab, records, FLAGS.scst_seconds))
     results.update(benchmark_decoding(graphdef, params, FLAGS.decode_images, config.decode.max_len))
+    if FLAGS.serve_workdir:
+        results.update(benchmark_serve(FLAGS.serve_workdir))
     if FLAGS.export_images:
         results.update(benchmark_export(FLAGS.backbone, FLAGS.image_size, FLAGS.export_images))
     results["peak_rss_mb"] = round(_peak_rss_mb(), 1)

@@ -14,7 +14,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from flax import nnx
 
 from captioning import attention
@@ -206,29 +205,17 @@ def create_model(
                 "(optionally config.encoder.grid to resize the map)."
             )
         if name == "merge_attention":
-            common.update(
-                num_locations=int(np.prod(feature_shape[:-1])),
-                layout_init=bool(model_config.layout_init),
-                word_attention=bool(model_config.word_attention),
-                heads=int(model_config.attention_heads),
-                feed_dim=int(model_config.feed_dim),
-            )
-        elif model_config.layout_init or model_config.word_attention:
+            common["feed_dim"] = int(model_config.feed_dim)
+        elif model_config.feed_dim:
             raise ValueError(
-                f"config.model.layout_init / word_attention are options of the merge_attention "
-                f"decoder, not of {name!r}; set them to False."
-            )
-        elif model_config.attention_heads != 1:
-            raise ValueError(
-                f"config.model.attention_heads={model_config.attention_heads}: only the "
-                f"merge_attention decoder has several heads, not {name!r}; set it to 1."
+                f"config.model.feed_dim={model_config.feed_dim} is an option of the "
+                f"merge_attention decoder, not of {name!r}; set it to 0."
             )
         return DECODERS[name](
             vocab_size,
             feature_shape[-1],
             attention_dim=int(model_config.attention_dim or model_config.hidden_size),
-            # The appended (row, column) times position_scale; 0 appends none.
-            positions=float(model_config.position_scale) * bool(model_config.attention_positions),
+            positions=bool(model_config.attention_positions),
             **common,
         )
     if name == "merge":

@@ -41,6 +41,7 @@ def get_config(backbone: str | None = None):
     config.encoder.pooling = "avg"  # One vector per image for the merge decoder.
 
     config.model.decoder = "merge"  # The seed's merge architecture.
+    config.model.feed_dim = 0  # A merge_attention option (configs/scenes.py); off.
     config.model.dropout = 0.5  # The seed's dropout (real photos overfit fast).
     config.model.train_embeddings = False  # The seed freezes the GloVe embedding layer.
 
@@ -50,6 +51,7 @@ def get_config(backbone: str | None = None):
     config.train.warmup_steps = 200  # Warm-up steps.
     config.train.log_every = 100  # Steps between log lines.
     config.train.patience = 5  # Early stopping on validation CIDEr.
+    config.train.val_metric = "CIDEr"  # Real captions: no object accuracies to select by.
 
     config.decode.max_len = 32  # Longest generated caption.
     return config

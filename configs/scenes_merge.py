@@ -30,4 +30,5 @@ def get_config():
     config = scenes.get_config()
     config.encoder.pooling = "avgmax"  # [2C]: the mean, and the max that says a pattern occurs.
     config.model.decoder = "merge"  # captioning/models.py: the seed's architecture.
+    config.model.feed_dim = 0  # A merge_attention option.
     return config

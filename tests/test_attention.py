@@ -15,7 +15,7 @@ from configs import test as test_config
 
 VOCAB = 11
 SPATIAL = (3, 4, 12)  # H, W, C: L = 12 locations, non-square to catch row/column mix-ups.
-# merge_attention+ is merge_attention with both options that show the LSTM the image.
+# merge_attention+ is merge_attention whose LSTM reads what the previous lookup saw.
 ATTENTION_DECODERS = pytest.mark.parametrize(
     "decoder", ["attention", "merge_attention", "merge_attention+"]
 )
@@ -23,10 +23,9 @@ ATTENTION_DECODERS = pytest.mark.parametrize(
 
 def _model(decoder="attention", feature_shape=SPATIAL, **overrides):
     config = test_config.get_config().model
-    config.decoder = decoder
+    config.decoder, config.feed_dim = decoder, 0
     if decoder == "merge_attention+":
-        config.decoder, config.layout_init, config.word_attention = "merge_attention", True, True
-        config.feed_dim, config.attention_heads = 8, 2
+        config.decoder, config.feed_dim = "merge_attention", 8
     for k, v in overrides.items():
         config[k] = v
     return models.create_model(config, VOCAB, feature_shape, rngs=nnx.Rngs(0))
@@ -133,7 +132,6 @@ def test_bfloat16_matmuls_keep_float32_outputs(decoder):
 def test_one_training_step_lowers_the_loss(decoder, feature_shape):
     config = test_config.get_config()
     config.model.decoder = decoder.rstrip("+")
-    config.model.layout_init = config.model.word_attention = decoder.endswith("+")
     config.model.feed_dim = 8 if decoder.endswith("+") else 0
     config.model.dropout = 0.0  # The same function before and after the step.
     config.train.learning_rate = 1e-2
@@ -291,7 +289,7 @@ def test_caption_mode_writes_attention_maps(tmp_path):
     from captioning import caption
 
     config = test_config.get_config()
-    config.model.decoder = "attention"
+    config.model.decoder, config.model.feed_dim = "attention", 0
     config.encoder.pooling = "none"  # The test backbone's spatial map.
     config.eval.attention_maps = True
     config.decode.max_len = 5

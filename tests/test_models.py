@@ -13,6 +13,7 @@ from configs import test as test_config
 def _model(decoder="merge", feature_shape=(12,), vocab=11, **overrides):
     config = test_config.get_config().model
     config.decoder = decoder
+    config.feed_dim = 0  # A merge_attention option.
     for k, v in overrides.items():
         config[k] = v
     return models.create_model(config, vocab, feature_shape, rngs=nnx.Rngs(0))

@@ -17,6 +17,7 @@ SCRIPT = textwrap.dedent(
     assert len(jax.devices()) == 8, jax.devices()
     config = test_config.get_config()
     config.model.decoder = "merge"  # On pooled [10] features.
+    config.model.feed_dim = 0
     rng = np.random.default_rng(0)
     tokens = rng.integers(4, 13, (16, 7)).astype(np.int32)
     tokens[:, 0] = text.START_ID

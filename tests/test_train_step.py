@@ -19,12 +19,14 @@ def _merge_config():
     """The tiny test config with the seed's merge decoder (pooled [10] features here)."""
     config = test_config.get_config()
     config.model.decoder = "merge"
+    config.model.feed_dim = 0  # A merge_attention option.
     return config
 
 
 def _setup(vocab=13, batch=8, length=6, seed=0, dtype="float32", decoder="merge"):
     config = test_config.get_config()
     config.model.decoder = decoder
+    config.model.feed_dim = 32 if decoder == "merge_attention" else 0
     config.model.dtype = dtype
     config.model.dropout = 0.0  # Memorizing a fixed batch is the point here.
     config.train.learning_rate = 1e-2

@@ -22,13 +22,15 @@ CELLS = {
     # The scenes default (configs/scenes.py): merge, plus attention over the 4x4 grid with the
     # LSTM's current state, at the output.
     "merge_attention_grid4": {"model.decoder": "merge_attention"},
+    # The same without the LSTM reading what the previous lookup saw (feed_dim 0).
+    "merge_attention_nofeed": {"model.decoder": "merge_attention", "model.feed_dim": 0},
     # The seed's merge model: the image joins the LSTM output.
-    "merge_avgmax": {"model.decoder": "merge", "encoder.pooling": "avgmax"},
+    "merge_avgmax": {"model.decoder": "merge", "encoder.pooling": "avgmax", "model.feed_dim": 0},
     # Show and Tell: the image is the LSTM's first input.
-    "inject_avgmax": {"model.decoder": "inject", "encoder.pooling": "avgmax"},
+    "inject_avgmax": {"model.decoder": "inject", "encoder.pooling": "avgmax", "model.feed_dim": 0},
     # Show, Attend and Tell as in configs/scenes_attention.py: soft attention over the 4x4 grid
     # (locations' positions appended), attention size 32, no doubly stochastic term.
-    "attention_grid4": {"model.decoder": "attention"},
+    "attention_grid4": {"model.decoder": "attention", "model.feed_dim": 0},
 }
 
 

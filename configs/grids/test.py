@@ -13,10 +13,18 @@ METHODS = [
 
 def get_grid():
     return [
-        {"name": "merge_avg", "overrides": {"model.decoder": "merge"}, "methods": METHODS},
+        {
+            "name": "merge_avg",
+            "overrides": {"model.decoder": "merge", "model.feed_dim": 0},
+            "methods": METHODS,
+        },
         {
             "name": "attention_spatial",
-            "overrides": {"model.decoder": "attention", "encoder.pooling": "none"},
+            "overrides": {
+                "model.decoder": "attention",
+                "encoder.pooling": "none",
+                "model.feed_dim": 0,
+            },
             "methods": METHODS,
         },
     ]
