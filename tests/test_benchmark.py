@@ -3,6 +3,7 @@ trained word and the measured matmul peak."""
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from captioning import benchmark, text
@@ -44,3 +45,20 @@ def test_real_token_file_gives_the_same_distribution():
 
 def test_matmul_peak_is_a_positive_rate():
     assert benchmark.matmul_peak_gflops(size=256, repeats=2) > 0.1
+
+
+def test_attention_work_counts_every_product_and_the_spatial_store_reads_back(tmp_path):
+    from captioning import feature_store
+
+    config = benchmark.seed_config("float32").model
+    config.update(benchmark.ATTENTION_MODEL)
+    work = benchmark.attention_mflop_per_target(config, 1653, 64, 2048)
+    # The context's gate inputs alone: 6 x 2048 x 4000 multiply-adds per word.
+    assert work > 6 * 2048 * 4000 / 1e6
+    config.hidden_size = 500
+    assert benchmark.attention_mflop_per_target(config, 1653, 64, 2048) < work
+    store = feature_store.load_feature_store(
+        benchmark.spatial_store(str(tmp_path), 5), on_disk=True
+    )
+    assert store.features.shape == (5, 8, 8, 2048) and store.features.dtype == np.float16
+    assert np.isfinite(store.features[[4, 0]].astype(np.float32)).all()

@@ -204,8 +204,14 @@ def test_evaluate_with_beam_and_sampling_adds_reports(tmp_path, cache_dir):
     assert again["captions"] == sample["captions"]  # Sampling is reproducible (decode.seed).
     for name in ["test_greedy.json", "test_beam.json", "test_sample.json"]:
         assert (tmp_path / "run" / "eval" / name).exists()
-    rows = (tmp_path / "run" / "results.md").read_text().splitlines()
-    assert [r.split("|")[1].strip() for r in rows[2:]] == ["greedy", "beam", "sample", "sample"]
+    rows = [r.split("|") for r in (tmp_path / "run" / "results.md").read_text().splitlines()[2:]]
+    assert [(r[1].strip(), r[2].strip(), r[4].strip()) for r in rows] == [
+        ("xe", "greedy", "test"),
+        ("xe", "greedy", "test_perturbed"),  # eval.extra_splits, scored after training too.
+        ("xe", "beam", "test"),
+        ("xe", "sample", "test"),
+        ("xe", "sample", "test"),
+    ]
 
 
 def test_early_stopping_with_patience(tmp_path, cache_dir, monkeypatch):
