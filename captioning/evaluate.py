@@ -158,11 +158,15 @@ def evaluate(
     *,
     split: str = "test",
     data: PreparedData | None = None,
+    inference: Inference | None = None,
+    decoders: dict[str, decode.DecodeFn] | None = None,
 ) -> dict[str, Any]:
     """Decodes `split` with the best checkpoint and `config.decode`, scores it, writes reports.
 
     Writes workdir/eval/<split>_<method>.json (metrics, per-image scores, decoding settings, step,
-    captions), appends a row to workdir/results.md and draws workdir/samples.png.
+    captions), appends a row to workdir/results.md and draws workdir/samples.png. Several splits
+    share one restored `inference` and the jitted `decoders` ({method: fn}, filled as needed) so
+    the second split compiles nothing.
     """
     workdir = os.path.abspath(workdir)
     vocab = text.Vocabulary.load(os.path.join(workdir, "vocab.json"))
@@ -171,15 +175,16 @@ def evaluate(
     if split not in data.splits or not data.splits[split]:
         present = [s for s, records in data.splits.items() if records]
         raise ValueError(f"Split {split!r} has no images; use one of {present}.")
-    graphdef, params, step, progress = restore_inference(
-        config, workdir, len(vocab), data.features.shape[1:]
-    )
+    if inference is None:
+        inference = restore_inference(config, workdir, len(vocab), data.features.shape[1:])
+    graphdef, params, step, progress = inference
+    decoders = {} if decoders is None else decoders
     records = data.splits[split]
     rows = data.rows(split)
     method = config.decode.method
     start = time.perf_counter()
     decoded = decode.decode_split(
-        decode.decode_fn(graphdef, config.decode, data.stats),
+        _decoder(decoders, graphdef, config.decode, method, data.stats),
         params,
         data.features,
         rows=rows,
@@ -250,11 +255,23 @@ def evaluate(
         progress.get("best_metric"),
         shown,
     )
-    _draw_samples(config, workdir, split, data, records, rows, captions, decoded, graphdef, params)
+    _draw_samples(
+        config, workdir, split, data, records, rows, captions, decoded, inference, decoders
+    )
     return report
 
 
-def _draw_samples(config, workdir, split, data, records, rows, captions, decoded, graphdef, params):
+def _decoder(decoders: dict, graphdef, decode_config, method: str, stats) -> decode.DecodeFn:
+    """The jitted decoder of `method` with `decode_config`'s other settings, made once."""
+    if method not in decoders:
+        settings = ml_collections.ConfigDict({**decode_config.to_dict(), "method": method})
+        decoders[method] = decode.decode_fn(graphdef, settings, stats)
+    return decoders[method]
+
+
+def _draw_samples(
+    config, workdir, split, data, records, rows, captions, decoded, inference, decoders
+):
     """samples.png: the first `eval.num_samples` images with their greedy and beam captions (plus
     the evaluated method's) beside every reference; attention maps when asked for."""
     from captioning import visualize
@@ -264,11 +281,9 @@ def _draw_samples(config, workdir, split, data, records, rows, captions, decoded
     shown_captions = {method: captions[: len(shown)]}
     for other in ("greedy", "beam"):
         if other != method and shown:
-            other_config = ml_collections.ConfigDict(config.decode.to_dict())
-            other_config.method = other
             out = decode.decode_split(
-                decode.decode_fn(graphdef, other_config, data.stats),
-                params,
+                _decoder(decoders, inference.graphdef, config.decode, other, data.stats),
+                inference.params,
                 data.features,
                 rows=rows[: len(shown)],
                 batch_size=len(shown),

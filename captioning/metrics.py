@@ -25,6 +25,7 @@ Conventions (say them when you compare with papers):
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import math
@@ -157,9 +158,32 @@ class _Meteor(Meteor):
         self.close()
 
 
+_meteor_lock = threading.Lock()
+_meteor: _Meteor | None = None
+
+
+def start_meteor() -> None:
+    """Starts METEOR's JVM now (it loads its paraphrase tables for seconds, on another core,
+    while the caller decodes), to be used by the next scoring calls of this process."""
+    if java_available():
+        _meteor_scorer()
+
+
+def _meteor_scorer() -> _Meteor:
+    """This process's METEOR JVM, started on first use and kept for later splits."""
+    global _meteor
+    with _meteor_lock:
+        if _meteor is None or _meteor.meteor_p is None or _meteor.meteor_p.poll() is not None:
+            if _meteor is None:
+                atexit.register(lambda: _meteor is not None and _meteor.close())
+            _meteor = _Meteor()
+        return _meteor
+
+
 def _run_meteor(gts: dict, res: dict) -> tuple[float, list[float]]:
-    """Scores with a fresh METEOR JVM, killed after a timeout and always closed."""
-    scorer = _Meteor()
+    """Scores with this process's METEOR JVM, killed (and replaced next time) when it fails or
+    does not answer within a timeout."""
+    scorer = _meteor_scorer()
     proc = scorer.meteor_p
     timeout = _METEOR_TIMEOUT_BASE_S + _METEOR_TIMEOUT_PER_IMAGE_S * len(gts)
     timer = threading.Timer(timeout, proc.kill)
@@ -171,10 +195,10 @@ def _run_meteor(gts: dict, res: dict) -> tuple[float, list[float]]:
         proc.kill()
         stderr = proc.stderr.read().decode(errors="replace").strip()[-500:]
         why = f"no answer within {timeout:.0f} s" if killed else f"{type(e).__name__}: {e}"
+        scorer.close()
         raise MetricsError(f"METEOR failed ({why}). Java said: {stderr or 'nothing'}") from e
     finally:
         timer.cancel()
-        scorer.close()
     return float(score), [float(s) for s in per_image]
 
 

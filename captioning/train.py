@@ -29,7 +29,17 @@ from absl import logging
 from clu import metric_writers, periodic_actions
 from flax import nnx, traverse_util
 
-from captioning import checkpoint, decode, evaluate, input_pipeline, losses, models, parallel, text
+from captioning import (
+    checkpoint,
+    decode,
+    evaluate,
+    input_pipeline,
+    losses,
+    metrics,
+    models,
+    parallel,
+    text,
+)
 from captioning.data import PreparedData, prepare_data
 
 Array = jax.Array
@@ -519,12 +529,18 @@ def finish(config, workdir: str, data: PreparedData, history, curves) -> dict[st
     (the returned report) and on every split of `eval.extra_splits` the data has."""
     from captioning import visualize
 
+    if config.eval.meteor:  # Its JVM starts up on the other core while the split decodes.
+        metrics.start_meteor()
     if evaluate.writes_files():
         visualize.plot_curves(os.path.join(workdir, "curves.png"), history, curves)
-    report = evaluate.evaluate(config, workdir, split=config.eval.split, data=data)
+    inference = evaluate.restore_inference(
+        config, workdir, len(data.vocab), data.features.shape[1:]
+    )
+    shared = {"data": data, "inference": inference, "decoders": {}}
+    report = evaluate.evaluate(config, workdir, split=config.eval.split, **shared)
     for split in filter(None, (s.strip() for s in config.eval.extra_splits.split(","))):
         if data.splits.get(split) and split != config.eval.split:
-            evaluate.evaluate(config, workdir, split=split, data=data)
+            evaluate.evaluate(config, workdir, split=split, **shared)
     return report
 
 

@@ -124,6 +124,13 @@ def test_meteor_with_java():
     assert per_image["dog"]["METEOR"] > 0.9
     assert per_image["cats"]["METEOR"] == 0.0
     assert 0.0 < result["scores"]["METEOR"] < 1.0
+    # The next split reuses the running JVM and scores alike; a dead JVM is replaced.
+    jvm = metrics._meteor_scorer()
+    assert metrics.score_captions(REFS, hyps, meteor=True)["per_image"] == per_image
+    assert metrics._meteor_scorer() is jvm
+    jvm.close()
+    assert metrics.score_captions(REFS, hyps, meteor=True)["per_image"] == per_image
+    assert metrics._meteor_scorer() is not jvm
 
 
 def test_append_results_row(tmp_path):
