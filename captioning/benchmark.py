@@ -29,11 +29,13 @@ Flags: --captions, --train_seconds, --batch_size, --num_buckets, --train_embeddi
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import platform
 import resource
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -43,7 +45,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import app, flags
+from absl import app, flags, logging
 from flax import nnx
 
 from captioning import decode, input_pipeline, models, text, train
@@ -410,6 +412,7 @@ def benchmark_scst(graphdef, params, vocab, records, seconds: float, num_samples
     scorer = rewards.CiderD(references)
     rng = np.random.default_rng(2)
     features = rng.normal(size=(len(records), 2048)).astype(np.float32)
+    params = jax.tree.map(jnp.copy, params)  # The update donates its buffers; keep the caller's.
     opt_state = tx.init(params)
     images = reward_seconds = candidates = 0
     start = None
@@ -452,7 +455,10 @@ def benchmark_serve(workdir: str, requests: int = 64, threads: int = 16) -> dict
     captioner = serve.Captioner(workdir)
     app = serve.build_app(workdir, captioner=captioner)
     port = 7860 + os.getpid() % 1000
-    app.launch(**serve.launch_settings("127.0.0.1", port, 10), prevent_thread_lock=True)
+    # Gradio prints to stdout; the benchmark's stdout is its JSON.
+    quiet = contextlib.redirect_stdout(sys.stderr)
+    with quiet:
+        app.launch(**serve.launch_settings("127.0.0.1", port, 10), prevent_thread_lock=True)
     rng = np.random.default_rng(3)
     with tempfile.TemporaryDirectory() as tmp:
         images = []
@@ -462,7 +468,8 @@ def benchmark_serve(workdir: str, requests: int = 64, threads: int = 16) -> dict
         try:
             return serve.load_benchmark(f"http://127.0.0.1:{port}/", images, requests, threads)
         finally:
-            app.close()
+            with quiet:
+                app.close()
             captioner.close()
 
 
@@ -507,6 +514,8 @@ def benchmark_decoding(graphdef, params, num_images, max_len):
 
 def benchmark_export(backbone: str, image_size: int, num_images: int, rounds: int = 3):
     """Feature export (files -> store) vs the bare Keras backbone on the same batches."""
+    if num_images < 32:
+        raise ValueError(f"--export_images={num_images}: at least 32 (one backbone batch).")
     from PIL import Image
 
     from captioning import backbone as backbone_lib
@@ -566,6 +575,11 @@ def main(argv):
         "captions": source,
         "dtype": FLAGS.dtype,
     }
+
+    def add(figures: dict) -> None:  # Each part's figures as soon as it ends (progress).
+        results.update(figures)
+        logging.info("%s", json.dumps(figures))
+
     peak_before = matmul_peak_gflops()
     train_figures, graphdef, params, vocab = benchmark_training(
         config,
@@ -576,7 +590,7 @@ def main(argv):
         FLAGS.train_embeddings,
     )
     peak_after = matmul_peak_gflops()
-    results.update(train_figures)
+    add(train_figures)
     work = train_mflop_per_target(config.model, train_figures["vocab_size"])
     results["matmul_peak_gflops"] = [round(peak_before, 1), round(peak_after, 1)]
     results["train_mflop_per_target"] = round(work, 2)
@@ -593,15 +607,15 @@ def main(argv):
             / peak,
             3,
         )
-        results.update(spatial)
+        add(spatial)
     if FLAGS.scst_seconds:
         _, _, records = caption_batches(tokenized, FLAGS.batch_size, FLAGS.num_buckets)
-        results.update(benchmark_scst(graphdef, params, vocab, records, FLAGS.scst_seconds))
-    results.update(benchmark_decoding(graphdef, params, FLAGS.decode_images, config.decode.max_len))
+        add(benchmark_scst(graphdef, params, vocab, records, FLAGS.scst_seconds))
+    add(benchmark_decoding(graphdef, params, FLAGS.decode_images, config.decode.max_len))
     if FLAGS.serve_workdir:
-        results.update(benchmark_serve(FLAGS.serve_workdir))
+        add(benchmark_serve(FLAGS.serve_workdir))
     if FLAGS.export_images:
-        results.update(benchmark_export(FLAGS.backbone, FLAGS.image_size, FLAGS.export_images))
+        add(benchmark_export(FLAGS.backbone, FLAGS.image_size, FLAGS.export_images))
     results["peak_rss_mb"] = round(_peak_rss_mb(), 1)
     print(json.dumps(results, indent=1))
 

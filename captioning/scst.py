@@ -90,7 +90,9 @@ def reference_texts(data: PreparedData, split: str, min_word_len: int) -> list[l
     ]
 
 
-def advantages(sample_rewards: np.ndarray, baseline: str, greedy_rewards=None) -> np.ndarray:
+def advantages(
+    sample_rewards: np.ndarray, baseline: str, greedy_rewards=None
+) -> tuple[np.ndarray, np.ndarray]:
     """rewards [B, N] (N samples per image) -> (advantages [B, N], baselines [B, N]).
 
     mean: each sample's baseline is the mean reward of the image's other N - 1 samples, so an

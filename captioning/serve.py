@@ -579,9 +579,9 @@ def load_benchmark(
         logging.warning("%d of %d requests failed, e.g. %s", len(errors), requests, errors[0])
     ms = np.asarray(latencies) * 1000 if latencies else np.asarray([np.nan])
     return {
-        "serve_p50_ms": float(np.percentile(ms, 50)),
-        "serve_p95_ms": float(np.percentile(ms, 95)),
-        "serve_captions_per_s": len(latencies) / wall,
+        "serve_p50_ms": round(float(np.percentile(ms, 50)), 1),
+        "serve_p95_ms": round(float(np.percentile(ms, 95)), 1),
+        "serve_captions_per_s": round(len(latencies) / wall, 2),
         "serve_requests": requests,
         "serve_answered": len(latencies),
         "serve_errors": len(errors),
