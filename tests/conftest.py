@@ -1,8 +1,14 @@
-"""Helpers shared by the tests: an XLA compilation counter and a fake run directory."""
+"""Helpers shared by the tests: an XLA compilation counter and a fake run directory.
+
+The session compiles each distinct computation once: a persistent compilation cache in a fresh
+temporary folder (the subprocess runs inherit it through the environment) serves the tiny
+config's steps to every later test that builds them again.
+"""
 
 import contextlib
 import json
 import os
+import tempfile
 
 import jax
 import numpy as np
@@ -10,14 +16,27 @@ from flax import nnx
 
 from captioning import backbone, checkpoint, models, text, train
 
+_COMPILATION_CACHE = tempfile.mkdtemp(prefix="captioning_tests_jax_cache_")
+os.environ["JAX_COMPILATION_CACHE_DIR"] = _COMPILATION_CACHE
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+jax.config.update("jax_compilation_cache_dir", _COMPILATION_CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+# An executable is made by compiling it or by reading it from the session's cache.
+EXECUTABLE_EVENTS = (
+    "/jax/core/compile/backend_compile_duration",
+    "/jax/compilation_cache/cache_retrieval_time_sec",
+)
+
 
 @contextlib.contextmanager
 def count_compiles():
-    """Counts XLA backend compilations inside the block: yields a list that fills up."""
+    """Counts executables made inside the block (XLA compilations, or reads of the same from
+    the compilation cache): yields a list that fills up."""
     events = []
 
     def listener(name, *_, **__):
-        if name == "/jax/core/compile/backend_compile_duration":
+        if name in EXECUTABLE_EVENTS:
             events.append(name)
 
     jax.monitoring.register_event_duration_secs_listener(listener)

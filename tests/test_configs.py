@@ -93,3 +93,10 @@ def test_readme_names_only_configs_that_exist():
     for path in re.findall(r"configs/grids/([a-z0-9_]+)\.py", readme):
         assert os.path.exists(os.path.join(CONFIGS, "grids", f"{path}.py")), path
     assert "../shared" not in readme
+
+
+def test_readme_is_a_short_manual():
+    with open(os.path.join(REPO, "README.md"), "rb") as f:
+        readme = f.read()
+    assert len(readme) <= 15_000, len(readme)
+    assert b"previous version" not in readme

@@ -11,7 +11,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import saved_params
+from conftest import EXECUTABLE_EVENTS, saved_params
 
 from captioning import evaluate, input_pipeline, train
 from configs import test as test_config
@@ -80,7 +80,7 @@ def _compiles_per_epoch(monkeypatch):
     original_epoch = input_pipeline.CaptionBatches.epoch
 
     def listener(name, *_, **__):
-        if name == "/jax/core/compile/backend_compile_duration" and current:
+        if name in EXECUTABLE_EVENTS and current:
             counts[current[-1]] = counts.get(current[-1], 0) + 1
 
     def watched_epoch(self, epoch):
