@@ -2,6 +2,11 @@
 check, and an SCST run that resumes exactly after a crash."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +18,7 @@ from captioning import scst, text, train
 from configs import test as test_config
 
 END, PAD = text.END_ID, text.PAD_ID
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_mean_baseline_advantages_sum_to_zero_per_image():
@@ -123,3 +129,46 @@ def test_scst_resumes_exactly_after_a_crash(xe_run, monkeypatch):
     for a, b in zip(jax.tree.leaves(whole_params), jax.tree.leaves(resumed_params), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert resumed["metrics"] == whole["metrics"] and resumed["captions"] == whole["captions"]
+
+
+def test_sigkill_mid_scst_then_same_command_resumes_and_finishes(xe_run, tmp_path):
+    """kill -9 during the SCST phase, rerun the same command: it resumes and ends at the end."""
+    xe_config, xe_dir, _ = xe_run
+    workdir = tmp_path / "scst"
+    command = [
+        sys.executable,
+        "main.py",
+        "--config=configs/test.py",
+        f"--workdir={workdir}",
+        f"--config.data.cache_dir={xe_config.data.cache_dir}",
+        "--config.eval.extra_splits=",
+        f"--config.scst.init_from={xe_dir}",
+        "--config.scst.num_epochs=30",
+        "--config.scst.batch_size=16",
+    ]
+    latest = workdir / "checkpoints" / "latest"
+    log = tmp_path / "killed.log"  # A file, not a pipe: a full pipe would block the run.
+    with open(log, "w") as log_file:
+        process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=log_file)
+    try:
+        deadline = time.time() + 300
+        while not (latest.exists() and any(p.name.isdigit() for p in latest.iterdir())):
+            assert process.poll() is None, log.read_text()[-3000:]
+            assert time.time() < deadline, "no SCST checkpoint within 5 minutes"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == -signal.SIGKILL
+    assert not (workdir / "eval" / "test_greedy.json").exists(), "killed after the end"
+
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Resumed from" in result.stderr
+    history = json.loads((workdir / "history.json").read_text())
+    assert [h["epoch"] for h in history] == list(range(31))  # Epoch 0: the starting run.
+    step, _ = saved_params(str(workdir))
+    assert step == history[-1]["step"] == 30 * 3  # 48 training images, 16 a step.
+    assert "| scst |" in (workdir / "results.md").read_text()
