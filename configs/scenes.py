@@ -1,28 +1,45 @@
 """The embedded default and base config: synthetic scenes of coloured shapes, no download needed.
 
     python main.py --config=configs/scenes.py --workdir=runs/scenes
+    python -m captioning.grid --config=configs/scenes.py --seeds=0,1,2,3,4 --workdir=runs/seeds
 
 Every other config starts from this one and changes a few fields; every field is defined here,
 with one comment. Deterministic images (1-3 objects with shape, colour, size and position, and
-spatial relations) with five grammar-made captions each. Trains the merge LSTM decoder with
-attention at its output (`merge_attention`: the seed's merge model, whose pooled image vector is
-joined by a context that each word's LSTM state looks up in a 4x4 feature grid).
+spatial relations) with five grammar-made captions each; half the training images are drawn
+perturbed (background, colours, anti-aliasing, turns). The decoder is the seed's merge model with
+spatial attention at its output (`merge_attention`: each word's LSTM state h_t looks up a context
+in a 4x4 feature grid with positions) whose LSTM also reads a 32-d summary of what the previous
+word's lookup saw (`feed_dim`); checkpoints are chosen by attribute + relation accuracy + 0.1 CIDEr.
 
-Result (2 CPU cores, AMD EPYC, test split, greedy, 16 epochs, 4.5 minutes with rendering and
-export): attribute accuracy 0.837 / 0.817 / 0.823 (seeds 0 / 1 / 2), relation accuracy 0.45 /
-0.34 / 0.35, CIDEr 3.42 / 3.43 / 3.37; beam 3 (seed 0): 0.863 attribute, 0.57 relation. Image-blind
-(`--config.model.use_image=False`): CIDEr 0.51, attribute accuracy 0.
+Result (2 CPU cores, AMD EPYC; test split, greedy; mean +- std over seeds 0-4; 13 epochs, about
+4 minutes a run with a fresh cache): attribute accuracy 0.781 +- 0.055 (seeds 0.803 0.837 0.803
+0.693 0.770), relation accuracy 0.642 +- 0.069, CIDEr 3.20 +- 0.12, BLEU-4 0.612 +- 0.010, METEOR
+0.420 +- 0.006; on test_perturbed attribute accuracy 0.714 +- 0.063, relation 0.592 +- 0.086; no
+caption repeats a word or ends in a function word; chosen epochs 11.6 +- 1.1 of 13. The issue's
+goals (0.92 with no seed below 0.88 / 0.75 / perturbed 0.85) are not reached. At 16 epochs the
+same config reached 0.815 +- 0.029 / 0.657 +- 0.023, perturbed 0.770 +- 0.027 (chosen epochs
+14.4 +- 1.7), but a run with a fresh cache took 5.1-5.5 minutes on this machine: 13 epochs keep
+the README's first command under 5.
 
-Why this decoder: the seed's merge decoder (configs/scenes_merge.py) stops at 0.63-0.70 attribute
-accuracy, by binding errors (the colour of one object with the shape of another) in 3-object
-scenes. After "a blue", the shape word must be the shape *of the blue object*: a pooled vector
-mixes all objects, while h_t, having just read "blue", can look at the blue object's cells. Since
-the lookup uses h_t and not h_{t-1}, the attention of every step runs in parallel after the LSTM
-scan (a step costs ~12 % more than the merge decoder's; Show-Attend-Tell's attention inside the
-recurrence ~50 %). 12 epochs were not enough (0.79). Encoder: random weights need no download,
-and a linear probe (`python -m captioning.probe`) shows that deep layers of random nets lose the
-objects (InceptionV3 mixed10 0.19, ResNet50 conv5 0.21) while ResNet50's early conv2_block3_out
-keeps them (0.997), so the scenes read that map.
+What each change gave (16 epochs, seed 0 unless noted; test attribute / relation accuracy):
+* The previous default (no feeding, clean training images, checkpoints by CIDEr): 0.837 / 0.445;
+  test_perturbed 0.11, 40 % of its captions a word 24 times. Its output attention, right after the
+  LSTM has read an object's shape word, puts 0.01 of its weight on that object's cell (uniform:
+  0.06); relation words teacher-forced 0.57 right, training scenes 0.44: the LSTM never learns
+  where the object it named is, and no lookup supplies it.
+* Not the fix: 2 attention heads 0.82 / 0.33; LSTM state from the whole flattened grid plus
+  attention with the words just read into the LSTM 0.87 / 0.43 (+40 % step); 8x8 grid 0.91 /
+  0.28; 9,000 training scenes (6 epochs) 0.86 / 0.38; 48 epochs: validation relations flat at
+  0.3-0.4 by epoch 19; bfloat16 matmuls (to afford more epochs) no faster at these sizes.
+* Feeding the lookup back into the LSTM: the full 256-d context 0.82 / 0.59 (+59 % step); only
+  the attention weights: validation relations 0.35; a 32-d summary 0.857 / 0.66 (+20 % step).
+  It needs sharp first lookups: with jittered training images, 0.83 / 0.65 with a unit-variance
+  attention score vector, 0.80 / 0.44 with lecun's 1/32.
+* Why perturbed scenes failed: the training renders never varied background grey or colours, so
+  the decoder keyed on exact feature values (a perturbed image's standardised features are not
+  larger on average: |z| 0.70 against 0.63). Drawing half the training images perturbed:
+  test_perturbed 0.11 -> 0.78, clean 0.85 / 0.63. With the 8x8 grid besides: 0.873 / 0.641,
+  perturbed 0.837, but 2.3x the step time.
 """
 
 import ml_collections
@@ -88,7 +105,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.dtype = "float32"  # float32 | bfloat16 matmuls (state, loss, optimizer stay fp32).
 
     config.train = ml_collections.ConfigDict()
-    config.train.num_epochs = 16  # Passes over the training captions.
+    config.train.num_epochs = 13  # Passes over the training captions (5 minutes in all).
     config.train.batch_size = 128  # Captions per step.
     config.train.learning_rate = 3e-3  # Peak Adam learning rate.
     config.train.warmup_steps = 100  # Linear warm-up steps, then cosine decay to 10 % of peak.
