@@ -8,7 +8,11 @@ config's steps to every later test that builds them again.
 import contextlib
 import json
 import os
+import pathlib
+import signal
+import subprocess
 import tempfile
+import time
 
 import jax
 import numpy as np
@@ -21,6 +25,8 @@ os.environ["JAX_COMPILATION_CACHE_DIR"] = _COMPILATION_CACHE
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 jax.config.update("jax_compilation_cache_dir", _COMPILATION_CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # An executable is made by compiling it or by reading it from the session's cache.
 EXECUTABLE_EVENTS = (
@@ -88,3 +94,26 @@ def make_run_dir(workdir, config, words, *, mean=0.0, std=1.0, step=7) -> str:
         manager.wait_until_finished()
         manager.close()
     return workdir
+
+
+def sigkill_after_first_checkpoint(command: list[str], workdir, log) -> None:
+    """Runs `command` in the repository and kills it with SIGKILL as soon as its first checkpoint
+    is committed (Orbax renames a finished checkpoint to its bare step number); asserts it died
+    by the signal, before its final evaluation. `log` receives its stderr (a file, not a pipe: a
+    full pipe would block the run)."""
+    latest = os.path.join(str(workdir), "checkpoints", "latest")
+    with open(log, "w") as log_file:
+        process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=log_file)
+    try:
+        deadline = time.time() + 300
+        while not (os.path.isdir(latest) and any(n.isdigit() for n in os.listdir(latest))):
+            assert process.poll() is None, pathlib.Path(log).read_text()[-3000:]
+            assert time.time() < deadline, "no checkpoint within 5 minutes"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == -signal.SIGKILL
+    assert not os.path.exists(os.path.join(str(workdir), "eval", "test_greedy.json")), "too late"

@@ -3,15 +3,13 @@
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
 import pytest
-from conftest import EXECUTABLE_EVENTS, saved_params
+from conftest import EXECUTABLE_EVENTS, saved_params, sigkill_after_first_checkpoint
 
 from captioning import evaluate, input_pipeline, train
 from configs import test as test_config
@@ -144,27 +142,7 @@ def test_sigkill_mid_run_then_same_command_resumes_and_finishes(tmp_path, cache_
         f"--config.data.cache_dir={cache_dir}",
         "--config.train.num_epochs=20",
     ]
-    latest = workdir / "checkpoints" / "latest"
-    log = tmp_path / "killed_run.log"  # A file, not a pipe: a full pipe would block the run.
-    with open(log, "w") as log_file:
-        process = subprocess.Popen(
-            command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=log_file, text=True
-        )
-    try:
-        deadline = time.time() + 300
-        # Kill as soon as the first epoch's checkpoint is committed (Orbax renames a finished
-        # checkpoint to its bare step number).
-        while not (latest.exists() and any(p.name.isdigit() for p in latest.iterdir())):
-            assert process.poll() is None, log.read_text()[-3000:]
-            assert time.time() < deadline, "no checkpoint within 5 minutes"
-            time.sleep(0.05)
-        process.send_signal(signal.SIGKILL)
-        process.wait(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
-    assert process.returncode == -signal.SIGKILL
-    assert not (workdir / "eval" / "test_greedy.json").exists(), "killed after the end"
+    sigkill_after_first_checkpoint(command, workdir, tmp_path / "killed_run.log")
 
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -2,23 +2,19 @@
 check, and an SCST run that resumes exactly after a crash."""
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import saved_params
+from conftest import REPO, saved_params, sigkill_after_first_checkpoint
 
 from captioning import scst, text, train
 from configs import test as test_config
 
 END, PAD = text.END_ID, text.PAD_ID
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_mean_baseline_advantages_sum_to_zero_per_image():
@@ -146,23 +142,7 @@ def test_sigkill_mid_scst_then_same_command_resumes_and_finishes(xe_run, tmp_pat
         "--config.scst.num_epochs=30",
         "--config.scst.batch_size=16",
     ]
-    latest = workdir / "checkpoints" / "latest"
-    log = tmp_path / "killed.log"  # A file, not a pipe: a full pipe would block the run.
-    with open(log, "w") as log_file:
-        process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=log_file)
-    try:
-        deadline = time.time() + 300
-        while not (latest.exists() and any(p.name.isdigit() for p in latest.iterdir())):
-            assert process.poll() is None, log.read_text()[-3000:]
-            assert time.time() < deadline, "no SCST checkpoint within 5 minutes"
-            time.sleep(0.05)
-        process.send_signal(signal.SIGKILL)
-        process.wait(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
-    assert process.returncode == -signal.SIGKILL
-    assert not (workdir / "eval" / "test_greedy.json").exists(), "killed after the end"
+    sigkill_after_first_checkpoint(command, workdir, tmp_path / "killed.log")
 
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
