@@ -96,11 +96,12 @@ def make_run_dir(workdir, config, words, *, mean=0.0, std=1.0, step=7) -> str:
     return workdir
 
 
-def sigkill_after_first_checkpoint(command: list[str], workdir, log) -> None:
-    """Runs `command` in the repository and kills it with SIGKILL as soon as its first checkpoint
-    is committed (Orbax renames a finished checkpoint to its bare step number); asserts it died
-    by the signal, before its final evaluation. `log` receives its stderr (a file, not a pipe: a
-    full pipe would block the run)."""
+def sigkill_then_resume(command: list[str], workdir, log) -> list[dict]:
+    """Runs `command` in the repository, kills it with SIGKILL as soon as its first checkpoint
+    is committed (Orbax renames a finished checkpoint to its bare step number), checks it died
+    by the signal before its final evaluation, then reruns the same command and checks it
+    resumed and finished. `log` receives the killed run's stderr (a file, not a pipe: a full
+    pipe would block the run). Returns the finished run's history.json."""
     latest = os.path.join(str(workdir), "checkpoints", "latest")
     with open(log, "w") as log_file:
         process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=log_file)
@@ -117,3 +118,8 @@ def sigkill_after_first_checkpoint(command: list[str], workdir, log) -> None:
             process.kill()
     assert process.returncode == -signal.SIGKILL
     assert not os.path.exists(os.path.join(str(workdir), "eval", "test_greedy.json")), "too late"
+
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Resumed from" in result.stderr
+    return json.loads(pathlib.Path(workdir, "history.json").read_text())

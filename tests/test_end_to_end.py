@@ -9,7 +9,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from conftest import EXECUTABLE_EVENTS, saved_params, sigkill_after_first_checkpoint
+from conftest import EXECUTABLE_EVENTS, saved_params, sigkill_then_resume
 
 from captioning import evaluate, input_pipeline, train
 from configs import test as test_config
@@ -142,12 +142,7 @@ def test_sigkill_mid_run_then_same_command_resumes_and_finishes(tmp_path, cache_
         f"--config.data.cache_dir={cache_dir}",
         "--config.train.num_epochs=20",
     ]
-    sigkill_after_first_checkpoint(command, workdir, tmp_path / "killed_run.log")
-
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "Resumed from" in result.stderr
-    history = json.loads((workdir / "history.json").read_text())
+    history = sigkill_then_resume(command, workdir, tmp_path / "killed_run.log")
     assert [h["epoch"] for h in history] == list(range(1, 21))
     steps_per_epoch = history[0]["step"]
     report = json.loads((workdir / "eval" / "test_greedy.json").read_text())

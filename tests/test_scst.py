@@ -2,14 +2,13 @@
 check, and an SCST run that resumes exactly after a crash."""
 
 import json
-import subprocess
 import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO, saved_params, sigkill_after_first_checkpoint
+from conftest import saved_params, sigkill_then_resume
 
 from captioning import scst, text, train
 from configs import test as test_config
@@ -142,12 +141,7 @@ def test_sigkill_mid_scst_then_same_command_resumes_and_finishes(xe_run, tmp_pat
         "--config.scst.num_epochs=30",
         "--config.scst.batch_size=16",
     ]
-    sigkill_after_first_checkpoint(command, workdir, tmp_path / "killed.log")
-
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "Resumed from" in result.stderr
-    history = json.loads((workdir / "history.json").read_text())
+    history = sigkill_then_resume(command, workdir, tmp_path / "killed.log")
     assert [h["epoch"] for h in history] == list(range(31))  # Epoch 0: the starting run.
     step, _ = saved_params(str(workdir))
     assert step == history[-1]["step"] == 30 * 3  # 48 training images, 16 a step.
