@@ -184,7 +184,7 @@ def evaluate(
     method = config.decode.method
     start = time.perf_counter()
     decoded = decode.decode_split(
-        _decoder(decoders, graphdef, config.decode, method, data.stats),
+        method_decoder(decoders, graphdef, config.decode, method, data.stats),
         params,
         data.features,
         rows=rows,
@@ -261,8 +261,9 @@ def evaluate(
     return report
 
 
-def _decoder(decoders: dict, graphdef, decode_config, method: str, stats) -> decode.DecodeFn:
-    """The jitted decoder of `method` with `decode_config`'s other settings, made once."""
+def method_decoder(decoders: dict, graphdef, decode_config, method: str, stats) -> decode.DecodeFn:
+    """The jitted decoder of `method` with `decode_config`'s other settings, made once and kept
+    in `decoders` ({method: fn}) for every later split, validation or figure that asks for it."""
     if method not in decoders:
         settings = ml_collections.ConfigDict({**decode_config.to_dict(), "method": method})
         decoders[method] = decode.decode_fn(graphdef, settings, stats)
@@ -282,7 +283,7 @@ def _draw_samples(
     for other in ("greedy", "beam"):
         if other != method and shown:
             out = decode.decode_split(
-                _decoder(decoders, inference.graphdef, config.decode, other, data.stats),
+                method_decoder(decoders, inference.graphdef, config.decode, other, data.stats),
                 inference.params,
                 data.features,
                 rows=rows[: len(shown)],

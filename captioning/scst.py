@@ -46,7 +46,7 @@ from absl import logging
 from clu import metric_writers, periodic_actions
 from flax import nnx, traverse_util
 
-from captioning import checkpoint, decode, evaluate, models, rewards, search, text, train
+from captioning import checkpoint, evaluate, models, rewards, search, text, train
 from captioning.data import STATS_FILE, PreparedData, prepare_data
 
 BASELINES = ("mean", "greedy")
@@ -246,8 +246,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     sample_fn, update_fn = make_steps(graphdef, tx, scst, max_len, data.stats)
     sample_fn = jax.jit(sample_fn)
     update_fn = jax.jit(update_fn, donate_argnums=(0, 1))
-    greedy_config = ml_collections.ConfigDict({**config.decode.to_dict(), "method": "greedy"})
-    greedy_fn = decode.decode_fn(graphdef, greedy_config, data.stats)
+    decoders = {}  # Validation's greedy decoder serves the final evaluation too.
+    greedy_fn = evaluate.method_decoder(decoders, graphdef, config.decode, "greedy", data.stats)
     batches_per_epoch = len(_image_batches(len(train_rows), scst.batch_size, config.seed, 0))
     total_steps = batches_per_epoch * scst.num_epochs
     selection = evaluate.parse_selection(config.train.val_metric)
@@ -336,4 +336,4 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     finally:
         train.close(writer, latest_mgr, best_mgr)
     curves = ("eval_selection", "eval_CIDEr", "train_reward", "train_baseline")
-    return train.finish(config, workdir, data, history, curves)
+    return train.finish(config, workdir, data, history, curves, decoders)

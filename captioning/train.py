@@ -31,7 +31,6 @@ from flax import nnx, traverse_util
 
 from captioning import (
     checkpoint,
-    decode,
     evaluate,
     input_pipeline,
     losses,
@@ -364,8 +363,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     compiled_eval = compile_for_buckets(
         eval_step, lambda b: (params, features, parallel.shard_batch(b, mesh)), val_batches
     )
-    greedy = ml_collections.ConfigDict({**config.decode.to_dict(), "method": "greedy"})
-    decode_greedy = decode.decode_fn(graphdef, greedy, data.stats)
+    decoders = {}  # Validation's greedy decoder serves the final evaluation too.
+    decode_greedy = evaluate.method_decoder(decoders, graphdef, config.decode, "greedy", data.stats)
     logging.info(
         "Compiled %d train and %d eval steps in %.1fs (bucket lengths %s).",
         len(compiled_train),
@@ -456,7 +455,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             )
     finally:
         close(writer, latest_mgr, best_mgr)
-    return finish(config, workdir, data, history, ("eval_selection",))
+    return finish(config, workdir, data, history, ("eval_selection",), decoders)
 
 
 # --------------------------------------------------------------------------------------------
@@ -524,9 +523,12 @@ def close(writer, *managers) -> None:
     writer.flush()
 
 
-def finish(config, workdir: str, data: PreparedData, history, curves) -> dict[str, Any]:
+def finish(
+    config, workdir: str, data: PreparedData, history, curves, decoders: dict | None = None
+) -> dict[str, Any]:
     """curves.png of the `curves` history keys, then the best checkpoint scored on `eval.split`
-    (the returned report) and on every split of `eval.extra_splits` the data has."""
+    (the returned report) and on every split of `eval.extra_splits` the data has, with the
+    jitted `decoders` ({method: fn}) the run has already compiled."""
     from captioning import visualize
 
     if config.eval.meteor:  # Its JVM starts up on the other core while the split decodes.
@@ -536,7 +538,7 @@ def finish(config, workdir: str, data: PreparedData, history, curves) -> dict[st
     inference = evaluate.restore_inference(
         config, workdir, len(data.vocab), data.features.shape[1:]
     )
-    shared = {"data": data, "inference": inference, "decoders": {}}
+    shared = {"data": data, "inference": inference, "decoders": decoders or {}}
     report = evaluate.evaluate(config, workdir, split=config.eval.split, **shared)
     for split in filter(None, (s.strip() for s in config.eval.extra_splits.split(","))):
         if data.splits.get(split) and split != config.eval.split:
