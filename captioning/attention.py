@@ -41,6 +41,7 @@ every step and accumulates its gradient every step: measured ~2x slower here.)
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -131,6 +132,147 @@ def additive_attention(keys: Array, h: Array, query_w: Array, score_w: Array, dt
     return jax.nn.softmax(scores, axis=-1)
 
 
+class AttentionWeights(NamedTuple):
+    """The parameters Show-Attend-Tell's recurrence reads at every step.
+
+    w_zh: [C + H, 4H] the context and recurrent gate weights stacked ([W_z; W_rec]).
+    query: [H, A] U_a; score: [A, 1] w; gate_w: [H, 1], gate_b: [1] f_beta.
+    """
+
+    w_zh: Array
+    query: Array
+    score: Array
+    gate_w: Array
+    gate_b: Array
+
+
+def _recurrence_step(weights: AttentionWeights, keys, values, state, word_gates, dtype):
+    """One word of Show-Attend-Tell: (h, c) [B, H], gate inputs of the word [B, 4H] ->
+    ((h', c'), residuals): what the step computed that its backward pass reads."""
+    h, c = state
+    hidden = jnp.tanh(keys + matmul(h, weights.query, dtype)[:, None, :])  # [B, L, A]
+    # Matrix-vector products in float32: [L, A] x [A] and [L] x [L, C] per image gain nothing
+    # from a narrower dtype but its conversions.
+    alpha = jax.nn.softmax(matmul(hidden, weights.score, jnp.float32)[..., 0], axis=-1)  # [B, L]
+    beta = jax.nn.sigmoid(matmul(h, weights.gate_w, dtype) + weights.gate_b)  # [B, 1]
+    context = jnp.einsum("bl,blc->bc", alpha, values)  # [B, C]
+    z = beta * context
+    gates = word_gates + matmul(jnp.concatenate([z, h], axis=-1), weights.w_zh, dtype)
+    i, f, g, o = jnp.split(gates, 4, axis=-1)
+    i, f, g, o = jax.nn.sigmoid(i), jax.nn.sigmoid(f), jnp.tanh(g), jax.nn.sigmoid(o)
+    c_next = f * c + i * g
+    h_next = o * jnp.tanh(c_next)
+    activations = jnp.concatenate([i, f, g, o], axis=-1)
+    return (h_next, c_next), (h, c, c_next, activations, alpha, beta, context, z)
+
+
+def _attention_forward(weights, keys, values, h0, c0, word_gates_tbg, dtype):
+    """-> (h [T, B, H], the steps' residuals stacked over T)."""
+    weights = weights._replace(w_zh=weights.w_zh.astype(dtype))  # Cast once, not every step.
+
+    def step(state, word_gates):
+        state, residuals = _recurrence_step(weights, keys, values, state, word_gates, dtype)
+        return state, (state[0], residuals)
+
+    _, (h, residuals) = jax.lax.scan(step, (h0, c0), word_gates_tbg)
+    return h, residuals
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def attention_recurrence(
+    weights: AttentionWeights,
+    keys: Array,
+    values: Array,
+    h0: Array,
+    c0: Array,
+    word_gates_tbg: Array,
+    dtype: Any,
+) -> tuple[Array, Array, Array]:
+    """Show-Attend-Tell over a sequence: keys [B, L, A], values [B, L, C], initial state [B, H],
+    the words' gate inputs [T, B, 4H] -> (h [T, B, H], alpha [T, B, L], z [T, B, C]).
+
+    The same values as `_recurrence_step` in a `lax.scan`. The hand-written backward pass differs
+    from autodiff's in where the weight gradients are formed: autodiff adds x_t^T dy_t into every
+    weight's gradient inside the reverse loop (a read-modify-write of the whole [C + H, 4H] matrix
+    at every word) and multiplies by transposed weights there; here the weights are transposed
+    once, the loop only stacks each product's output gradient, and every weight gradient is one
+    [.., T*B] x [T*B, ..] product after it. (The keys' and score vector's gradients, elementwise
+    over [B, L, A], are summed in the loop.)
+    """
+    h, residuals = _attention_forward(weights, keys, values, h0, c0, word_gates_tbg, dtype)
+    return h, residuals[4], residuals[7]
+
+
+def _attention_fwd(weights, keys, values, h0, c0, word_gates_tbg, dtype):
+    h, residuals = _attention_forward(weights, keys, values, h0, c0, word_gates_tbg, dtype)
+    return (h, residuals[4], residuals[7]), (weights, keys, values, residuals)
+
+
+def _attention_bwd(dtype, saved, cotangents):
+    weights, keys, values, residuals = saved
+    dh_out, dalpha_out, dz_out = cotangents
+    h_prev, c_prev, c, activations, alpha, beta, context, z = residuals
+    context_dim = values.shape[-1]
+    w_zh_t = weights.w_zh.T.astype(dtype)  # [4H, C + H], once for all steps
+    query_t = weights.query.T.astype(dtype)  # [A, H]
+    score = weights.score[:, 0]  # [A]
+    gate_w = weights.gate_w[:, 0]  # [H]
+
+    def step(carry, xs):
+        dh_next, dc_next, d_keys, d_score = carry  # From step t+1, and sums over the steps.
+        dh_out, dalpha_out, dz_out, h_before, c_before, c, acts, alpha, beta, context = xs
+        # The attention MLP's [B, L, A] activations again: cheaper than keeping them for every step.
+        hidden = jnp.tanh(keys + matmul(h_before, weights.query, dtype)[:, None, :])
+        i, f, g, o = jnp.split(acts, 4, axis=-1)
+        dh = dh_out + dh_next
+        tanh_c = jnp.tanh(c)
+        dc = dc_next + dh * o * (1.0 - tanh_c * tanh_c)
+        dgates = jnp.concatenate(
+            [
+                dc * g * i * (1.0 - i),  # input gate (sigmoid)
+                dc * c_before * f * (1.0 - f),  # forget gate (sigmoid)
+                dc * i * (1.0 - g * g),  # candidate (tanh)
+                dh * tanh_c * o * (1.0 - o),  # output gate (sigmoid)
+            ],
+            axis=-1,
+        )
+        d_zh = matmul(dgates, w_zh_t, dtype)  # [B, C + H]
+        dz = dz_out + d_zh[:, :context_dim]
+        d_beta = jnp.sum(dz * context, axis=-1, keepdims=True)  # [B, 1]
+        d_context = dz * beta
+        d_alpha = dalpha_out + jnp.einsum("bc,blc->bl", d_context, values)
+        d_scores = alpha * (d_alpha - jnp.sum(alpha * d_alpha, axis=-1, keepdims=True))
+        d_pre = d_scores[..., None] * score * (1.0 - hidden * hidden)  # [B, L, A]
+        d_query = d_pre.sum(axis=1)  # [B, A]
+        d_gate = d_beta * beta * (1.0 - beta)  # [B, 1]
+        dh_prev = d_zh[:, context_dim:] + matmul(d_query, query_t, dtype) + d_gate * gate_w
+        d_score = d_score + jnp.sum(hidden * d_scores[..., None], axis=(0, 1))
+        return (dh_prev, dc * f, d_keys + d_pre, d_score), (dgates, d_query, d_gate)
+
+    zeros = jnp.zeros_like(dh_out[0])
+    init = (zeros, zeros, jnp.zeros_like(keys), jnp.zeros_like(score))
+    xs = (dh_out, dalpha_out, dz_out, h_prev, c_prev, c, activations, alpha, beta, context)
+    (dh0, dc0, d_keys, d_score), (dgates, d_query, d_gate) = jax.lax.scan(
+        step, init, xs, reverse=True
+    )
+
+    def flat(x):  # [T, B, D] -> [T*B, D]
+        return x.reshape(-1, x.shape[-1])
+
+    zh = flat(jnp.concatenate([z, h_prev], axis=-1))
+    d_weights = AttentionWeights(
+        w_zh=matmul(zh.T, flat(dgates), dtype),
+        query=matmul(flat(h_prev).T, flat(d_query), dtype),
+        score=d_score[:, None],
+        gate_w=matmul(flat(h_prev).T, flat(d_gate), dtype),
+        gate_b=flat(d_gate).sum(axis=0),
+    )
+    return d_weights, d_keys, jnp.zeros_like(values), dh0, dc0, dgates
+
+
+attention_recurrence.defvjp(_attention_fwd, _attention_bwd)
+
+
 class AttentionDecoder(Decoder):
     """Show, Attend and Tell soft-attention LSTM over [B, H, W, C] (or [B, L, C]) features."""
 
@@ -179,27 +321,21 @@ class AttentionDecoder(Decoder):
         feats = spatial_input(features, self.use_image, self.positions)  # [B, L, C]
         mean = feats.mean(axis=1)
         state = (jnp.tanh(self.init_h(mean)), jnp.tanh(self.init_c(mean)))
-        context = AttentionContext(values=feats.astype(self.dtype), keys=self.att_keys(feats))
+        context = AttentionContext(values=feats, keys=self.att_keys(feats))
         return context, state
 
     # -- per word --------------------------------------------------------------------------------
 
-    def _attend(self, context: AttentionContext, h: Array) -> tuple[Array, Array]:
-        """h [B, H] (the previous state) -> (alpha [B, L] summing to 1, beta [B, 1])."""
-        alpha = additive_attention(
-            context.keys, h, self.att_query[...], self.att_score[...], self.dtype
+    def _weights(self) -> AttentionWeights:
+        """The recurrence's parameters, the context and recurrent gate weights as one matrix."""
+        w_zh = jnp.concatenate([self.context_w[...], self.lstm.w_rec[...]])
+        return AttentionWeights(
+            w_zh,
+            self.att_query[...],
+            self.att_score[...],
+            self.gate.kernel[...],
+            self.gate.bias[...],
         )
-        beta = jax.nn.sigmoid(self.gate(h))
-        return alpha, beta
-
-    def _step(
-        self, context: AttentionContext, state: tuple[Array, Array], word_gates: Array
-    ) -> tuple[tuple[Array, Array], Array, Array]:
-        """One LSTM step from the words' gate inputs [B, 4H] -> (state, alpha [B, L], z [B, C])."""
-        alpha, beta = self._attend(context, state[0])
-        z = beta * _weighted(alpha, context.values, self.dtype)  # gated context [B, C]
-        gates = word_gates + matmul(z, self.context_w[...], self.dtype)
-        return self.lstm.cell(state, gates), alpha, z
 
     def _pre_logits(
         self,
@@ -226,12 +362,12 @@ class AttentionDecoder(Decoder):
         context, state = self._prepare(features)
         words = dropout(self.embed(tokens_in), self.dropout_rate, k_emb, train)  # [B, T, E]
         word_gates = self.lstm.project_inputs(words)  # [B, T, 4H], one matmul for all steps
+        word_gates_tbg = jnp.swapaxes(word_gates, 0, 1)
 
-        def scan_step(state, gates_t):
-            state, alpha, z = self._step(context, state, gates_t)
-            return state, (state[0], alpha, z)
-
-        _, (h, alpha, z) = jax.lax.scan(scan_step, state, jnp.swapaxes(word_gates, 0, 1))
+        # The context and recurrent gate inputs as one product [z_t, h_{t-1}] @ [W_z; W_rec].
+        h, alpha, z = attention_recurrence(
+            self._weights(), context.keys, context.values, *state, word_gates_tbg, self.dtype
+        )
         h, alpha, z = (jnp.swapaxes(x, 0, 1) for x in (h, alpha, z))  # batch-major
         return self._pre_logits(words, h, z, (k_h, k_out), train), {"attention": alpha}
 
@@ -244,7 +380,17 @@ class AttentionDecoder(Decoder):
     ) -> tuple[tuple[Array, Array], Array, Array]:
         """tokens [B] -> (state, logits [B, V] float32, attention [B, L] of this word)."""
         words = self.embed(tokens)  # [B, E]
-        state, alpha, z = self._step(context, state, self.lstm.project_inputs(words))
+        weights = self._weights()
+        weights = weights._replace(w_zh=weights.w_zh.astype(self.dtype))
+        state, residuals = _recurrence_step(
+            weights,
+            context.keys,
+            context.values,
+            state,
+            self.lstm.project_inputs(words),
+            self.dtype,
+        )
+        alpha, z = residuals[4], residuals[7]
         deep = self._pre_logits(words[:, None], state[0][:, None], z[:, None], (None, None), False)
         return state, self.out_proj(deep)[:, 0], alpha
 

@@ -305,3 +305,59 @@ def test_caption_mode_writes_attention_maps(tmp_path):
         assert result["attention_map"].endswith(f"_{name}.png")
         assert os.path.exists(result["attention_map"])
     assert os.path.dirname(results[0]["attention_map"]).endswith("attention_greedy")
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_show_attend_tell_backward_pass_equals_autodiff(dtype):
+    """attention_recurrence's hand-written backward pass gives autodiff's gradients (of the plain
+    scan over its step) for every input, the loss reading h, alpha and z."""
+    batch, locations, channels, hidden, att, steps = 3, 5, 7, 6, 4, 4
+    keys = jax.random.split(jax.random.key(0), 10)
+    weights = attention.AttentionWeights(
+        w_zh=jax.random.normal(keys[0], (channels + hidden, 4 * hidden)) * 0.4,
+        query=jax.random.normal(keys[1], (hidden, att)) * 0.4,
+        score=jax.random.normal(keys[2], (att, 1)),
+        gate_w=jax.random.normal(keys[3], (hidden, 1)),
+        gate_b=jnp.full((1,), 0.3),
+    )
+    inputs = (
+        jax.random.normal(keys[4], (batch, locations, att)),  # keys
+        jax.random.normal(keys[5], (batch, locations, channels)).astype(dtype),  # values
+        jax.random.normal(keys[6], (batch, hidden)) * 0.5,  # h0
+        jax.random.normal(keys[7], (batch, hidden)) * 0.5,  # c0
+        jax.random.normal(keys[8], (steps, batch, 4 * hidden)),  # word gates
+    )
+    probe = [
+        jax.random.normal(k, s)
+        for k, s in zip(
+            jax.random.split(keys[9], 3),
+            [(steps, batch, hidden), (steps, batch, locations), (steps, batch, channels)],
+            strict=True,
+        )
+    ]
+
+    def reference(weights, keys, values, h0, c0, word_gates):
+        w = weights._replace(w_zh=weights.w_zh.astype(dtype))
+
+        def step(state, gates):
+            state, r = attention._recurrence_step(w, keys, values, state, gates, dtype)
+            return state, (state[0], r[4], r[7])
+
+        return jax.lax.scan(step, (h0, c0), word_gates)[1]
+
+    def custom(weights, keys, values, h0, c0, word_gates):
+        return attention.attention_recurrence(weights, keys, values, h0, c0, word_gates, dtype)
+
+    def loss(fn):
+        return lambda *args: sum(jnp.sum(p * out) for p, out in zip(probe, fn(*args), strict=True))
+
+    argnums = (0, 1, 3, 4, 5)  # The values are features: no gradient is asked of them.
+    ours = jax.grad(loss(custom), argnums)(weights, *inputs)
+    theirs = jax.grad(loss(reference), argnums)(weights, *inputs)
+    for out, ref in zip(custom(weights, *inputs), reference(weights, *inputs), strict=True):
+        np.testing.assert_array_equal(out, ref)
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2
+    for got, want in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs), strict=True):
+        assert got.shape == want.shape and got.dtype == want.dtype
+        np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
+        assert np.abs(np.asarray(want)).max() > 1e-3  # Every gradient is exercised.
