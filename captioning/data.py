@@ -191,7 +191,7 @@ def prepare_data(
     residency = choose_residency(config.data.feature_residency, store.nbytes)
     features = store.features
     if residency != "disk":  # One read into memory, as stored (float16 stays float16).
-        features = features[np.arange(len(store))]
+        features = features.read_all()
     logging.info(
         "Features %s %s, %.2f GB: %s-resident (data.feature_residency=%s).",
         store.metadata["dtype"],

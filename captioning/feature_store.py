@@ -115,6 +115,14 @@ def _mapped_member(path: str, member: str = "features.npy") -> np.memmap:
     return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
 
 
+def aligned_empty(shape: Sequence[int], dtype: Any, alignment: int = 64) -> np.ndarray:
+    """np.empty whose data starts at a multiple of `alignment` bytes."""
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    raw = np.empty(nbytes + alignment, np.uint8)
+    offset = -raw.ctypes.data % alignment
+    return raw[offset : offset + nbytes].view(dtype).reshape(shape)
+
+
 class MappedFeatures:
     """The store's feature rows read from its shards on disk when indexed (memory-mapped, so
     the operating system's page cache keeps what fits): `features[rows]` -> [len(rows), ...]."""
@@ -129,6 +137,24 @@ class MappedFeatures:
 
     def __len__(self) -> int:
         return self.shape[0]
+
+    def read_all(self) -> np.ndarray:
+        """Every row in one 64-byte-aligned array, read shard by shard with file reads rather
+        than through the mapping (mapped pages would count in this process's memory a second
+        time). XLA's CPU client uses such an array in place: `jax.device_put` makes no copy, so
+        device residency on a CPU holds the store once."""
+        out = aligned_empty(self.shape, self.dtype)
+        for k, shard in enumerate(self._shards):
+            target = memoryview(out[self._starts[k] : self._starts[k + 1]]).cast("B")
+            with open(shard.filename, "rb") as f:
+                f.seek(shard.offset)
+                done = 0
+                while done < len(target):
+                    read = f.readinto(target[done:])
+                    if not read:
+                        raise FeatureStoreError(f"{shard.filename}: shorter than its header says.")
+                    done += read
+        return out
 
     def __getitem__(self, rows) -> np.ndarray:
         rows = np.asarray(rows, np.int64)

@@ -338,7 +338,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # whole run, steps gather their rows from it. Otherwise the batches bring their rows.
     features = None
     if data.residency == "device":
-        features = parallel.replicate(jnp.asarray(data.features), mesh)
+        # From the host array as it is: on a CPU the device array is that memory (no copy).
+        features = parallel.replicate(data.features, mesh)
     base_key = jax.random.key(config.seed)
 
     latest_mgr, best_mgr = checkpoint.managers(workdir, config.train.keep_checkpoints)

@@ -7,6 +7,7 @@ images; the compiled backbone is cached per process, so most tests reuse one bui
 import os
 
 import h5py
+import jax
 import ml_collections
 import numpy as np
 import pytest
@@ -274,6 +275,17 @@ def test_mapped_features_read_the_rows_asked_for_across_shards(tmp_path):
     rows = np.array([7, 0, 5, 4, 4, 2])
     np.testing.assert_array_equal(mapped[rows], whole[rows])
     np.testing.assert_array_equal(mapped[rows.reshape(2, 3)], whole[rows.reshape(2, 3)])
+    # The whole store in one aligned read, which a CPU device array then uses in place.
+    table = mapped.read_all()
+    np.testing.assert_array_equal(table, whole)
+    assert table.ctypes.data % 64 == 0 and table.dtype == np.float16
+    if jax.default_backend() == "cpu":
+        assert jax.device_put(table).unsafe_buffer_pointer() == table.ctypes.data
+    del table
+    with open(paths[1], "r+b") as f:  # A shard cut short is an error, not rows of garbage.
+        f.truncate(mapped._shards[1].offset + 10)
+    with pytest.raises(feature_store.FeatureStoreError, match="shorter"):
+        mapped.read_all()
 
 
 def test_store_on_disk_equals_the_store_in_memory(reference_store):
