@@ -52,6 +52,9 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     _quiet_library_logs()
+    from captioning import host
+
+    host.keep_freed_memory()  # Before the first large allocation (captioning/host.py: why).
     # Imported here so `--help` is fast and TensorFlow never grabs an accelerator JAX wants.
     import tensorflow as tf
 

@@ -18,7 +18,9 @@ import jax
 import numpy as np
 from flax import nnx
 
-from captioning import backbone, checkpoint, models, text, train
+from captioning import backbone, checkpoint, host, models, text, train
+
+host.keep_freed_memory()  # As main.py does: the tests' steps allocate as the users' do.
 
 _COMPILATION_CACHE = tempfile.mkdtemp(prefix="captioning_tests_jax_cache_")
 os.environ["JAX_COMPILATION_CACHE_DIR"] = _COMPILATION_CACHE
