@@ -33,10 +33,12 @@ returned attention.
 Speed: what does not depend on the step is hoisted out of the time loop. W_a a_i + b is computed
 once per image (`AttentionContext.keys`), the word embeddings' gate inputs of the whole sequence
 are one matmul before the scan, and the deep output of all steps one matmul after it (the scan
-returns h_t and z_t). Inside the scan remain the attention scores (tanh over [B, L, A], the main
-cost on a CPU), the weighted sum over locations, z_t @ W_z and h @ W_rec. (Projecting the features
-to the gates once per image, alpha_t @ (a W_z), saves multiply-adds but reads a [B, L, 4H] tensor
-every step and accumulates its gradient every step: measured ~2x slower here.)
+returns h_t and z_t). Inside the scan remain the attention scores (tanh over [B, L, A]), the
+weighted sum over locations and one product [z_t, h_{t-1}] @ [W_z; W_rec]; its backward pass is
+written by hand (`attention_recurrence`) so that the weight gradients are formed after the reverse
+loop, not accumulated in it. (Projecting the features to the gates once per image,
+alpha_t @ (a W_z), saves multiply-adds but reads a [B, L, 4H] tensor every step and accumulates
+its gradient every step: measured ~2x slower here.)
 """
 
 from __future__ import annotations
