@@ -50,7 +50,16 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from captioning.layers import LSTM, Decoder, Dense, dropout, matmul, param
+from captioning.layers import (
+    LSTM,
+    Decoder,
+    Dense,
+    dropout,
+    lstm_activate,
+    lstm_activate_backward,
+    matmul,
+    param,
+)
 
 Array = jax.Array
 
@@ -160,11 +169,7 @@ def _recurrence_step(weights: AttentionWeights, keys, values, state, word_gates,
     context = jnp.einsum("bl,blc->bc", alpha, values)  # [B, C]
     z = beta * context
     gates = word_gates + matmul(jnp.concatenate([z, h], axis=-1), weights.w_zh, dtype)
-    i, f, g, o = jnp.split(gates, 4, axis=-1)
-    i, f, g, o = jax.nn.sigmoid(i), jax.nn.sigmoid(f), jnp.tanh(g), jax.nn.sigmoid(o)
-    c_next = f * c + i * g
-    h_next = o * jnp.tanh(c_next)
-    activations = jnp.concatenate([i, f, g, o], axis=-1)
+    h_next, c_next, activations = lstm_activate(gates, c)
     return (h_next, c_next), (h, c, c_next, activations, alpha, beta, context, z)
 
 
@@ -225,19 +230,7 @@ def _attention_bwd(dtype, saved, cotangents):
         dh_out, dalpha_out, dz_out, h_before, c_before, c, acts, alpha, beta, context = xs
         # The attention MLP's [B, L, A] activations again: cheaper than keeping them for every step.
         hidden = jnp.tanh(keys + matmul(h_before, weights.query, dtype)[:, None, :])
-        i, f, g, o = jnp.split(acts, 4, axis=-1)
-        dh = dh_out + dh_next
-        tanh_c = jnp.tanh(c)
-        dc = dc_next + dh * o * (1.0 - tanh_c * tanh_c)
-        dgates = jnp.concatenate(
-            [
-                dc * g * i * (1.0 - i),  # input gate (sigmoid)
-                dc * c_before * f * (1.0 - f),  # forget gate (sigmoid)
-                dc * i * (1.0 - g * g),  # candidate (tanh)
-                dh * tanh_c * o * (1.0 - o),  # output gate (sigmoid)
-            ],
-            axis=-1,
-        )
+        dgates, dc_before = lstm_activate_backward(dh_out + dh_next, dc_next, c_before, c, acts)
         d_zh = matmul(dgates, w_zh_t, dtype)  # [B, C + H]
         dz = dz_out + d_zh[:, :context_dim]
         d_beta = jnp.sum(dz * context, axis=-1, keepdims=True)  # [B, 1]
@@ -249,7 +242,7 @@ def _attention_bwd(dtype, saved, cotangents):
         d_gate = d_beta * beta * (1.0 - beta)  # [B, 1]
         dh_prev = d_zh[:, context_dim:] + matmul(d_query, query_t, dtype) + d_gate * gate_w
         d_score = d_score + jnp.sum(hidden * d_scores[..., None], axis=(0, 1))
-        return (dh_prev, dc * f, d_keys + d_pre, d_score), (dgates, d_query, d_gate)
+        return (dh_prev, dc_before, d_keys + d_pre, d_score), (dgates, d_query, d_gate)
 
     zeros = jnp.zeros_like(dh_out[0])
     init = (zeros, zeros, jnp.zeros_like(keys), jnp.zeros_like(score))

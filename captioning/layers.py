@@ -123,12 +123,37 @@ def _lstm_step(
     """The LSTM's one formula: (h, c) [B, H] and gate inputs [B, 4H] -> (h', c', the gates'
     activations [i, f, g, o] [B, 4H], which only the backward pass of `lstm_recurrence` keeps)."""
     h, c = state
-    gates = gates_in + matmul(h, w_rec, dtype)
+    return lstm_activate(gates_in + matmul(h, w_rec, dtype), c)
+
+
+def lstm_activate(gates: Array, c: Array) -> tuple[Array, Array, Array]:
+    """Pre-activations [i, f, g, o] [B, 4H] and the cell c [B, H] -> (h', c', the gates'
+    activations [B, 4H])."""
     i, f, g, o = jnp.split(gates, 4, axis=-1)
     i, f, g, o = jax.nn.sigmoid(i), jax.nn.sigmoid(f), jnp.tanh(g), jax.nn.sigmoid(o)
     c = f * c + i * g
     h = o * jnp.tanh(c)
     return h, c, jnp.concatenate([i, f, g, o], axis=-1)
+
+
+def lstm_activate_backward(
+    dh: Array, dc_next: Array, c_before: Array, c: Array, activations: Array
+) -> tuple[Array, Array]:
+    """Backward of `lstm_activate`: dL/dh' (all of it), dL/dc' from the next step, the cell
+    before and after, the activations -> (dL/dgates [B, 4H], dL/dc before)."""
+    i, f, g, o = jnp.split(activations, 4, axis=-1)
+    tanh_c = jnp.tanh(c)
+    dc = dc_next + dh * o * (1.0 - tanh_c * tanh_c)
+    dgates = jnp.concatenate(
+        [
+            dc * g * i * (1.0 - i),  # input gate (sigmoid)
+            dc * c_before * f * (1.0 - f),  # forget gate (sigmoid)
+            dc * i * (1.0 - g * g),  # candidate (tanh)
+            dh * tanh_c * o * (1.0 - o),  # output gate (sigmoid)
+        ],
+        axis=-1,
+    )
+    return dgates, dc * f
 
 
 def _recurrence_forward(w_rec, h0, c0, gates_in_tbg, dtype):
@@ -170,20 +195,8 @@ def _recurrence_bwd(dtype, residuals, dh_tbh):
     def step(carry, xs):
         dh_next, dc_next = carry  # Gradients flowing back from step t+1 into h_t and c_t.
         dh_out, c_before, acts, c = xs
-        i, f, g, o = jnp.split(acts, 4, axis=-1)
-        dh = dh_out + dh_next
-        tanh_c = jnp.tanh(c)
-        dc = dc_next + dh * o * (1.0 - tanh_c * tanh_c)
-        dgates = jnp.concatenate(
-            [
-                dc * g * i * (1.0 - i),  # input gate (sigmoid)
-                dc * c_before * f * (1.0 - f),  # forget gate (sigmoid)
-                dc * i * (1.0 - g * g),  # candidate (tanh)
-                dh * tanh_c * o * (1.0 - o),  # output gate (sigmoid)
-            ],
-            axis=-1,
-        )
-        return (matmul(dgates, w_rec_t, dtype), dc * f), dgates
+        dgates, dc_before = lstm_activate_backward(dh_out + dh_next, dc_next, c_before, c, acts)
+        return (matmul(dgates, w_rec_t, dtype), dc_before), dgates
 
     zeros = jnp.zeros_like(dh_tbh[0])
     (dh0, dc0), dgates = jax.lax.scan(
