@@ -24,11 +24,15 @@ ITEMS = ("params", "opt_state", "progress")
 
 def manager_at(path: str, max_to_keep: int | None = None, create: bool = False):
     """The manager of one checkpoint folder (`latest` or `best`), knowing its three items."""
-    return ocp.CheckpointManager(
-        path,
-        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create),
-        item_handlers={name: ocp.StandardCheckpointHandler() for name in ITEMS},
+    # With several processes, the `latest` and `best` managers may both be writing the same step
+    # in the background: their barriers need names of their own (the same name on both is
+    # refused as "already ongoing" and the save times out).
+    barriers = ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=os.path.basename(path))
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, create=create, multiprocessing_options=barriers
     )
+    item_handlers = {name: ocp.StandardCheckpointHandler() for name in ITEMS}
+    return ocp.CheckpointManager(path, options=options, item_handlers=item_handlers)
 
 
 def managers(workdir: str, keep: int) -> tuple[ocp.CheckpointManager, ocp.CheckpointManager]:
