@@ -157,9 +157,31 @@ class AttentionWeights(NamedTuple):
     gate_b: Array
 
 
-def _recurrence_step(weights: AttentionWeights, keys, values, state, word_gates, dtype):
-    """One word of Show-Attend-Tell: (h, c) [B, H], gate inputs of the word [B, 4H] ->
-    ((h', c'), residuals): what the step computed that its backward pass reads."""
+class StepResiduals(NamedTuple):
+    """What one step of the recurrence computed that its backward pass reads (each [B, ...]):
+    the state it started from (h, c), its cell c_next, the gates' activations [4H], alpha [L],
+    beta [1], the attended context [C] and z = beta * context [C]."""
+
+    h: Array
+    c: Array
+    c_next: Array
+    activations: Array
+    alpha: Array
+    beta: Array
+    context: Array
+    z: Array
+
+
+def _recurrence_step(
+    weights: AttentionWeights,
+    keys: Array,
+    values: Array,
+    state: tuple[Array, Array],
+    word_gates: Array,
+    dtype: Any,
+) -> tuple[tuple[Array, Array], StepResiduals]:
+    """One word of Show-Attend-Tell: keys [B, L, A], values [B, L, C] float32, (h, c) [B, H],
+    the word's gate inputs [B, 4H] -> ((h', c'), StepResiduals)."""
     h, c = state
     hidden = jnp.tanh(keys + matmul(h, weights.query, dtype)[:, None, :])  # [B, L, A]
     # Matrix-vector products in float32: [L, A] x [A] and [L] x [L, C] per image gain nothing
@@ -170,7 +192,7 @@ def _recurrence_step(weights: AttentionWeights, keys, values, state, word_gates,
     z = beta * context
     gates = word_gates + matmul(jnp.concatenate([z, h], axis=-1), weights.w_zh, dtype)
     h_next, c_next, activations = lstm_activate(gates, c)
-    return (h_next, c_next), (h, c, c_next, activations, alpha, beta, context, z)
+    return (h_next, c_next), StepResiduals(h, c, c_next, activations, alpha, beta, context, z)
 
 
 def _attention_forward(weights, keys, values, h0, c0, word_gates_tbg, dtype):
@@ -207,12 +229,12 @@ def attention_recurrence(
     over [B, L, A], are summed in the loop.)
     """
     h, residuals = _attention_forward(weights, keys, values, h0, c0, word_gates_tbg, dtype)
-    return h, residuals[4], residuals[7]
+    return h, residuals.alpha, residuals.z
 
 
 def _attention_fwd(weights, keys, values, h0, c0, word_gates_tbg, dtype):
     h, residuals = _attention_forward(weights, keys, values, h0, c0, word_gates_tbg, dtype)
-    return (h, residuals[4], residuals[7]), (weights, keys, values, residuals)
+    return (h, residuals.alpha, residuals.z), (weights, keys, values, residuals)
 
 
 def _attention_bwd(dtype, saved, cotangents):
@@ -385,7 +407,7 @@ class AttentionDecoder(Decoder):
             self.lstm.project_inputs(words),
             self.dtype,
         )
-        alpha, z = residuals[4], residuals[7]
+        alpha, z = residuals.alpha, residuals.z
         deep = self._pre_logits(words[:, None], state[0][:, None], z[:, None], (None, None), False)
         return state, self.out_proj(deep)[:, 0], alpha
 

@@ -341,7 +341,7 @@ def test_show_attend_tell_backward_pass_equals_autodiff(dtype):
 
         def step(state, gates):
             state, r = attention._recurrence_step(w, keys, values, state, gates, dtype)
-            return state, (state[0], r[4], r[7])
+            return state, (state[0], r.alpha, r.z)
 
         return jax.lax.scan(step, (h0, c0), word_gates)[1]
 
