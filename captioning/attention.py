@@ -67,7 +67,7 @@ Array = jax.Array
 class AttentionContext(NamedTuple):
     """Per-image constants of decoding (rows are images, or image-beams in beam search).
 
-    values: [B, L, C] (compute dtype) the annotation vectors a_i.
+    values: [B, L, C] float32 the annotation vectors a_i (projected, for the merge decoder).
     keys: [B, L, A] float32 W_a a_i + b, the feature part of the attention scores.
     """
 
@@ -172,6 +172,24 @@ class StepResiduals(NamedTuple):
     z: Array
 
 
+def _attention_mlp(keys: Array, h: Array, query: Array, dtype: Any) -> Array:
+    """keys [B, L, A], the previous state h [B, H], U_a [H, A] -> tanh(k_i + U_a h) [B, L, A]
+    (the forward step and, recomputing it, the backward pass)."""
+    return jnp.tanh(keys + matmul(h, query, dtype)[:, None, :])
+
+
+def _attend(weights: AttentionWeights, keys: Array, values: Array, h: Array, dtype: Any):
+    """Where to look from the previous state h [B, H] (`weights.w_zh` is not read) -> (alpha
+    [B, L], beta [B, 1], the attended context [B, C], z = beta * context [B, C])."""
+    hidden = _attention_mlp(keys, h, weights.query, dtype)  # [B, L, A]
+    # Matrix-vector products in float32: [L, A] x [A] and [L] x [L, C] per image gain nothing
+    # from a narrower dtype but its conversions.
+    alpha = jax.nn.softmax(matmul(hidden, weights.score, jnp.float32)[..., 0], axis=-1)
+    beta = jax.nn.sigmoid(matmul(h, weights.gate_w, dtype) + weights.gate_b)
+    context = jnp.einsum("bl,blc->bc", alpha, values)
+    return alpha, beta, context, beta * context
+
+
 def _recurrence_step(
     weights: AttentionWeights,
     keys: Array,
@@ -183,13 +201,7 @@ def _recurrence_step(
     """One word of Show-Attend-Tell: keys [B, L, A], values [B, L, C] float32, (h, c) [B, H],
     the word's gate inputs [B, 4H] -> ((h', c'), StepResiduals)."""
     h, c = state
-    hidden = jnp.tanh(keys + matmul(h, weights.query, dtype)[:, None, :])  # [B, L, A]
-    # Matrix-vector products in float32: [L, A] x [A] and [L] x [L, C] per image gain nothing
-    # from a narrower dtype but its conversions.
-    alpha = jax.nn.softmax(matmul(hidden, weights.score, jnp.float32)[..., 0], axis=-1)  # [B, L]
-    beta = jax.nn.sigmoid(matmul(h, weights.gate_w, dtype) + weights.gate_b)  # [B, 1]
-    context = jnp.einsum("bl,blc->bc", alpha, values)  # [B, C]
-    z = beta * context
+    alpha, beta, context, z = _attend(weights, keys, values, h, dtype)
     gates = word_gates + matmul(jnp.concatenate([z, h], axis=-1), weights.w_zh, dtype)
     h_next, c_next, activations = lstm_activate(gates, c)
     return (h_next, c_next), StepResiduals(h, c, c_next, activations, alpha, beta, context, z)
@@ -251,7 +263,7 @@ def _attention_bwd(dtype, saved, cotangents):
         dh_next, dc_next, d_keys, d_score = carry  # From step t+1, and sums over the steps.
         dh_out, dalpha_out, dz_out, h_before, c_before, c, acts, alpha, beta, context = xs
         # The attention MLP's [B, L, A] activations again: cheaper than keeping them for every step.
-        hidden = jnp.tanh(keys + matmul(h_before, weights.query, dtype)[:, None, :])
+        hidden = _attention_mlp(keys, h_before, weights.query, dtype)
         dgates, dc_before = lstm_activate_backward(dh_out + dh_next, dc_next, c_before, c, acts)
         d_zh = matmul(dgates, w_zh_t, dtype)  # [B, C + H]
         dz = dz_out + d_zh[:, :context_dim]
@@ -343,9 +355,10 @@ class AttentionDecoder(Decoder):
 
     # -- per word --------------------------------------------------------------------------------
 
-    def _weights(self) -> AttentionWeights:
-        """The recurrence's parameters, the context and recurrent gate weights as one matrix."""
-        w_zh = jnp.concatenate([self.context_w[...], self.lstm.w_rec[...]])
+    def _weights(self, stacked: bool = True) -> AttentionWeights:
+        """The recurrence's parameters, the context and recurrent gate weights as one matrix
+        (None unless `stacked`: decoding reads them apart rather than copy [C + H, 4H] a word)."""
+        w_zh = jnp.concatenate([self.context_w[...], self.lstm.w_rec[...]]) if stacked else None
         return AttentionWeights(
             w_zh,
             self.att_query[...],
@@ -397,17 +410,10 @@ class AttentionDecoder(Decoder):
     ) -> tuple[tuple[Array, Array], Array, Array]:
         """tokens [B] -> (state, logits [B, V] float32, attention [B, L] of this word)."""
         words = self.embed(tokens)  # [B, E]
-        weights = self._weights()
-        weights = weights._replace(w_zh=weights.w_zh.astype(self.dtype))
-        state, residuals = _recurrence_step(
-            weights,
-            context.keys,
-            context.values,
-            state,
-            self.lstm.project_inputs(words),
-            self.dtype,
-        )
-        alpha, z = residuals.alpha, residuals.z
+        weights = self._weights(stacked=False)
+        alpha, _, _, z = _attend(weights, context.keys, context.values, state[0], self.dtype)
+        gates = self.lstm.project_inputs(words) + matmul(z, self.context_w[...], self.dtype)
+        state = self.lstm.cell(state, gates)  # + h @ W_rec: [z, h] @ [W_z; W_rec] in two parts
         deep = self._pre_logits(words[:, None], state[0][:, None], z[:, None], (None, None), False)
         return state, self.out_proj(deep)[:, 0], alpha
 
