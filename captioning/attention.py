@@ -276,12 +276,13 @@ def _attention_bwd(dtype, saved, cotangents):
         d_gate = d_beta * beta * (1.0 - beta)  # [B, 1]
         dh_prev = d_zh[:, context_dim:] + matmul(d_query, query_t, dtype) + d_gate * gate_w
         d_score = d_score + jnp.sum(hidden * d_scores[..., None], axis=(0, 1))
-        return (dh_prev, dc_before, d_keys + d_pre, d_score), (dgates, d_query, d_gate)
+        outputs = (dgates, d_query, d_gate, d_context)
+        return (dh_prev, dc_before, d_keys + d_pre, d_score), outputs
 
     zeros = jnp.zeros_like(dh_out[0])
     init = (zeros, zeros, jnp.zeros_like(keys), jnp.zeros_like(score))
     xs = (dh_out, dalpha_out, dz_out, h_prev, c_prev, c, activations, alpha, beta, context)
-    (dh0, dc0, d_keys, d_score), (dgates, d_query, d_gate) = jax.lax.scan(
+    (dh0, dc0, d_keys, d_score), (dgates, d_query, d_gate, d_context) = jax.lax.scan(
         step, init, xs, reverse=True
     )
 
@@ -296,7 +297,9 @@ def _attention_bwd(dtype, saved, cotangents):
         gate_w=matmul(flat(h_prev).T, flat(d_gate), dtype),
         gate_b=flat(d_gate).sum(axis=0),
     )
-    return d_weights, d_keys, jnp.zeros_like(values), dh0, dc0, dgates
+    # The features' gradient (unused when only the parameters are trained, and then dropped).
+    d_values = jnp.einsum("tbl,tbc->blc", alpha, d_context).astype(values.dtype)
+    return d_weights, d_keys, d_values, dh0, dc0, dgates
 
 
 attention_recurrence.defvjp(_attention_fwd, _attention_bwd)
