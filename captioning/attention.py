@@ -254,7 +254,7 @@ def _attention_bwd(dtype, saved, cotangents):
     dh_out, dalpha_out, dz_out = cotangents
     h_prev, c_prev, c, activations, alpha, beta, context, z = residuals
     context_dim = values.shape[-1]
-    w_zh_t = weights.w_zh.T.astype(dtype)  # [4H, C + H], once for all steps
+    w_zh = weights.w_zh.astype(dtype)  # Cast once; contracted over its 4H columns below.
     query_t = weights.query.T.astype(dtype)  # [A, H]
     score = weights.score[:, 0]  # [A]
     gate_w = weights.gate_w[:, 0]  # [H]
@@ -265,7 +265,10 @@ def _attention_bwd(dtype, saved, cotangents):
         # The attention MLP's [B, L, A] activations again: cheaper than keeping them for every step.
         hidden = _attention_mlp(keys, h_before, weights.query, dtype)
         dgates, dc_before = lstm_activate_backward(dh_out + dh_next, dc_next, c_before, c, acts)
-        d_zh = matmul(dgates, w_zh_t, dtype)  # [B, C + H]
+        # dgates [B, 4H] x w_zh [C + H, 4H] over 4H: no transposed copy of w_zh is made.
+        d_zh = jnp.einsum(
+            "bg,kg->bk", dgates.astype(dtype), w_zh, preferred_element_type=jnp.float32
+        )  # [B, C + H]
         dz = dz_out + d_zh[:, :context_dim]
         d_beta = jnp.sum(dz * context, axis=-1, keepdims=True)  # [B, 1]
         d_context = dz * beta
