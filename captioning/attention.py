@@ -235,10 +235,10 @@ def attention_recurrence(
     The same values as `_recurrence_step` in a `lax.scan`. The hand-written backward pass differs
     from autodiff's in where the weight gradients are formed: autodiff adds x_t^T dy_t into every
     weight's gradient inside the reverse loop (a read-modify-write of the whole [C + H, 4H] matrix
-    at every word) and multiplies by transposed weights there; here the weights are transposed
-    once, the loop only stacks each product's output gradient, and every weight gradient is one
-    [.., T*B] x [T*B, ..] product after it. (The keys' and score vector's gradients, elementwise
-    over [B, L, A], are summed in the loop.)
+    at every word); here the loop only stacks each product's output gradient, and every weight
+    gradient is one [.., T*B] x [T*B, ..] product after it. (The keys' and score vector's
+    gradients, elementwise over [B, L, A], are summed in the loop; the features' gradient is one
+    product after it.)
     """
     h, residuals = _attention_forward(weights, keys, values, h0, c0, word_gates_tbg, dtype)
     return h, residuals.alpha, residuals.z
