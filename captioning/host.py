@@ -5,9 +5,9 @@ stacked states, the weights' gradients, the optimizer's updates) afresh at every
 malloc hands allocations above its mmap threshold (at most 32 MB) straight to the kernel and
 unmaps them when freed, so every step faults all of those pages in again and zeroes them: system
 time of the order of user time, and, once a tf.data pipeline has run in the process (which moves
-the threshold), much slower steps (configs/flickr8k_attention.py: measured). Serving every allocation from the heap and not trimming
-it keeps freed pages for the next step; the heap then stays at its peak instead of shrinking
-between steps, which the steps reach anyway.
+the threshold), much slower steps (measured: configs/flickr8k_attention.py). Serving every
+allocation from the heap and not trimming it keeps freed pages for the next step; the heap then
+stays at its peak instead of shrinking between steps, which the steps reach anyway.
 """
 
 from __future__ import annotations

@@ -22,14 +22,18 @@ follows the paper and what does not:
 
 Training speed at these sizes (`python -m captioning.benchmark`: batch 64, synthetic captions with
 Flickr8k's lengths, 6,000 random float16 8x8x2048 feature maps on the device; 2 CPU cores, Intel
-Xeon with AMX, 2026-12-01): 881 target words/s in float32 (0.31 of the float32 matmul peak,
-counting 104 MFLOP a word), 1,270 with `--config.model.dtype=bfloat16`; the goal, 1,500, is not
-reached. Peak RSS 4.35 GB with the 1.57 GB store (goal: store + 3 GB). What each change gave
+Xeon with AMX, 2026-12-01, in a slow spell of the VM: matmul peak 256 GFLOP/s against 293 an
+hour before): 901 target words/s in float32 (0.37 of the float32 peak, counting 104 MFLOP a
+word), 1,204 with `--config.model.dtype=bfloat16`; the goal, 1,500, is not reached. Peak RSS
+4.12 GB with the 1.57 GB store (goal: store + 3 GB). What each change gave
 (separate processes on the same data; this VM's speed drifts by about 10 %):
 * The recurrence's hand-written backward pass (`attention.attention_recurrence`: weight gradients
   as one product after the reverse loop instead of a read-modify-write of the [C + H, 4H] gate
   weights at every word, the [B, L, A] attention activations recomputed instead of stacked): a
-  float32 step of 14 words 866 -> 732 ms.
+  float32 step of 14 words 866 -> 732 ms; contracting dgates with the gate weights as they are,
+  rather than with a transposed copy, another 5-10 % (one-process A/B, both orders).
+* Projecting the features to the gates once per image (alpha_t @ (a W_z)) saves multiply-adds
+  but reads and accumulates a [B, L, 4H] tensor every step: about 2x slower (autodiff version).
 * Keeping freed memory (`captioning/host.py`): once a tf.data pipeline had run in the process,
   every step faulted its large temporaries in again (1.76 M page faults in 8 steps against 0.46 M
   before; the same steps 1.45x slower); bucketed bfloat16 training 859 -> 1,315 words/s.
