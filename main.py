@@ -10,6 +10,8 @@ Modes:
 Any config field can be overridden, e.g. `--config.model.hidden_size=512`.
 """
 
+import os
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -55,10 +57,16 @@ def main(argv):
     from captioning import host
 
     host.keep_freed_memory()  # Before the first large allocation (captioning/host.py: why).
-    # Imported here so `--help` is fast and TensorFlow never grabs an accelerator JAX wants.
+    # Imported here so `--help` is fast. TensorFlow never grabs an accelerator JAX wants, except
+    # in export mode, where the backbone runs data parallel over the GPUs (nothing trains there).
     import tensorflow as tf
 
-    tf.config.set_visible_devices([], "GPU")
+    if FLAGS.mode == "export_features":
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # Leave the GPUs to TF.
+        for gpu in tf.config.list_physical_devices("GPU"):
+            tf.config.experimental.set_memory_growth(gpu, True)
+    else:
+        tf.config.set_visible_devices([], "GPU")
     from captioning import cli, parallel
 
     parallel.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)

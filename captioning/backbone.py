@@ -16,7 +16,9 @@ antialiased resizing (the aspect ratio is not kept, as in Keras' `load_img(targe
 the backbone's own `preprocess_input`. Decoding and resizing run in parallel in `tf.data`, between
 model calls rather than beside them: the backbone runs on the same CPU cores, and background
 decoding stalls its multi-threaded ops. The model runs as one `tf.function` with a fixed batch
-shape.
+shape, data parallel over the local devices TensorFlow sees (`backbone_devices`): each device
+runs the same frozen model on its slice of the batch. main.py lets TensorFlow see the GPUs in
+`--mode=export_features` only; otherwise they stay JAX's and the backbone runs on the CPU.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from absl import logging
 
 if TYPE_CHECKING:
     import keras
@@ -290,6 +293,7 @@ class Runner:
     dtype: str
     feature_shape: tuple[int, ...]
     fn: Callable[[Any], np.ndarray]
+    devices: tuple[str, ...] = ()  # The TF devices each batch is split over.
 
     def __call__(self, images) -> np.ndarray:
         """images: [batch_size, size, size, 3] float32 RGB in 0..255 -> [batch_size, *shape]."""
@@ -325,32 +329,75 @@ def get_runner(encoder_config, batch_size: int, seed: int | None) -> Runner:
         _RUNNERS.move_to_end(key)
         return _RUNNERS[key]
     model, preprocess, size = build_backbone(encoder_config, seed=seed)
-    fn = _compile(model, preprocess, size, int(batch_size), settings["dtype"])
-    runner = Runner(size, int(batch_size), settings["dtype"], model.output_shape[1:], fn)
+    devices = backbone_devices()
+    fn = _compile(model, preprocess, size, int(batch_size), settings["dtype"], devices)
+    if len(devices) > 1:
+        logging.info("Backbone data parallel over %d devices: %s.", len(devices), devices)
+    runner = Runner(
+        size, int(batch_size), settings["dtype"], model.output_shape[1:], fn, tuple(devices)
+    )
     _RUNNERS[key] = runner
     while len(_RUNNERS) > _MAX_RUNNERS:
         _RUNNERS.popitem(last=False)
     return runner
 
 
-def _compile(model, preprocess, size: int, batch_size: int, dtype: str) -> Callable:
-    """preprocess + model + cast as one call with a fixed input shape (no retracing)."""
+def backbone_devices() -> list[str]:
+    """The TensorFlow devices a batch is split over: every GPU TensorFlow sees, else its CPUs
+    (one, unless the CPU was split into logical devices)."""
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        return []
+    import tensorflow as tf
+
+    gpus = tf.config.list_logical_devices("GPU")
+    return [d.name for d in (gpus or tf.config.list_logical_devices("CPU"))]
+
+
+def shard_sizes(batch_size: int, num_devices: int) -> list[int]:
+    """Rows of a batch per device, as even as possible, no empty shard: (10, 4) -> [3, 3, 2, 2]."""
+    num_shards = max(1, min(batch_size, num_devices))
+    base, extra = divmod(batch_size, num_shards)
+    return [base + (i < extra) for i in range(num_shards)]
+
+
+def _compile(
+    model, preprocess, size: int, batch_size: int, dtype: str, devices: Sequence[str] = ()
+) -> Callable:
+    """preprocess + model + cast as one call with a fixed input shape (no retracing), the batch
+    split over `devices` (data parallel: each runs the whole model on its rows)."""
     import keras
 
     if keras.backend.backend() == "tensorflow":
         import tensorflow as tf
 
         spec = tf.TensorSpec([batch_size, size, size, 3], tf.float32)
+        sizes = shard_sizes(batch_size, len(devices))
+
+        def features(images):
+            return tf.cast(model(preprocess(images), training=False), dtype)
 
         @tf.function(input_signature=[spec])
         def predict(images):
-            return tf.cast(model(preprocess(images), training=False), dtype)
+            if len(sizes) == 1:
+                return features(images)
+            parts = []
+            for device, rows in zip(devices, tf.split(images, sizes), strict=False):
+                with tf.device(device):  # Ops placed apart run concurrently in the graph.
+                    parts.append(features(rows))
+            return tf.concat(parts, axis=0)
 
         # Trace now, and run once: TF optimises a graph on its first run (seconds for
         # InceptionV3), a one-off cost like XLA compilation that should not stall the first batch
         # of an export or count against its throughput.
         predict(tf.zeros(spec.shape, spec.dtype))
-        return lambda images: predict(images).numpy()
+
+        def run(images):
+            return predict(images).numpy()
+
+        run.graph = predict.get_concrete_function().graph  # Where each op runs (tests).
+        return run
 
     # Other Keras backends (jax, torch): Keras compiles predict_on_batch itself.
     def predict_other(images):

@@ -294,3 +294,54 @@ def test_store_on_disk_equals_the_store_in_memory(reference_store):
     assert isinstance(mapped.features, feature_store.MappedFeatures)
     assert mapped.ids == store.ids and mapped.nbytes == store.features.nbytes
     np.testing.assert_array_equal(mapped.features[np.arange(len(store))], store.features)
+
+
+def test_shard_sizes_split_a_batch_evenly():
+    assert backbone.shard_sizes(10, 4) == [3, 3, 2, 2]
+    assert backbone.shard_sizes(8, 2) == [4, 4]
+    assert backbone.shard_sizes(3, 8) == [1, 1, 1]  # No empty shard.
+    assert backbone.shard_sizes(5, 0) == [5]
+
+
+_DATA_PARALLEL_SCRIPT = """
+import json, sys
+import numpy as np
+import tensorflow as tf
+
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+sys.path.insert(0, {repo!r})
+from captioning import backbone
+from tests.test_features import encoder_config
+
+config = encoder_config(batch_size=5, pooling="none")
+runner = backbone.get_runner(config, 5, 0)
+pixels = np.random.default_rng(0).uniform(0, 255, (5, 75, 75, 3)).astype(np.float32)
+model, preprocess, size = backbone.build_backbone(config, seed=0)
+single = backbone._compile(model, preprocess, size, 5, "float32", runner.devices[:1])
+placed = {{op.device for op in runner.fn.graph.get_operations() if op.type == "Conv2D"}}
+np.save({out!r}, np.stack([runner(tf.constant(pixels)), single(tf.constant(pixels))]))
+print(json.dumps({{"devices": list(runner.devices), "conv_devices": sorted(placed)}}))
+"""
+
+
+def test_backbone_runs_data_parallel_over_local_devices(tmp_path):
+    """With two local devices (the CPU split in two logical ones, as TF would see two GPUs),
+    each runs the backbone on its rows, and the features equal one device's."""
+    import json
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = str(tmp_path / "features.npy")
+    script = _DATA_PARALLEL_SCRIPT.format(repo=repo, out=out)
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=repo, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert len(report["devices"]) == 2
+    assert [d.rsplit(":", 1)[-1] for d in report["conv_devices"]] == ["0", "1"]
+    parallel, single = np.load(out)
+    assert parallel.shape == (5, 1, 1, 2048) and np.ptp(parallel[:, 0, 0, 0]) > 0
+    np.testing.assert_allclose(parallel, single, rtol=1e-5, atol=1e-5)
