@@ -314,14 +314,14 @@ sys.path.insert(0, {repo!r})
 from captioning import backbone
 from tests.test_features import encoder_config
 
-config = encoder_config(batch_size=5, pooling="none")
-runner = backbone.get_runner(config, 5, 0)
-pixels = np.random.default_rng(0).uniform(0, 255, (5, 75, 75, 3)).astype(np.float32)
-model, preprocess, size = backbone.build_backbone(config, seed=0)
-single = backbone._compile(model, preprocess, size, 5, "float32", runner.devices[:1])
-placed = {{op.device for op in runner.fn.graph.get_operations() if op.type == "Conv2D"}}
-np.save({out!r}, np.stack([runner(tf.constant(pixels)), single(tf.constant(pixels))]))
-print(json.dumps({{"devices": list(runner.devices), "conv_devices": sorted(placed)}}))
+devices = backbone.backbone_devices()
+model, preprocess, size = backbone.build_backbone(encoder_config(pooling="none"), seed=0)
+parallel = backbone._compile(model, preprocess, size, 5, "float32", devices)
+single = backbone._compile(model, preprocess, size, 5, "float32", devices[:1])
+pixels = tf.constant(np.random.default_rng(0).uniform(0, 255, (5, 75, 75, 3)), tf.float32)
+placed = {{op.device for op in parallel.graph.get_operations() if op.type == "Conv2D"}}
+np.save({out!r}, np.stack([parallel(pixels), single(pixels)]))
+print(json.dumps({{"devices": devices, "conv_devices": sorted(placed)}}))
 """
 
 
