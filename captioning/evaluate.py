@@ -163,10 +163,10 @@ def evaluate(
 ) -> dict[str, Any]:
     """Decodes `split` with the best checkpoint and `config.decode`, scores it, writes reports.
 
-    Writes workdir/eval/<split>_<method>.json (metrics, per-image scores, decoding settings, step,
-    captions), appends a row to workdir/results.md and draws workdir/samples.png. Several splits
-    share one restored `inference` and the jitted `decoders` ({method: fn}, filled as needed) so
-    the second split compiles nothing.
+    Writes workdir/eval/<split>_<report_name>.json (metrics, per-image scores, decoding settings,
+    step, captions), appends a row to workdir/results.md and draws workdir/samples.png. Several
+    splits share one restored `inference` and the jitted `decoders` ({method: fn}, filled as
+    needed) so the second split compiles nothing.
     """
     workdir = os.path.abspath(workdir)
     vocab = text.Vocabulary.load(os.path.join(workdir, "vocab.json"))
@@ -232,10 +232,10 @@ def evaluate(
         return report
     eval_dir = os.path.join(workdir, "eval")
     os.makedirs(eval_dir, exist_ok=True)
-    write_json(os.path.join(eval_dir, f"{split}_{method}.json"), report)
+    write_json(os.path.join(eval_dir, f"{split}_{report_name(config.decode)}.json"), report)
     row = {
         "training": "scst" if config.scst.init_from else "xe",
-        "method": method,
+        "method": report_name(config.decode),
         "beam_size": config.decode.beam_size if method == "beam" else 1,
         "split": split,
         "step": int(step),
@@ -259,6 +259,12 @@ def evaluate(
         config, workdir, split, data, records, rows, captions, decoded, inference, decoders
     )
     return report
+
+
+def report_name(decode_config) -> str:
+    """The stem of a decoding's report files: `decode.method`, plus '_blocked' when
+    `decode.block_repeats` is on (so the two never overwrite each other)."""
+    return decode_config.method + ("_blocked" if decode_config.block_repeats else "")
 
 
 def method_decoder(decoders: dict, graphdef, decode_config, method: str, stats) -> decode.DecodeFn:
@@ -304,7 +310,7 @@ def _draw_samples(
     )
     if config.eval.attention_maps and decoded.attention.shape[-1] > 0:
         visualize.save_attention_maps(
-            os.path.join(workdir, "attention", f"{split}_{method}"),
+            os.path.join(workdir, "attention", f"{split}_{report_name(config.decode)}"),
             [r.image_path for r in shown],
             decoded.tokens[: len(shown)],
             decoded.attention[: len(shown)],

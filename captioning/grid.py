@@ -165,15 +165,17 @@ def apply_overrides(
 
 
 def method_label(decode_config: ml_collections.ConfigDict) -> str:
-    """'greedy', 'beam3', 'beam3_lp0.7' or 'sample_t0.7_k5'."""
+    """'greedy', 'beam3', 'beam3_lp0.7' or 'sample_t0.7_k5'; '_blocked' appended when
+    `decode.block_repeats` is on."""
     method = decode_config.method
+    blocked = "_blocked" if decode_config.block_repeats else ""
     if method == "beam":
         label = f"beam{decode_config.beam_size}"
         penalty = float(decode_config.length_penalty)
-        return label + (f"_lp{penalty:g}" if penalty else "")
+        return label + (f"_lp{penalty:g}" if penalty else "") + blocked
     if method == "sample":
-        return f"sample_t{decode_config.temperature:g}_k{decode_config.top_k}"
-    return str(method)
+        return f"sample_t{decode_config.temperature:g}_k{decode_config.top_k}" + blocked
+    return str(method) + blocked
 
 
 # ---------------------------------------------------------------------------------------------
@@ -271,10 +273,11 @@ def run_cell(base_config: ml_collections.ConfigDict, cell: Cell, workdir: str) -
         status = f"failed: {_error_text(e)}"
         return [_row(cell, label, status=status) for label in labels]
     # The splits scored besides eval.split that training scored too (e.g. test_perturbed).
+    first = evaluate.report_name(configs[0].decode)
     extra = [
         s
         for s in _extra_splits(configs[0])
-        if os.path.exists(os.path.join(cell_dir, "eval", f"{s}_{configs[0].decode.method}.json"))
+        if os.path.exists(os.path.join(cell_dir, "eval", f"{s}_{first}.json"))
     ]
 
     common = {
@@ -292,7 +295,7 @@ def run_cell(base_config: ml_collections.ConfigDict, cell: Cell, workdir: str) -
 
     rows.append(ok_row(labels[0], report))
     for split in extra:
-        path = os.path.join(cell_dir, "eval", f"{split}_{configs[0].decode.method}.json")
+        path = os.path.join(cell_dir, "eval", f"{split}_{first}.json")
         with open(path, encoding="utf-8") as f:
             rows.append(ok_row(labels[0], json.load(f)))
     for config, label in zip(configs[1:], labels[1:], strict=True):
