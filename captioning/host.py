@@ -7,10 +7,7 @@ unmaps them when freed, so every step faults all of those pages in again and zer
 time of the order of user time, and, once a tf.data pipeline has run in the process (which moves
 the threshold), much slower steps (measured: configs/flickr8k_attention.py). Serving every
 allocation from the heap and not trimming it keeps freed pages for the next step; the heap then
-stays at its peak instead of shrinking between steps, which the steps reach anyway. XLA runs a
-step on its own threads, and glibc gives threads arenas whose heaps hold at most 64 MB: a larger
-buffer (a step's temporaries are one allocation) is mmapped and unmapped whatever the settings.
-So every thread allocates from the main arena, which has no such limit.
+stays at its peak instead of shrinking between steps, which the steps reach anyway.
 """
 
 from __future__ import annotations
@@ -21,12 +18,11 @@ import sys
 
 _M_TRIM_THRESHOLD = -1  # glibc's mallopt parameters (malloc.h).
 _M_MMAP_MAX = -4
-_M_ARENA_MAX = -8
 
 
 def keep_freed_memory() -> bool:
-    """Tells glibc's malloc never to unmap freed buffers, from any thread (call it before threads
-    start): -> whether it applied (False on other C libraries and systems: nothing changes)."""
+    """Tells glibc's malloc never to unmap freed buffers: -> whether it applied (False on other
+    C libraries and systems, where nothing changes)."""
     if not sys.platform.startswith("linux"):
         return False
     try:
@@ -35,5 +31,4 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):  # Not glibc (e.g. musl has no mallopt).
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    settings = ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1), (_M_ARENA_MAX, 1))
-    return all([bool(mallopt(option, value)) for option, value in settings])
+    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
