@@ -8,21 +8,22 @@
 `--config=configs/scenes_scst.py:merge --config.scst.init_from=runs/scenes_merge`.
 Data, features and decoder must be the starting run's (captioning/scst.py refuses others).
 
-Result (2 CPU cores, AMD EPYC; test split; mean +- std over seeds 0-2, each from that seed's
-cross-entropy run; 1.5-1.8 minutes a run; epoch chosen by the base's validation metric):
-* default: greedy CIDEr 3.21 +- 0.13 -> 3.79 +- 0.07 (+18 %; per seed +21, +16, +17 %), beam 3
-  3.40 -> 3.82 (+13 %); attribute accuracy 0.814 -> 0.818 greedy (per seed +0.003, -0.003,
-  +0.010), 0.824 -> 0.819 beam (-0.007, -0.007, -0.003); relation accuracy 0.664 -> 0.618
-  greedy, 0.702 -> 0.623 beam; test_perturbed CIDEr +17 %, attribute 0.752 -> 0.757.
+Result (2 CPU cores; test split; mean +- std over seeds 0-2, each from that seed's
+cross-entropy run; epoch chosen by the base's validation metric):
+* default (Intel Xeon, from the 16-epoch runs; 75-78 s a run): greedy CIDEr 3.26 +- 0.08 ->
+  3.62 +- 0.26 (+11 %; per seed +8, +18, +6 %), beam 3 3.46 -> 3.78 (+9 %); attribute accuracy
+  0.830 -> 0.836 greedy (per seed +0.013, +0.013, -0.010), 0.848 -> 0.849 beam; relation
+  accuracy 0.662 -> 0.661 greedy, 0.725 -> 0.671 beam; test_perturbed CIDEr +7, +20, +5 %,
+  attribute 0.773 -> 0.779.
 * `:merge`: greedy CIDEr 2.50 +- 0.07 -> 2.82 +- 0.11 (+13 %; per seed +12, +10, +17 %), beam
   2.57 -> 2.86 (+11 %); attribute accuracy 0.578 -> 0.600 greedy (every seed up: +0.020,
   +0.017, +0.030), 0.598 -> 0.612 beam; relation accuracy 0.228 -> 0.224 greedy, 0.221 -> 0.257
-  beam; 73-76 s a run.
-* The failure modes SCST is known for, before -> after (default, greedy): captions ending in a
-  function word 0 -> 0, longest run of one word 1 -> 1, mean length 12.9 -> 13.6 words; share
-  repeating a word pair 0.44 -> 0.42 (the grammar's "on the ... on the", "a big ... a big": 0.30
-  of the references do it too); vocabulary used 51 -> 41 of 62 words. The end token is part of
-  the reward, so nothing needed blocking at decode time (`decode.block_repeats` stays off).
+  beam; 73-76 s a run (AMD EPYC, from the 13-epoch runs of configs/scenes_merge.py).
+* The failure modes SCST is known for, before -> after (default, greedy, seeds 0-2): captions
+  ending in a function word 0 -> 0, longest run of one word 1 -> 1, mean length 12.8 -> 13.4
+  words; share repeating a word pair 0.43 -> 0.45 (the grammar's "on the ... on the", "a big ...
+  a big": 0.30 of the references do it too); vocabulary used 53 -> 47 of 62 words. The end
+  token is part of the reward, so nothing needed blocking at decode time.
 * Validation CIDEr rises over the 3 epochs while relation accuracy falls: SCST trades the
   relation words, which CIDEr weighs little, for n-grams; the combined validation metric limits
   that but does not stop it.
