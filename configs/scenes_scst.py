@@ -15,10 +15,11 @@ cross-entropy run; epoch chosen by the base's validation metric):
   0.830 -> 0.836 greedy (per seed +0.013, +0.013, -0.010), 0.848 -> 0.849 beam; relation
   accuracy 0.662 -> 0.661 greedy, 0.725 -> 0.671 beam; test_perturbed CIDEr +7, +20, +5 %,
   attribute 0.773 -> 0.779.
-* `:merge`: greedy CIDEr 2.50 +- 0.07 -> 2.82 +- 0.11 (+13 %; per seed +12, +10, +17 %), beam
-  2.57 -> 2.86 (+11 %); attribute accuracy 0.578 -> 0.600 greedy (every seed up: +0.020,
-  +0.017, +0.030), 0.598 -> 0.612 beam; relation accuracy 0.228 -> 0.224 greedy, 0.221 -> 0.257
-  beam; 73-76 s a run (AMD EPYC, from the 13-epoch runs of configs/scenes_merge.py).
+* `:merge` (Intel Xeon, from the 16-epoch runs of configs/scenes_merge.py; 56-58 s a run):
+  greedy CIDEr 2.51 +- 0.03 -> 2.71 +- 0.17 (per seed +11, +0, +14 %: seed 1's validation metric
+  kept the starting checkpoint), beam 2.61 -> 2.79; attribute accuracy 0.600 -> 0.614 greedy
+  (+0.033, 0, +0.010), 0.618 -> 0.623 beam; relation accuracy 0.221 -> 0.255 greedy, 0.211 ->
+  0.239 beam.
 * The failure modes SCST is known for, before -> after (default, greedy, seeds 0-2): captions
   ending in a function word 0 -> 0, longest run of one word 1 -> 1, mean length 12.8 -> 13.4
   words; share repeating a word pair 0.43 -> 0.45 (the grammar's "on the ... on the", "a big ...
