@@ -46,11 +46,10 @@ What each change gave (16 epochs, seed 0 unless noted; test attribute / relation
 * Tried against the two error kinds above (Intel Xeon; 13 epochs, seed 0: 0.817 / 0.635, perturbed
   0.743): coverage in the attention scores (the sum of earlier weights times a learnt vector) 0.780
   / 0.580, perturbed 0.703; the same vector gated by h_t 0.847 / 0.607, perturbed 0.753, and at 16
-  epochs seeds 0-1 0.815 / 0.687, perturbed 0.775 (the default: 0.830 / 0.643, 0.767): relations up
-  on both seeds (+0.022, +0.067), attributes +0.007 and -0.037: a lead, not a result, with two
-  seeds. The previous lookup's position and its displacement to this one added at the output 0.727
-  / 0.497; the 8x8 map as 4x4 cells of 2x2 stacked sub-cells (1,024 channels) learnt far slower
-  (validation 0.35 / 0.31 at epoch 6).
+  epochs, seeds 0-3, 0.793 / 0.689 against the default's 0.816 / 0.665: relations up on three seeds
+  of four, attributes down on three: not adopted. The previous lookup's position and its
+  displacement to this one added at the output 0.727 / 0.497; the 8x8 map as 4x4 cells of 2x2
+  stacked sub-cells (1,024 channels) learnt far slower (validation 0.35 / 0.31 at epoch 6).
 * Feeding the lookup back into the LSTM: the full 256-d context 0.82 / 0.59 (+59 % step); only
   the attention weights: validation relations 0.35; a 32-d summary 0.857 / 0.66 (+20 % step).
   It needs sharp first lookups: with jittered training images, 0.83 / 0.65 with a unit-variance
