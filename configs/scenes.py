@@ -12,14 +12,14 @@ spatial attention at its output (`merge_attention`: each word's LSTM state h_t l
 in a 4x4 feature grid with positions) whose LSTM also reads a 32-d summary of what the previous
 word's lookup saw (`feed_dim`); checkpoints are chosen by attribute + relation accuracy + 0.1 CIDEr.
 
-Result (2 CPU cores, Intel Xeon; test split, greedy; mean +- std over seeds 0-4; 16 epochs, 4.3
-minutes a run with a fresh cache): attribute accuracy 0.813 +- 0.028 (seeds 0.813 0.847 0.830
-0.773 0.800), relation accuracy 0.665 +- 0.026, CIDEr 3.27 +- 0.09, BLEU-4 0.625 +- 0.021, METEOR
-0.427 +- 0.009; on test_perturbed attribute accuracy 0.741 +- 0.054 (seed 3: 0.650), relation
-0.623 +- 0.038; no caption repeats a word or ends in a function word; chosen epochs 14.8 +- 1.3
-of 16. Beam 3: 0.827 / 0.727 (perturbed 0.750). The issue's goals (0.92 with no seed below 0.88
-/ 0.75 / perturbed 0.85) are not reached. 13 epochs (the default before; AMD EPYC, which has
-since been replaced by this machine): 0.781 +- 0.055 / 0.642 +- 0.069, perturbed 0.714 +- 0.063.
+Result (2 CPU cores, Intel Xeon; test split, greedy; mean +- std over seeds 0-4; 16 epochs, 3.5-4.3
+minutes a run with a fresh cache): attribute accuracy 0.813 +- 0.028 (seeds 0.813 0.847 0.830 0.773
+0.800), relation accuracy 0.665 +- 0.026, CIDEr 3.27 +- 0.09, BLEU-4 0.625 +- 0.021, METEOR 0.427
++- 0.009; on test_perturbed attribute accuracy 0.741 +- 0.054 (seed 3: 0.650), relation 0.623 +-
+0.038; no caption repeats a word or ends in a function word; chosen epochs 14.8 +- 1.3 of 16. Beam
+3: 0.827 / 0.727 (perturbed 0.750). The issue's goals (0.92 with no seed below 0.88 / 0.75 /
+perturbed 0.85) are not reached. 13 epochs (the default before; AMD EPYC, which has since been
+replaced by this machine): 0.781 +- 0.055 / 0.642 +- 0.069, perturbed 0.714 +- 0.063.
 
 Where the errors are (seed 0, 13 epochs, 300 test scenes): one object 0.99 right, two 0.86, three
 0.63. Of the wrong captions' pairs, 41 are objects left out and 16 wrong shapes; nearly every
