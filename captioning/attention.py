@@ -129,16 +129,23 @@ def spatial_input(features: Array, use_image: bool, positions: bool) -> Array:
     return flatten_locations(feats)
 
 
+def _attention_mlp(keys: Array, h: Array, query: Array, dtype: Any) -> Array:
+    """keys [B, L, A], the state h [B, H] or [B, T, H], U_a [H, A] -> tanh(k_i + U_a h)
+    [B, (T,) L, A] (Show-Attend-Tell's step and, recomputing it, its backward pass; the merge
+    decoder's lookups)."""
+    query = matmul(h, query, dtype)  # [B, (T,) A]
+    if h.ndim == 3:
+        keys = keys[:, None]  # [B, 1, L, A]: the same locations for every step.
+    return jnp.tanh(keys + query[..., None, :])
+
+
 def additive_attention(keys: Array, h: Array, query_w: Array, score_w: Array, dtype: Any) -> Array:
     """Weights softmax_i(w^T tanh(k_i + U h)) over locations (Bahdanau-style).
 
     keys [B, L, A] (W_a a_i + b), h [B, H] or [B, T, H], query_w U [H, A], score_w w [A, 1]
     -> alpha [B, L] or [B, T, L], summing to 1 over L.
     """
-    query = matmul(h, query_w, dtype)  # [B, (T,) A]
-    if h.ndim == 3:
-        keys = keys[:, None]  # [B, 1, L, A]: the same locations for every step.
-    hidden = jnp.tanh(keys + query[..., None, :])  # [B, (T,) L, A]
+    hidden = _attention_mlp(keys, h, query_w, dtype)  # [B, (T,) L, A]
     scores = matmul(hidden, score_w, dtype)[..., 0]  # [B, (T,) L]
     return jax.nn.softmax(scores, axis=-1)
 
@@ -170,12 +177,6 @@ class StepResiduals(NamedTuple):
     beta: Array
     context: Array
     z: Array
-
-
-def _attention_mlp(keys: Array, h: Array, query: Array, dtype: Any) -> Array:
-    """keys [B, L, A], the previous state h [B, H], U_a [H, A] -> tanh(k_i + U_a h) [B, L, A]
-    (the forward step and, recomputing it, the backward pass)."""
-    return jnp.tanh(keys + matmul(h, query, dtype)[:, None, :])
 
 
 def _attend(weights: AttentionWeights, keys: Array, values: Array, h: Array, dtype: Any):

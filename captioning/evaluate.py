@@ -232,10 +232,11 @@ def evaluate(
         return report
     eval_dir = os.path.join(workdir, "eval")
     os.makedirs(eval_dir, exist_ok=True)
-    write_json(os.path.join(eval_dir, f"{split}_{report_name(config.decode)}.json"), report)
+    name = report_name(config.decode)
+    write_json(os.path.join(eval_dir, f"{split}_{name}.json"), report)
     row = {
         "training": "scst" if config.scst.init_from else "xe",
-        "method": report_name(config.decode),
+        "method": name,
         "beam_size": config.decode.beam_size if method == "beam" else 1,
         "split": split,
         "step": int(step),
@@ -248,7 +249,7 @@ def evaluate(
     logging.info(
         "Evaluated %s (%s, step %d, epoch %s chosen by %s = %s): %s",
         split,
-        method,
+        name,
         step,
         progress.get("best_epoch"),
         config.train.val_metric,

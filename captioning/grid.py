@@ -168,14 +168,14 @@ def method_label(decode_config: ml_collections.ConfigDict) -> str:
     """'greedy', 'beam3', 'beam3_lp0.7' or 'sample_t0.7_k5'; '_blocked' appended when
     `decode.block_repeats` is on."""
     method = decode_config.method
-    blocked = "_blocked" if decode_config.block_repeats else ""
+    label = str(method)
     if method == "beam":
-        label = f"beam{decode_config.beam_size}"
         penalty = float(decode_config.length_penalty)
-        return label + (f"_lp{penalty:g}" if penalty else "") + blocked
-    if method == "sample":
-        return f"sample_t{decode_config.temperature:g}_k{decode_config.top_k}" + blocked
-    return str(method) + blocked
+        label = f"beam{decode_config.beam_size}" + (f"_lp{penalty:g}" if penalty else "")
+    elif method == "sample":
+        label = f"sample_t{decode_config.temperature:g}_k{decode_config.top_k}"
+    # As evaluate.report_name names the report files (not imported: it brings JAX).
+    return label + ("_blocked" if decode_config.block_repeats else "")
 
 
 # ---------------------------------------------------------------------------------------------
