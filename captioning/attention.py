@@ -1,12 +1,13 @@
-"""Decoders that attend over spatial features [B, H, W, C] (or [B, L, C]).
+"""Show, Attend and Tell, and the attention pieces every spatial decoder shares.
 
 * `AttentionDecoder`: Show, Attend and Tell (Xu et al. 2015, "deterministic" soft attention), the
   attention inside the recurrence (`config.model.decoder='attention'`).
-* `MergeAttentionDecoder`: the seed's merge model with spatial attention at its output (Lu et al.
-  2017), computed for all words in parallel after the LSTM scan (`'merge_attention'`).
+* Shared with `captioning.merge_attention` (the merge decoder with attention at its output):
+  `spatial_input` (features, positions), `attention_mlp` / `additive_attention` (the scores) and
+  `weighted_sum` (the attended context).
 
-Both have the entry points of `captioning.layers.Decoder`, so training, greedy, beam search and
-sampling work unchanged and return the attention weights of every generated word. Built by
+Decoders have the entry points of `captioning.layers.Decoder`, so training, greedy, beam search
+and sampling work unchanged and return the attention weights of every generated word. Built by
 `captioning.models.create_model`.
 
 Show, Attend and Tell:
@@ -75,7 +76,7 @@ class AttentionContext(NamedTuple):
     keys: Array
 
 
-def _weighted(weights: Array, values: Array, dtype: Any) -> Array:
+def weighted_sum(weights: Array, values: Array, dtype: Any) -> Array:
     """weights [B, (T,) L] x values [B, L, D] -> [B, (T,) D] float32 (sum over locations)."""
     spec = "btl,bld->btd" if weights.ndim == 3 else "bl,bld->bd"
     return jnp.einsum(
@@ -129,7 +130,7 @@ def spatial_input(features: Array, use_image: bool, positions: bool) -> Array:
     return flatten_locations(feats)
 
 
-def _attention_mlp(keys: Array, h: Array, query: Array, dtype: Any) -> Array:
+def attention_mlp(keys: Array, h: Array, query: Array, dtype: Any) -> Array:
     """keys [B, L, A], the state h [B, H] or [B, T, H], U_a [H, A] -> tanh(k_i + U_a h)
     [B, (T,) L, A] (Show-Attend-Tell's step and, recomputing it, its backward pass; the merge
     decoder's lookups)."""
@@ -145,7 +146,7 @@ def additive_attention(keys: Array, h: Array, query_w: Array, score_w: Array, dt
     keys [B, L, A] (W_a a_i + b), h [B, H] or [B, T, H], query_w U [H, A], score_w w [A, 1]
     -> alpha [B, L] or [B, T, L], summing to 1 over L.
     """
-    hidden = _attention_mlp(keys, h, query_w, dtype)  # [B, (T,) L, A]
+    hidden = attention_mlp(keys, h, query_w, dtype)  # [B, (T,) L, A]
     scores = matmul(hidden, score_w, dtype)[..., 0]  # [B, (T,) L]
     return jax.nn.softmax(scores, axis=-1)
 
@@ -182,7 +183,7 @@ class StepResiduals(NamedTuple):
 def _attend(weights: AttentionWeights, keys: Array, values: Array, h: Array, dtype: Any):
     """Where to look from the previous state h [B, H] (`weights.w_zh` is not read) -> (alpha
     [B, L], beta [B, 1], the attended context [B, C], z = beta * context [B, C])."""
-    hidden = _attention_mlp(keys, h, weights.query, dtype)  # [B, L, A]
+    hidden = attention_mlp(keys, h, weights.query, dtype)  # [B, L, A]
     # Matrix-vector products in float32: [L, A] x [A] and [L] x [L, C] per image gain nothing
     # from a narrower dtype but its conversions.
     alpha = jax.nn.softmax(matmul(hidden, weights.score, jnp.float32)[..., 0], axis=-1)
@@ -264,7 +265,7 @@ def _attention_bwd(dtype, saved, cotangents):
         dh_next, dc_next, d_keys, d_score = carry  # From step t+1, and sums over the steps.
         dh_out, dalpha_out, dz_out, h_before, c_before, c, acts, alpha, beta, context = xs
         # The attention MLP's [B, L, A] activations again: cheaper than keeping them for every step.
-        hidden = _attention_mlp(keys, h_before, weights.query, dtype)
+        hidden = attention_mlp(keys, h_before, weights.query, dtype)
         dgates, dc_before = lstm_activate_backward(dh_out + dh_next, dc_next, c_before, c, acts)
         # dgates [B, 4H] x w_zh [C + H, 4H] over 4H: no transposed copy of w_zh is made.
         d_zh = jnp.einsum(
@@ -423,140 +424,3 @@ class AttentionDecoder(Decoder):
         state = self.lstm.cell(state, gates)  # + h @ W_rec: [z, h] @ [W_z; W_rec] in two parts
         deep = self._pre_logits(words[:, None], state[0][:, None], z[:, None], (None, None), False)
         return state, self.out_proj(deep)[:, 0], alpha
-
-
-class MergeAttentionDecoder(Decoder):
-    """The merge decoder with spatial attention at its output (Lu et al. 2017, "Knowing When to
-    Look", section 2.2): what is added to the LSTM's output h_t is no longer one pooled vector but
-    a context looked up *with h_t itself*.
-
-    Per image, from the locations a_1..a_L ([L, C], positions appended when configured):
-        v = relu(W_v mean(a))           the merge decoder's pooled image embedding  [H]
-        k_i = W_k a_i + b,  u_i = W_u a_i                     keys [L, A], values [L, H]
-    Per word t:
-        alpha_t = softmax_i(w^T tanh(k_i + U h_t))                                  [L]
-        c_t = sum_i alpha_ti u_i                                                    [H]
-        logits_t = dense(V)(relu(dense(H)(v + c_t + h_t)))
-
-    Why for the scenes: naming "a blue ..." then its shape needs the shape *of the blue object*;
-    a pooled vector mixes all objects (binding errors), while h_t, having just emitted "blue", can
-    look at the blue object's cells. Since alpha_t depends on h_t and not on h_{t-1}, all steps'
-    lookups can run in parallel after the LSTM's scan, unlike Show-Attend-Tell's.
-
-    `feed_dim` F > 0 closes the loop a little: the LSTM also reads what the previous word's lookup
-    saw, f_{t-1} = sum_i alpha_{t-1,i} r_i with small per-location values r_i = W_r a_i [F], as
-    gate inputs W_f f_{t-1} (Luong et al.'s input feeding, through an F-dim bottleneck). Stating a
-    spatial relation after naming an object needs to know where that object is, which the LSTM
-    otherwise never sees. The attention weights then run inside the recurrence (cheap: [L] per
-    word); the contexts c_t still come after it, all at once.
-    """
-
-    def __init__(
-        self,
-        vocab_size: int,
-        feature_dim: int,
-        *,
-        embed_dim: int,
-        hidden_size: int,
-        attention_dim: int,
-        dropout_rate: float,
-        use_image: bool,
-        rngs: nnx.Rngs,
-        positions: bool = False,
-        dtype: Any = jnp.float32,
-        feed_dim: int = 0,
-    ):
-        self.dropout_rate = dropout_rate
-        self.use_image = use_image
-        self.positions = positions
-        self.dtype = dtype
-        self.feed_dim = feed_dim
-        feature_dim += 2 if positions else 0
-        self.image_proj = Dense(feature_dim, hidden_size, rngs=rngs, dtype=dtype)
-        self.att_keys = Dense(feature_dim, attention_dim, rngs=rngs, dtype=dtype)
-        self.att_values = param(rngs, (feature_dim, hidden_size))
-        self.att_query = param(rngs, (hidden_size, attention_dim))
-        # Unit-variance scores w^T tanh(.) from the start (lecun init would give 1/A): sharper
-        # first lookups, which the feeding below learns from much better (configs/scenes.py).
-        score_init = nnx.initializers.variance_scaling(attention_dim, "fan_in", "truncated_normal")
-        self.att_score = nnx.Param(score_init(rngs.params(), (attention_dim, 1), jnp.float32))
-        self.embed = nnx.Embed(vocab_size, embed_dim, rngs=rngs)
-        self.lstm = LSTM(embed_dim, hidden_size, rngs=rngs, dtype=dtype)
-        self.merge_proj = Dense(hidden_size, hidden_size, rngs=rngs, dtype=dtype)
-        self.out_proj = Dense(hidden_size, vocab_size, rngs=rngs, dtype=dtype)
-        if feed_dim:
-            self.feed_values = param(rngs, (feature_dim, feed_dim))
-            self.feed_gates = param(rngs, (feed_dim, 4 * hidden_size))
-
-    def _prepare(self, features: Array, key: Array | None, train: bool):
-        """features [B, H, W, C] | [B, L, C] -> (pooled v [B, H], context, fed values [B, L, F]
-        or None)."""
-        feats = spatial_input(features, self.use_image, self.positions)
-        feats = dropout(feats, self.dropout_rate, key, train)  # [B, L, C]
-        pooled = jax.nn.relu(self.image_proj(feats.mean(axis=1)))
-        values = matmul(feats, self.att_values[...], self.dtype)  # [B, L, H]
-        context = AttentionContext(values=values, keys=self.att_keys(feats))
-        feed_values = None
-        if self.feed_dim:
-            feed_values = matmul(feats, self.feed_values[...], self.dtype)  # [B, L, F]
-        return pooled, context, feed_values
-
-    def _weights(self, context: AttentionContext, h: Array) -> Array:
-        """h [B, T, H] -> alpha [B, T, L] summing to 1 over the locations."""
-        return additive_attention(
-            context.keys, h, self.att_query[...], self.att_score[...], self.dtype
-        )
-
-    def _output(self, pooled: Array, context: AttentionContext, h: Array, alpha: Array) -> Array:
-        """h, alpha [B, T, ...] -> pre-logits relu(dense(v + c_t + h_t)) [B, T, H]."""
-        attended = _weighted(alpha, context.values, self.dtype)  # [B, T, H]
-        return jax.nn.relu(self.merge_proj(pooled[:, None, :] + attended + h))
-
-    def _feed(self, feed_values: Array, alpha: Array) -> Array:
-        """alpha [B, L] of the previous word -> its part of the LSTM's gates [B, 4H]."""
-        seen = jnp.einsum("bl,blf->bf", alpha, feed_values)  # [B, F]
-        return matmul(seen, self.feed_gates[...], self.dtype)
-
-    def pre_logits(
-        self, features: Array, tokens_in: Array, *, train: bool = False, key: Array | None = None
-    ) -> tuple[Array, dict[str, Array]]:
-        """Teacher forcing up to the output layer: -> ([B, T, H] input of `out_proj`, aux)."""
-        k_img, k_emb = jax.random.split(key) if key is not None else (None, None)
-        pooled, context, feed_values = self._prepare(features, k_img, train)
-        words = dropout(self.embed(tokens_in), self.dropout_rate, k_emb, train)  # [B, T, E]
-        gates = self.lstm.project_inputs(words)  # [B, T, 4H], one matmul for all steps
-        state = self.lstm.zero_state(tokens_in.shape[0])
-        if feed_values is None:
-            h = self.lstm.scan(state, gates)
-            alpha = self._weights(context, h)
-        else:
-
-            def step(carry, gates_t):  # Only the [L] weights run inside the recurrence.
-                state, alpha_prev = carry
-                state = self.lstm.cell(state, gates_t + self._feed(feed_values, alpha_prev))
-                alpha_t = self._weights(context, state[0][:, None])[:, 0]
-                return (state, alpha_t), (state[0], alpha_t)
-
-            nothing = jnp.zeros(feed_values.shape[:2], jnp.float32)  # Before the first word.
-            _, (h, alpha) = jax.lax.scan(step, (state, nothing), jnp.swapaxes(gates, 0, 1))
-            h, alpha = jnp.swapaxes(h, 0, 1), jnp.swapaxes(alpha, 0, 1)
-        return self._output(pooled, context, h, alpha), {"attention": alpha}
-
-    def init_decode(self, features: Array):
-        """-> ((pooled embedding, context, fed values), (h, c, alpha of the previous word))."""
-        pooled, context, feed_values = self._prepare(features, None, False)
-        h, c = self.lstm.zero_state(features.shape[0])
-        nothing = jnp.zeros(context.keys.shape[:2], jnp.float32)
-        return (pooled, context, feed_values), (h, c, nothing)
-
-    def decode_step(self, context, state, tokens: Array):
-        """tokens [B] -> (state, logits [B, V] float32, attention [B, L] of this word)."""
-        pooled, attention_context, feed_values = context
-        h, c, alpha_prev = state
-        gates = self.lstm.project_inputs(self.embed(tokens))
-        if feed_values is not None:
-            gates = gates + self._feed(feed_values, alpha_prev)
-        h, c = self.lstm.cell((h, c), gates)
-        alpha = self._weights(attention_context, h[:, None, :])
-        pre_logits = self._output(pooled, attention_context, h[:, None, :], alpha)
-        return (h, c, alpha[:, 0]), self.out_proj(pre_logits)[:, 0], alpha[:, 0]

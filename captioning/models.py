@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from captioning import attention
+from captioning import attention, merge_attention
 from captioning.layers import LSTM, Decoder, Dense, compute_dtype, dropout
 
 Array = jax.Array
@@ -154,7 +154,7 @@ DECODERS: dict[str, type[Decoder]] = {
     "merge": MergeDecoder,
     "inject": InjectDecoder,
     "attention": attention.AttentionDecoder,
-    "merge_attention": attention.MergeAttentionDecoder,
+    "merge_attention": merge_attention.MergeAttentionDecoder,
 }
 # Decoders that read the spatial map [H, W, C] (config.encoder.pooling='none').
 SPATIAL_DECODERS = ("attention", "merge_attention")

@@ -10,7 +10,17 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from captioning import attention, decode, losses, models, search, text, train, visualize
+from captioning import (
+    attention,
+    decode,
+    losses,
+    merge_attention,
+    models,
+    search,
+    text,
+    train,
+    visualize,
+)
 from configs import test as test_config
 
 VOCAB = 11
@@ -361,3 +371,57 @@ def test_show_attend_tell_backward_pass_equals_autodiff(dtype):
         assert got.shape == want.shape and got.dtype == want.dtype
         np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
         assert np.abs(np.asarray(want)).max() > 1e-3  # Every gradient is exercised.
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_fed_recurrence_backward_pass_equals_autodiff(dtype):
+    """merge_attention's fed recurrence (the LSTM reads its previous lookup): the hand-written
+    backward pass gives autodiff's gradients of the plain scan for every input, the loss reading
+    h and alpha."""
+    batch, locations, feed, hidden, att, steps = 3, 5, 2, 6, 4, 4
+    keys = jax.random.split(jax.random.key(1), 10)
+    weights = merge_attention.FedWeights(
+        w_rec=jax.random.normal(keys[0], (hidden, 4 * hidden)) * 0.4,
+        feed_gates=jax.random.normal(keys[1], (feed, 4 * hidden)),
+        query=jax.random.normal(keys[2], (hidden, att)) * 0.6,
+        score=jax.random.normal(keys[3], (att, 1)),
+    )
+    inputs = (
+        jax.random.normal(keys[4], (batch, locations, att)),  # keys
+        jax.random.normal(keys[5], (batch, locations, feed)) * 2.0,  # feed values
+        jax.random.normal(keys[6], (batch, hidden)) * 0.5,  # h0
+        jax.random.normal(keys[7], (batch, hidden)) * 0.5,  # c0
+        jax.random.normal(keys[8], (steps, batch, 4 * hidden)),  # word gates
+    )
+    probe_h, probe_alpha = (
+        jax.random.normal(k, s)
+        for k, s in zip(
+            jax.random.split(keys[9]),
+            [(steps, batch, hidden), (steps, batch, locations)],
+            strict=True,
+        )
+    )
+
+    def reference(*args):
+        return merge_attention._fed_forward(*args, dtype)[:2]
+
+    def custom(*args):
+        return merge_attention.fed_recurrence(*args, dtype)
+
+    def loss(fn):
+        def value(*args):
+            h, alpha = fn(*args)
+            return jnp.sum(probe_h * h) + jnp.sum(probe_alpha * alpha)
+
+        return value
+
+    argnums = (0, 1, 2, 3, 4, 5)
+    ours = jax.grad(loss(custom), argnums)(weights, *inputs)
+    theirs = jax.grad(loss(reference), argnums)(weights, *inputs)
+    for out, ref in zip(custom(weights, *inputs), reference(weights, *inputs), strict=True):
+        np.testing.assert_array_equal(out, ref)
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2
+    for got, want in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs), strict=True):
+        assert got.shape == want.shape and got.dtype == want.dtype
+        np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
+    assert float(jnp.abs(ours[2]).max()) > 0  # The feed values do get a gradient.
