@@ -36,8 +36,8 @@ class Inference(NamedTuple):
     progress: dict[str, Any]  # The checkpoint's progress: epoch, best_metric, best_epoch, ...
 
 
-def parse_selection(spec: str) -> list[tuple[float, str]]:
-    """`train.val_metric` -> [(weight, validation metric name)].
+def parse_selection(spec: str, field: str = "train.val_metric") -> list[tuple[float, str]]:
+    """`train.val_metric` (or another config `field` of that form) -> [(weight, metric name)].
 
     A metric name ("CIDEr"), or a weighted sum such as
     "attribute_accuracy + relation_accuracy + 0.1*CIDEr"; raises ValueError naming the field.
@@ -47,12 +47,12 @@ def parse_selection(spec: str) -> list[tuple[float, str]]:
         match = _TERM.match(part)
         if not match:
             raise ValueError(
-                f"config.train.val_metric={spec!r}: cannot read {part.strip()!r}; write a metric "
+                f"config.{field}={spec!r}: cannot read {part.strip()!r}; write a metric "
                 "name or a sum of [weight*]name terms, e.g. 'attribute_accuracy+0.1*CIDEr'."
             )
         terms.append((float(match.group(1) or 1.0), match.group(2)))
     if not terms:
-        raise ValueError("config.train.val_metric is empty; name a validation metric, e.g. CIDEr.")
+        raise ValueError(f"config.{field} is empty; name a metric, e.g. CIDEr.")
     return terms
 
 

@@ -35,6 +35,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -50,6 +51,9 @@ from captioning import checkpoint, evaluate, models, rewards, search, text, trai
 from captioning.data import STATS_FILE, PreparedData, prepare_data
 
 BASELINES = ("mean", "greedy")
+# What `scst.reward` may weigh: CIDEr-D, and on the scenes each caption's own attribute score
+# (1 when it names exactly the true objects) and relation score (share of its relations true).
+REWARD_TERMS = ("CIDEr", "attribute_accuracy", "relation_accuracy")
 END_WORD = "<end>"
 # Sections that must agree with the run SCST starts from (what it learned and what it reads).
 MATCHING = ("data", "encoder", "model")
@@ -88,6 +92,41 @@ def reference_texts(data: PreparedData, split: str, min_word_len: int) -> list[l
         ]
         for record in data.splits[split]
     ]
+
+
+def reward_function(spec: str, scorer: rewards.CiderD, records) -> Callable:
+    """`scst.reward` -> rewards(texts [N], image_rows [N]) -> [N] float64 (a weighted sum).
+
+    `texts` are `caption_texts` strings, `image_rows` index `records` (the training images, whose
+    `meta['objects']` the scene terms read).
+    """
+    terms = evaluate.parse_selection(spec, "scst.reward")
+    unknown = [name for _, name in terms if name not in REWARD_TERMS]
+    if unknown:
+        raise ValueError(f"config.scst.reward={spec!r}: {unknown} unknown; use {REWARD_TERMS}.")
+    scene_terms = [(w, name) for w, name in terms if name != "CIDEr"]
+    if scene_terms and not (records and "objects" in (records[0].meta or {})):
+        raise ValueError(
+            f"config.scst.reward={spec!r}: attribute and relation rewards need the scenes "
+            "dataset (images whose objects are known)."
+        )
+    cider_weight = sum(w for w, name in terms if name == "CIDEr")
+
+    def reward(texts: list[str], image_rows: np.ndarray) -> np.ndarray:
+        total = cider_weight * scorer.scores(texts, image_rows) if cider_weight else 0.0
+        if scene_terms:
+            from captioning.datasets import scene_captions
+
+            scores = np.zeros((len(texts), 2))
+            for i, (caption, row) in enumerate(zip(texts, image_rows, strict=True)):
+                words = caption.removesuffix(END_WORD)
+                attribute, relation = scene_captions.caption_scores(words, records[row].meta)
+                scores[i] = attribute, relation or 0.0
+            for weight, name in scene_terms:
+                total = total + weight * scores[:, REWARD_TERMS.index(name) - 1]
+        return np.broadcast_to(total, (len(texts),)).astype(np.float64)
+
+    return reward
 
 
 def advantages(
@@ -222,6 +261,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     train_rows = data.rows("train")
     references = reference_texts(data, "train", config.data.min_word_len)
     scorer = rewards.CiderD(references)  # Frequencies from every training image, once.
+    reward_fn = reward_function(scst.reward, scorer, data.splits["train"])
 
     model = models.create_model(config.model, len(vocab), data.features.shape[1:], rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model)
@@ -281,12 +321,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 tokens = np.asarray(sample_fn(params, features, key))
                 reward_start = time.perf_counter()
                 sample_images = np.repeat(batch_rows, scst.num_samples)
-                sample_rewards = scorer.scores(caption_texts(tokens, vocab), sample_images)
+                sample_rewards = reward_fn(caption_texts(tokens, vocab), sample_images)
                 sample_rewards = sample_rewards.reshape(-1, scst.num_samples)
                 greedy_rewards = None
                 if scst.baseline == "greedy":
                     greedy = np.asarray(greedy_fn(params, features, key).tokens)
-                    greedy_rewards = scorer.scores(caption_texts(greedy, vocab), batch_rows)
+                    greedy_rewards = reward_fn(caption_texts(greedy, vocab), batch_rows)
                 advantage, baseline = advantages(sample_rewards, scst.baseline, greedy_rewards)
                 advantage[valid:] = 0.0  # Batch filler images teach nothing.
                 reward_seconds = time.perf_counter() - reward_start

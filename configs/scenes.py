@@ -143,6 +143,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.scst = ml_collections.ConfigDict()
     config.scst.init_from = ""  # Workdir of the cross-entropy run to start from ('' = no SCST).
     config.scst.num_samples = 5  # Captions sampled per image.
+    # Reward: CIDEr-D, or a weighted sum with the scenes' per-caption attribute_accuracy (1 when
+    # it names exactly the true objects) and relation_accuracy (share of its relations true).
+    config.scst.reward = "CIDEr"
     config.scst.baseline = "mean"  # mean (of the image's other samples) | greedy (its caption).
     config.scst.learning_rate = 5e-5  # Adam learning rate (constant).
     config.scst.num_epochs = 5  # Passes over the training images.

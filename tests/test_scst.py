@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from conftest import saved_params, sigkill_then_resume
 
-from captioning import scst, text, train
+from captioning import rewards, scst, text, train
+from captioning.datasets.base import ImageRecord
 from configs import test as test_config
 
 END, PAD = text.END_ID, text.PAD_ID
@@ -28,6 +29,46 @@ def test_mean_baseline_advantages_sum_to_zero_per_image():
         scst.advantages(rewards, "average")
     with pytest.raises(ValueError, match="num_samples"):
         scst.advantages(rewards[:, :1], "mean")
+
+
+def _scene(*objects):
+    return ImageRecord(
+        "x",
+        "x.png",
+        ("a red circle left of a blue square",),
+        "train",
+        meta={
+            "objects": [
+                {"colour": c, "shape": s, "size": "small", "x": x, "y": y, "radius": 0.07}
+                for c, s, x, y in objects
+            ]
+        },
+    )
+
+
+def test_scene_rewards_weigh_each_caption_s_own_attribute_and_relation_scores():
+    records = [_scene(("red", "circle", 0.2, 0.5), ("blue", "square", 0.8, 0.5))]
+    records.append(_scene(("green", "star", 0.5, 0.5)))
+    scorer = rewards.CiderD([list(r.captions) for r in records])
+    reward = scst.reward_function("attribute_accuracy + 0.5*relation_accuracy", scorer, records)
+    texts = [
+        "a red circle left of a blue square <end>",  # both right: 1 + 0.5
+        "a red circle right of a blue square <end>",  # objects right, relation false: 1
+        "a red circle left of a green square <end>",  # a wrong object, no pair of true ones: 0
+        "a green star <end>",  # one object: no relation score
+        "a red star <end>",
+    ]
+    got = reward(texts, np.array([0, 0, 0, 1, 1]))
+    np.testing.assert_allclose(got, [1.5, 1.0, 0.0, 1.0, 0.0])
+    cider = scst.reward_function("CIDEr", scorer, records)(texts[:2], np.array([0, 0]))
+    np.testing.assert_allclose(cider, scorer.scores(texts[:2], np.array([0, 0])))
+    both = scst.reward_function("2*CIDEr + relation_accuracy", scorer, records)
+    np.testing.assert_allclose(both(texts[:2], np.array([0, 0])), 2 * cider + [1.0, 0.0])
+    with pytest.raises(ValueError, match="scst.reward.*BLEU"):
+        scst.reward_function("CIDEr + BLEU", scorer, records)
+    with pytest.raises(ValueError, match="need the scenes"):
+        plain = [ImageRecord("y", "y.png", ("a dog",), "train")]
+        scst.reward_function("attribute_accuracy", rewards.CiderD([["a dog"]]), plain)
 
 
 def test_mask_keeps_words_up_to_and_including_the_first_end():

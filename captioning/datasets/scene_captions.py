@@ -366,6 +366,24 @@ def _check_lengths(captions: Sequence[str], metas: Sequence[Mapping[str, Any]]) 
         raise ValueError(f"{len(captions)} captions but {len(metas)} metas; need one per image.")
 
 
+def caption_scores(caption: str, meta: Mapping[str, Any]) -> tuple[float, float | None]:
+    """One caption against its scene -> (attribute score 0|1, relation score or None).
+
+    attribute: 1.0 when the caption names exactly the true (colour, shape) pairs (see
+    `attribute_accuracy`). relation: the share of the stated relations between true objects that
+    are true, 0.0 when none is stated; None when the scene has fewer than two objects or the
+    caption names fewer than two of them (see `relation_accuracy`).
+    """
+    truth = _true_objects(meta)
+    named = parse_objects(caption)
+    attribute = float(set(named) == set(truth))
+    if len(truth) < 2 or len([p for p in named if p in truth]) < 2:
+        return attribute, None
+    stated = [(x, r, y) for x, r, y in parse_relations(caption) if x in truth and y in truth]
+    correct = [spatial_relation(truth[x], truth[y]) == r for x, r, y in stated]
+    return attribute, float(np.mean(correct)) if correct else 0.0
+
+
 def attribute_accuracy(captions: Sequence[str], metas: Sequence[Mapping[str, Any]]) -> float:
     """Share of images whose caption names exactly the true (colour, shape) pairs.
 
@@ -376,10 +394,7 @@ def attribute_accuracy(captions: Sequence[str], metas: Sequence[Mapping[str, Any
     _check_lengths(captions, metas)
     if not captions:
         return 0.0
-    hits = [
-        set(parse_objects(c)) == set(_true_objects(m)) for c, m in zip(captions, metas, strict=True)
-    ]
-    return float(np.mean(hits))
+    return float(np.mean([caption_scores(c, m)[0] for c, m in zip(captions, metas, strict=True)]))
 
 
 def relation_accuracy(captions: Sequence[str], metas: Sequence[Mapping[str, Any]]) -> float:
@@ -394,12 +409,6 @@ def relation_accuracy(captions: Sequence[str], metas: Sequence[Mapping[str, Any]
     relation scores 0, since references always state one. Returns 0.0 when no image is eligible.
     """
     _check_lengths(captions, metas)
-    scores = []
-    for caption, meta in zip(captions, metas, strict=True):
-        truth = _true_objects(meta)
-        if len(truth) < 2 or len([p for p in parse_objects(caption) if p in truth]) < 2:
-            continue
-        stated = [(x, r, y) for x, r, y in parse_relations(caption) if x in truth and y in truth]
-        correct = [spatial_relation(truth[x], truth[y]) == r for x, r, y in stated]
-        scores.append(float(np.mean(correct)) if correct else 0.0)
+    scores = [caption_scores(c, m)[1] for c, m in zip(captions, metas, strict=True)]
+    scores = [s for s in scores if s is not None]
     return float(np.mean(scores)) if scores else 0.0
