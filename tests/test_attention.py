@@ -361,7 +361,15 @@ def test_show_attend_tell_backward_pass_equals_autodiff(dtype):
     def loss(fn):
         return lambda *args: sum(jnp.sum(p * out) for p, out in zip(probe, fn(*args), strict=True))
 
-    argnums = (0, 1, 2, 3, 4, 5)
+    _, theirs = _assert_same_values_and_gradients(custom, reference, loss, weights, inputs, dtype)
+    for want in jax.tree.leaves(theirs):
+        assert np.abs(np.asarray(want)).max() > 1e-3  # Every gradient is exercised.
+
+
+def _assert_same_values_and_gradients(custom, reference, loss, weights, inputs, dtype):
+    """custom(weights, *inputs) equals reference(...) exactly, and its gradients (through
+    loss(fn)) match autodiff's of the reference for every argument; -> (ours, theirs)."""
+    argnums = tuple(range(1 + len(inputs)))
     ours = jax.grad(loss(custom), argnums)(weights, *inputs)
     theirs = jax.grad(loss(reference), argnums)(weights, *inputs)
     for out, ref in zip(custom(weights, *inputs), reference(weights, *inputs), strict=True):
@@ -370,7 +378,7 @@ def test_show_attend_tell_backward_pass_equals_autodiff(dtype):
     for got, want in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs), strict=True):
         assert got.shape == want.shape and got.dtype == want.dtype
         np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
-        assert np.abs(np.asarray(want)).max() > 1e-3  # Every gradient is exercised.
+    return ours, theirs
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -415,13 +423,5 @@ def test_fed_recurrence_backward_pass_equals_autodiff(dtype):
 
         return value
 
-    argnums = (0, 1, 2, 3, 4, 5)
-    ours = jax.grad(loss(custom), argnums)(weights, *inputs)
-    theirs = jax.grad(loss(reference), argnums)(weights, *inputs)
-    for out, ref in zip(custom(weights, *inputs), reference(weights, *inputs), strict=True):
-        np.testing.assert_array_equal(out, ref)
-    tol = 1e-5 if dtype == jnp.float32 else 2e-2
-    for got, want in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs), strict=True):
-        assert got.shape == want.shape and got.dtype == want.dtype
-        np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
+    ours, _ = _assert_same_values_and_gradients(custom, reference, loss, weights, inputs, dtype)
     assert float(jnp.abs(ours[2]).max()) > 0  # The feed values do get a gradient.
