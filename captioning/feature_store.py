@@ -382,8 +382,11 @@ def export_features(
             old_metadata.get("versions"),
             metadata["versions"],
         )
-    runner = backbone.get_runner(encoder_config, encoder_config.batch_size, seed)
-    metadata["feature_shape"] = list(runner.feature_shape)
+    old_shape = (old_metadata or {}).get("feature_shape")
+    runner = None  # Built only when there are images to compute (a Keras model takes seconds).
+    if work_ids or (first and not old_shape):
+        runner = backbone.get_runner(encoder_config, encoder_config.batch_size, seed)
+    metadata["feature_shape"] = list(runner.feature_shape) if runner else old_shape
     if first:
         _write_json(os.path.join(store_dir, METADATA_FILE), metadata)
 
@@ -417,7 +420,7 @@ def _export_shards(
     todo: list[tuple[int, int, int]],
     work_ids: list[str],
     work_paths: list[str],
-    runner: backbone.Runner,
+    runner: backbone.Runner | None,
     skip_bad_images: bool,
 ) -> float:
     """Computes the `todo` shards (one pipeline for all, so it never drains); returns seconds."""

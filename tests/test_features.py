@@ -162,8 +162,11 @@ def test_resume_after_interruption(records, reference_store, tmp_path, monkeypat
     store = feature_store.load_feature_store(store_dir)
     assert store.ids == reference_store[1].ids
     np.testing.assert_array_equal(store.features, reference_store[1].features)
+    # Nothing left to compute: the rerun does not even build the backbone.
+    monkeypatch.setattr(backbone, "get_runner", lambda *a: pytest.fail("backbone built"))
     rerun = feature_store.export_features(records, encoder_config(), store_dir, shard_size=SHARD)
     assert rerun.num_computed == 0 and rerun.num_images == 7
+    assert feature_store.load_feature_store(store_dir).metadata["feature_shape"] == [2048]
 
 
 def test_mismatched_store_settings(records, reference_store):
