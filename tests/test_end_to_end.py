@@ -29,44 +29,6 @@ def _config(cache_dir):
     return config
 
 
-def test_main_py_runs_the_tiny_config(tmp_path, cache_dir):
-    workdir = tmp_path / "run"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "main.py",
-            "--config=configs/test.py",
-            f"--workdir={workdir}",
-            f"--config.data.cache_dir={cache_dir}",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    for name in ["config.json", "vocab.json", "history.json", "samples.png", "curves.png"]:
-        assert (workdir / name).exists(), name
-    report = json.loads((workdir / "eval" / "test_greedy.json").read_text())
-    assert set(METRICS) <= set(report["metrics"])
-    assert len(report["captions"]) == 8 and report["step"] > 0
-    assert report["decode"]["method"] == "greedy"
-    assert "| greedy |" in (workdir / "results.md").read_text()
-    assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir))
-    assert os.listdir(workdir / "checkpoints" / "best")
-    # Evaluate mode reads the run's own config and writes the same report again.
-    result = subprocess.run(
-        [sys.executable, "main.py", "--mode=evaluate", f"--workdir={workdir}"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    again = json.loads((workdir / "eval" / "test_greedy.json").read_text())
-    assert again["metrics"] == report["metrics"]
-
-
 class _Crash(Exception):
     pass
 
@@ -132,7 +94,8 @@ def test_resume_after_crash_equals_uninterrupted_run(tmp_path, cache_dir, monkey
 
 
 def test_sigkill_mid_run_then_same_command_resumes_and_finishes(tmp_path, cache_dir):
-    """The README's promise, literally: kill -9 the process, rerun the same command."""
+    """The README's promise, literally: kill -9 the process, rerun the same command; the
+    finished run has every artifact, and --mode=evaluate reproduces its report."""
     workdir = tmp_path / "run"
     command = [
         sys.executable,
@@ -151,11 +114,34 @@ def test_sigkill_mid_run_then_same_command_resumes_and_finishes(tmp_path, cache_
     assert step == 20 * steps_per_epoch
     assert report["step"] <= step
 
+    for name in ["config.json", "vocab.json", "history.json", "samples.png", "curves.png"]:
+        assert (workdir / name).exists(), name
+    assert set(METRICS) <= set(report["metrics"])
+    assert len(report["captions"]) == 8 and report["step"] > 0
+    assert report["decode"]["method"] == "greedy"
+    assert "| greedy |" in (workdir / "results.md").read_text()
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir))
+    assert os.listdir(workdir / "checkpoints" / "best")
+    # Evaluate mode reads the run's own config and writes the same report again.
+    result = subprocess.run(
+        [sys.executable, "main.py", "--mode=evaluate", f"--workdir={workdir}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    again = json.loads((workdir / "eval" / "test_greedy.json").read_text())
+    assert again["metrics"] == report["metrics"]
 
-def test_changed_config_in_same_workdir_is_refused(tmp_path, cache_dir):
+
+def test_changed_config_in_same_workdir_is_refused(tmp_path, cache_dir, monkeypatch):
     config = _config(cache_dir)
-    config.train.num_epochs = 1
-    train.train_and_evaluate(config, str(tmp_path / "run"))
+    # A run that stopped right after writing its config (all a later run checks against).
+    monkeypatch.setattr(train, "prepare_data", lambda *a, **k: pytest.fail("not refused"))
+    with pytest.raises(pytest.fail.Exception, match="not refused"):
+        train.train_and_evaluate(config, str(tmp_path / "run"))
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["model"]["hidden_size"] == 32
     config.model.hidden_size = 64
     with pytest.raises(ValueError, match="model.hidden_size"):
         train.train_and_evaluate(config, str(tmp_path / "run"))
@@ -201,17 +187,16 @@ def test_early_stopping_with_patience(tmp_path, cache_dir, monkeypatch):
     config = _config(cache_dir)
     config.train.num_epochs = 5
     config.train.patience = 1
+    config.train.val_metric = "CIDEr"
     scores = iter([0.5, 0.4, 0.3, 0.2, 0.1])  # Validation CIDEr only gets worse.
-    original = evaluate.score_split
+    original = evaluate.validate
 
-    def fake_score(records, captions, **kwargs):
-        result = original(records, captions, **kwargs)
-        if not kwargs["meteor"]:  # Per-epoch validation (the final test scoring keeps METEOR).
-            result["scores"]["CIDEr"] = next(scores)
+    def fake_validate(*args):
+        result = original(*args)
+        result["CIDEr"] = next(scores)
         return result
 
-    config.eval.meteor = True
-    monkeypatch.setattr(evaluate, "score_split", fake_score)
+    monkeypatch.setattr(evaluate, "validate", fake_validate)
     train.train_and_evaluate(config, str(tmp_path / "run"))
     history = json.loads((tmp_path / "run" / "history.json").read_text())
     assert [h["epoch"] for h in history] == [1, 2]  # Epoch 2 did not improve: stop.
