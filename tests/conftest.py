@@ -14,11 +14,15 @@ import subprocess
 import tempfile
 import time
 
-import jax
-import numpy as np
-from flax import nnx
+# The tests compile far more than they run: XLA's backend optimisations cost them more time than
+# they save (a user's run keeps them). Set before JAX starts; subprocess runs inherit it.
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0"
 
-from captioning import backbone, checkpoint, host, models, text, train
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from captioning import backbone, checkpoint, host, models, text, train  # noqa: E402
 
 host.keep_freed_memory()  # As main.py does: the tests' steps allocate as the users' do.
 
@@ -29,6 +33,28 @@ jax.config.update("jax_compilation_cache_dir", _COMPILATION_CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# The modules that take longest, longest first. pytest-xdist (pyproject.toml's addopts: each
+# module on one worker, handed out in collection order) then starts them first, so no worker is
+# left alone with a long module at the end.
+LONGEST_MODULES = (
+    "test_end_to_end",
+    "test_scst",
+    "test_attention",
+    "test_grid",
+    "test_features",
+    "test_search",
+    "test_serve",
+    "test_multihost",
+    "test_metrics",
+    "test_data",
+)
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_MODULES)}
+    items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # Stable: order within.
+
 
 # An executable is made by compiling it or by reading it from the session's cache.
 EXECUTABLE_EVENTS = (

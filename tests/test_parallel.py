@@ -63,7 +63,7 @@ SCRIPT = textwrap.dedent(
 def test_eight_devices_train_like_one():
     env = dict(
         os.environ,
-        XLA_FLAGS="--xla_force_host_platform_device_count=8",
+        XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8",
         JAX_PLATFORMS="cpu",
         PYTHONPATH=REPO,
     )
