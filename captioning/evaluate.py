@@ -99,8 +99,7 @@ def restore_inference(
     which: str = "best",
 ) -> Inference:
     """The decoder of `config.model` with the run's best (else latest) parameters."""
-    model = models.create_model(config.model, vocab_size, feature_shape, rngs=nnx.Rngs(0))
-    graphdef, params = nnx.split(model)
+    graphdef, params = models.abstract_model(config.model, vocab_size, feature_shape)
     params, step, progress = checkpoint.restore_params(workdir, params, which)
     return Inference(graphdef, params, step, progress)
 

@@ -221,3 +221,19 @@ def create_model(
     if name == "merge":
         common["num_concepts"] = num_concepts(model_config, vocab_size)
     return DECODERS[name](vocab_size, feature_shape[-1], **common)
+
+
+def abstract_model(
+    model_config: ml_collections.ConfigDict, vocab_size: int, feature_shape: tuple[int, ...]
+) -> tuple[nnx.GraphDef, nnx.State]:
+    """(graphdef, parameter shapes) of `create_model`'s decoder, without initialising it (the
+    eager initialisation takes seconds): the target of a checkpoint restore. The shapes are placed
+    on this process's first device, where a freshly built model's parameters would be."""
+    model = nnx.eval_shape(
+        lambda: create_model(model_config, vocab_size, feature_shape, rngs=nnx.Rngs(0))
+    )
+    graphdef, shapes = nnx.split(model)
+    here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return graphdef, jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=here), shapes
+    )

@@ -263,8 +263,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     scorer = rewards.CiderD(references)  # Frequencies from every training image, once.
     reward_fn = reward_function(scst.reward, scorer, data.splits["train"])
 
-    model = models.create_model(config.model, len(vocab), data.features.shape[1:], rngs=nnx.Rngs(0))
-    graphdef, params = nnx.split(model)
+    graphdef, params = models.abstract_model(config.model, len(vocab), data.features.shape[1:])
     params, init_step, _ = checkpoint.restore_params(init_dir, params)
     tx = optax.chain(
         optax.clip_by_global_norm(config.train.grad_clip), optax.adam(scst.learning_rate)

@@ -19,6 +19,27 @@ def _model(decoder="merge", feature_shape=(12,), vocab=11, **overrides):
     return models.create_model(config, vocab, feature_shape, rngs=nnx.Rngs(0))
 
 
+@pytest.mark.parametrize("decoder", ["merge", "merge_attention"])
+def test_abstract_model_is_the_built_model_without_values(decoder):
+    config = test_config.get_config().model
+    config.decoder = decoder
+    graphdef, shapes = models.abstract_model(config, 11, (3, 3, 12))
+    built_graphdef, params = nnx.split(
+        models.create_model(config, 11, (3, 3, 12), rngs=nnx.Rngs(0))
+    )
+    assert graphdef == built_graphdef
+    assert jax.tree.structure(shapes) == jax.tree.structure(params)
+    for shape, param in zip(jax.tree.leaves(shapes), jax.tree.leaves(params), strict=True):
+        assert isinstance(shape, jax.ShapeDtypeStruct)
+        assert (shape.shape, shape.dtype, shape.sharding) == (
+            param.shape,
+            param.dtype,
+            param.sharding,
+        )
+    merged = nnx.merge(graphdef, params)  # What a restore does with the checkpoint's values.
+    assert jax.tree.leaves(nnx.state(merged))[0] is jax.tree.leaves(params)[0]
+
+
 @pytest.mark.parametrize("decoder", ["merge", "inject"])
 @pytest.mark.parametrize("feature_shape", [(12,), (3, 3, 12)])
 def test_output_shapes(decoder, feature_shape):
