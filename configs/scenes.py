@@ -70,12 +70,12 @@ What each change gave (16 epochs, seed 0 unless noted; test attribute / relation
   optimisation) did not shorten a run. Not adopted: the default keeps LSTM 256 and 16 epochs.
 * On a 2-core Intel Xeon without AMX (AVX-512 with bf16 dot products) the default takes 5.4-5.7
   minutes with a fresh cache (epochs of 14-15 s, export 25 s, compilation 22 s); seeds 3 and 4
-  there: 0.753 / 0.714 and 0.803 / 0.595, perturbed 0.647 and 0.707. Cheaper epochs were not found there: batch 256 trains an
-  epoch in 12.7-15.1 s against 14.2-14.6 at 128 (with half the updates), batch 64 in 21 s,
-  bfloat16 matmuls in 16-17 s. Peak learning rate 5e-3 instead of 3e-3, seed 0: 0.790 / 0.602
-  (perturbed 0.760), below the default's 0.813: not adopted. More scenes for the same steps
-  (`data.num_train=4500`, 11 epochs; 5.7-5.8 minutes), seeds 3 and 4: 0.803 / 0.659 and 0.813 /
-  0.679, perturbed 0.750 and 0.757, against the default's 0.753 / 0.714 and 0.803 / 0.595,
+  there: 0.753 / 0.714 and 0.803 / 0.595, perturbed 0.647 and 0.707. Cheaper epochs were not found
+  there: batch 256 trains an epoch in 12.7-15.1 s against 14.2-14.6 at 128 (with half the updates),
+  batch 64 in 21 s, bfloat16 matmuls in 16-17 s. Peak learning rate 5e-3 instead of 3e-3, seed 0:
+  0.790 / 0.602 (perturbed 0.760), below the default's 0.813: not adopted. More scenes for the same
+  steps (`data.num_train=4500`, 11 epochs; 5.7-5.8 minutes), seeds 3 and 4: 0.803 / 0.659 and 0.813
+  / 0.679, perturbed 0.750 and 0.757, against the default's 0.753 / 0.714 and 0.803 / 0.595,
   perturbed 0.647 and 0.707 on the same machine: attributes and perturbed scenes up, relations
   mixed; a lead, not yet swept over seeds 0-4.
 * Why perturbed scenes failed: the training renders never varied background grey or colours, so
