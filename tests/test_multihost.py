@@ -12,7 +12,7 @@ import jax
 import numpy as np
 from conftest import saved_params
 
-from captioning import train
+from captioning import grid, train
 from configs import test as test_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -24,6 +24,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# The tiny config as both runs use it; one compiled step: the two processes compile at once.
+OVERRIDES = {"train.num_epochs": 2, "train.num_buckets": 1, "eval.extra_splits": ""}
+
+
 def _command(workdir, cache, *extra):
     return [
         sys.executable,
@@ -31,22 +35,18 @@ def _command(workdir, cache, *extra):
         "--config=configs/test.py",
         f"--workdir={workdir}",
         f"--config.data.cache_dir={cache}",
-        "--config.train.num_epochs=2",
-        "--config.train.num_buckets=1",  # One compiled step: the processes compile at once.
-        "--config.eval.extra_splits=",
+        *(f"--config.{field}={value}" for field, value in OVERRIDES.items()),
         *extra,
     ]
 
 
 def test_two_processes_train_like_one(tmp_path):
-    # The reference: this process (one CPU device), same config as the command line below.
+    # The reference: this process (one CPU device), the config of the command line below.
     assert jax.device_count() == 1
-    config = test_config.get_config()
-    config.data.cache_dir = str(tmp_path / "cache_one")
-    config.train.num_epochs = 2
-    config.train.num_buckets = 1
-    config.eval.extra_splits = ""
-    train.train_and_evaluate(config, str(tmp_path / "one"))
+    overrides = {**OVERRIDES, "data.cache_dir": str(tmp_path / "cache_one")}
+    train.train_and_evaluate(
+        grid.apply_overrides(test_config.get_config(), overrides), str(tmp_path / "one")
+    )
 
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}  # One CPU device per process, as here.
 
