@@ -104,6 +104,22 @@ class LSTM(nnx.Module):
         """[..., in_dim] -> [..., 4*hidden] input part of the gates (bias included)."""
         return matmul(x, self.w_in[...], self.dtype) + self.bias[...]
 
+    def project_words(
+        self, embedding: Array, tokens: Array, rate: float, key: Array | None, train: bool
+    ) -> Array:
+        """The words' input part of the gates, the word embedding matrix [V, E] and tokens
+        [B, T] -> [B, T, 4H], dropout acting on the matrix (each entry dropped for all of that
+        word's uses in the batch).
+
+        The projection is linear in the matrix's rows, so with a vocabulary smaller than the
+        batch's tokens (the scenes) it runs once per word and is gathered: the same numbers as
+        projecting every token, a fraction of the product and of its gradients.
+        """
+        table = dropout(embedding, rate, key, train)  # [V, E]
+        if table.shape[0] < tokens.size:
+            return jnp.take(self.project_inputs(table), tokens, axis=0)
+        return self.project_inputs(jnp.take(table, tokens, axis=0))
+
     def cell(self, state: tuple[Array, Array], gates_in: Array) -> tuple[Array, Array]:
         """One step from projected inputs [B, 4H]; returns the new (h, c)."""
         h, c, _ = _lstm_step(self.w_rec[...], state, gates_in, self.dtype)

@@ -169,6 +169,10 @@ class MergeAttentionDecoder(Decoder):
     spatial relation after naming an object needs to know where that object is, which the LSTM
     otherwise never sees. The attention weights then run inside the recurrence (cheap: [L] per
     word); the contexts c_t still come after it, all at once.
+
+    Dropout on the words acts on the embedding matrix, so the words' part of the gates is one
+    [V, 4H] table per step, gathered by token (`LSTM.project_words`): with the scenes' small
+    vocabulary the largest input product of the step shrinks to a few rows.
     """
 
     def __init__(
@@ -243,8 +247,9 @@ class MergeAttentionDecoder(Decoder):
         """Teacher forcing up to the output layer: -> ([B, T, H] input of `out_proj`, aux)."""
         k_img, k_emb = jax.random.split(key) if key is not None else (None, None)
         pooled, context, feed_values = self._prepare(features, k_img, train)
-        words = dropout(self.embed(tokens_in), self.dropout_rate, k_emb, train)  # [B, T, E]
-        gates = self.lstm.project_inputs(words)  # [B, T, 4H], one matmul for all steps
+        gates = self.lstm.project_words(  # [B, T, 4H], all steps at once
+            self.embed.embedding[...], tokens_in, self.dropout_rate, k_emb, train
+        )
         state = self.lstm.zero_state(tokens_in.shape[0])
         if feed_values is None:
             h = self.lstm.scan(state, gates)

@@ -90,6 +90,42 @@ def test_dropout_rate_and_unbiased_scaling(rate):
     assert np.allclose(out[kept], out[kept][0])  # One scale for every kept element.
 
 
+@pytest.mark.parametrize("vocab", [5, 50])  # fewer words than tokens (gathered), more (per token)
+def test_project_words_equals_projecting_every_dropped_out_token(vocab):
+    lstm = layers.LSTM(8, 4, rngs=nnx.Rngs(0))
+    embedding = jax.random.normal(jax.random.key(1), (vocab, 8))
+    tokens = jax.random.randint(jax.random.key(2), (3, 6), 0, vocab).at[0, :2].set(3)
+    key = jax.random.key(3)
+
+    graphdef, params = nnx.split(lstm)
+
+    def reference(embedding, params):  # One dropped-out matrix, every token projected.
+        dropped = layers.dropout(embedding, 0.5, key, train=True)
+        return (
+            layers.matmul(dropped[tokens], params["w_in"][...], jnp.float32) + params["bias"][...]
+        )
+
+    def project(embedding, params):
+        return nnx.merge(graphdef, params).project_words(embedding, tokens, 0.5, key, train=True)
+
+    got, want = project(embedding, params), reference(embedding, params)
+    assert got.shape == (3, 6, 16)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(got[0, 0], got[0, 1])  # Both uses of word 3: one mask.
+    no_dropout = lstm.project_inputs(embedding[tokens])
+    assert not np.allclose(got, no_dropout)  # The dropout acted...
+    np.testing.assert_allclose(  # ...and only in training.
+        lstm.project_words(embedding, tokens, 0.5, key, train=False), no_dropout, rtol=1e-6
+    )
+    cotangent = jax.random.normal(jax.random.key(4), got.shape)
+    grads, want_grads = (
+        jax.grad(lambda e, p, f=f: jnp.sum(f(e, p) * cotangent), (0, 1))(embedding, params)
+        for f in (project, reference)
+    )
+    for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads), strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+
+
 def test_image_blind_ablation_ignores_features():
     model = _model(use_image=False)
     tokens = jnp.ones((2, 4), jnp.int32)
