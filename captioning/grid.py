@@ -527,6 +527,9 @@ def main(argv: Sequence[str]) -> None:
     if not FLAGS.grid and not FLAGS.seeds:
         raise app.UsageError("Give --grid=configs/grids/<name>.py, --seeds=0,1,2 or both.")
     _quiet_library_logs()
+    from captioning import host
+
+    host.keep_freed_memory()  # As main.py does: steps without a page-fault storm (host.py).
     import tensorflow as tf  # Keep TensorFlow (feature export) off any accelerator JAX uses.
 
     tf.config.set_visible_devices([], "GPU")

@@ -16,6 +16,8 @@ import ctypes
 import ctypes.util
 import sys
 
+from absl import logging
+
 _M_TRIM_THRESHOLD = -1  # glibc's mallopt parameters (malloc.h).
 _M_MMAP_MAX = -4
 
@@ -31,4 +33,7 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):  # Not glibc (e.g. musl has no mallopt).
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+    applied = bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+    if applied:
+        logging.info("malloc keeps freed memory for the next step (captioning/host.py).")
+    return applied
