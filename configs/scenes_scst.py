@@ -10,11 +10,16 @@ Data, features and decoder must be the starting run's (captioning/scst.py refuse
 
 Result (2 CPU cores; test split; mean +- std over seeds 0-2, each from that seed's
 cross-entropy run; epoch chosen by the base's validation metric):
-* default (Intel Xeon, from the 16-epoch runs; 75-78 s a run): greedy CIDEr 3.26 +- 0.08 ->
-  3.62 +- 0.26 (+11 %; per seed +8, +18, +6 %), beam 3 3.46 -> 3.78 (+9 %); attribute accuracy
-  0.830 -> 0.836 greedy (per seed +0.013, +0.013, -0.010), 0.848 -> 0.849 beam; relation
-  accuracy 0.662 -> 0.661 greedy, 0.725 -> 0.671 beam; test_perturbed CIDEr +7, +20, +5 %,
-  attribute 0.773 -> 0.779.
+* default before the vocabulary gather (Intel Xeon with AMX, from 16-epoch runs; 75-78 s a run):
+  greedy CIDEr 3.26 +- 0.08 -> 3.62 +- 0.26 (+11 %; per seed +8, +18, +6 %), beam 3 3.46 -> 3.78
+  (+9 %); attribute accuracy 0.830 -> 0.836 greedy (per seed +0.013, +0.013, -0.010), 0.848 -> 0.849
+  beam; relation accuracy 0.662 -> 0.661 greedy, 0.725 -> 0.671 beam; test_perturbed CIDEr +7, +20,
+  +5 %, attribute 0.773 -> 0.779.
+* default after the vocabulary gather (Intel Xeon without AMX, from the sweep's 16-epoch runs;
+  1.5 minutes a run): greedy CIDEr 3.25 -> 3.52 +- 0.33 (per seed +0, +9, +15 %: seed 0's
+  validation metric kept the starting checkpoint), beam 3.43 -> 3.61; attribute accuracy 0.832
+  -> 0.833 greedy (0, +0.023, -0.020), 0.846 -> 0.839 beam; relation accuracy 0.631 -> 0.620
+  greedy, 0.678 -> 0.664 beam.
 * `:merge` (Intel Xeon, from the 16-epoch runs of configs/scenes_merge.py; 56-58 s a run):
   greedy CIDEr 2.51 +- 0.03 -> 2.71 +- 0.17 (per seed +11, +0, +14 %: seed 1's validation metric
   kept the starting checkpoint), beam 2.61 -> 2.79; attribute accuracy 0.600 -> 0.614 greedy
