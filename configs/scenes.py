@@ -76,7 +76,11 @@ What each change gave (16 epochs, seed 0 unless noted; test attribute / relation
   steps (`data.num_train=4500`, 11 epochs; 5.7-5.8 minutes), seeds 3 and 4: 0.803 / 0.659 and 0.813
   / 0.679, perturbed 0.750 and 0.757, against the default's 0.753 / 0.714 and 0.803 / 0.595,
   perturbed 0.647 and 0.707 on the same machine: attributes and perturbed scenes up, relations
-  mixed; a lead, not yet swept over seeds 0-4.
+  mixed. Swept after the vocabulary gather below (seeds 0-4; train_s 225 +- 8 against 205-233
+  for the default): 0.824 +- 0.020 / 0.662 +- 0.059, perturbed 0.773 +- 0.024, against the
+  default's 0.811 +- 0.030 / 0.637 +- 0.045, perturbed 0.749 +- 0.039: every mean up by less
+  than one spread, relations per seed 0.655 0.702 0.739 0.621 0.593. A candidate default, not
+  yet adopted (its decoding and SCST rows and fresh-cache times were not re-measured).
 * The vocabulary gather (Intel Xeon without AMX): the words' gate inputs were one [B*T, 200] x
   [200, 1024] product per step; with dropout on the embedding matrix instead of on each embedded
   token they are one [62, 4H] table gathered by token (`LSTM.project_words`), the same numbers up
