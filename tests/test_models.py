@@ -101,9 +101,7 @@ def test_project_words_equals_projecting_every_dropped_out_token(vocab):
 
     def reference(embedding, params):  # One dropped-out matrix, every token projected.
         dropped = layers.dropout(embedding, 0.5, key, train=True)
-        return (
-            layers.matmul(dropped[tokens], params["w_in"][...], jnp.float32) + params["bias"][...]
-        )
+        return nnx.merge(graphdef, params).project_inputs(dropped[tokens])
 
     def project(embedding, params):
         return nnx.merge(graphdef, params).project_words(embedding, tokens, 0.5, key, train=True)
