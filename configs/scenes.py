@@ -128,6 +128,9 @@ def get_config() -> ml_collections.ConfigDict:
     # Scenes only: share of training images drawn perturbed (background, colours, anti-aliased
     # edges, turns; captions stay true), so the captioner learns shapes and colours, not pixels.
     config.data.train_jitter = 0.5
+    # Scenes only: shares of training scenes with 1, 2 and 3 objects (validation and test: a third
+    # each). Relations and look-alike objects are in the larger scenes, so they get more steps.
+    config.data.train_objects = (0.15, 0.35, 0.5)
     config.data.perturbed_test = True  # Scenes only: also score test_perturbed (test, perturbed).
 
     config.encoder = ml_collections.ConfigDict()

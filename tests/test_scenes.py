@@ -4,6 +4,7 @@ import dataclasses
 import os
 import re
 import types
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -31,7 +32,7 @@ def _data_config(tmp_path, **overrides):
     """The scenes config's data fields, small; a namespace so tests can set ill-typed values."""
     fields = scenes_config.get_config().data.to_dict()
     fields.update(cache_dir=str(tmp_path / "cache"), num_train=10, num_val=4, num_test=3)
-    fields.update(perturbed_test=False, train_jitter=0.0)
+    fields.update(perturbed_test=False, train_jitter=0.0, train_objects=scenes.UNIFORM_OBJECTS)
     fields.update(image_size=64)
     fields.update(overrides)
     return types.SimpleNamespace(**fields)
@@ -351,6 +352,36 @@ def test_perturbed_render_stays_within_its_ranges_and_is_deterministic(sample):
     colours = {tuple(p) for p in image.reshape(-1, 3)}
     assert len(colours - fills - {(perturbation.background,) * 3}) > 10
     assert not np.array_equal(image, scenes.render_scene(objects, 128))
+
+
+def test_generate_scenes_follows_the_object_shares():
+    counts = Counter(
+        len(s) for s in scenes.generate_scenes(3000, seed=1, object_shares=(0.1, 0.3, 0.6))
+    )
+    assert [round(counts[n] / 3000, 2) for n in (1, 2, 3)] == pytest.approx(
+        [0.1, 0.3, 0.6], abs=0.03
+    )
+    assert {len(s) for s in scenes.generate_scenes(50, seed=1, object_shares=(0, 0, 1))} == {3}
+    uniform = Counter(len(s) for s in scenes.generate_scenes(3000, seed=1))
+    assert min(uniform.values()) > 900
+
+
+def test_train_objects_changes_only_the_training_scenes(tmp_path):
+    uniform_config = _data_config(tmp_path, num_train=40, train_objects=scenes.UNIFORM_OBJECTS)
+    triples_config = _data_config(tmp_path, num_train=40, train_objects=[0, 0, 1])
+    uniform = scenes.load_scenes(uniform_config, seed=0)
+    triples = scenes.load_scenes(triples_config, seed=0)
+    assert {len(r.meta["objects"]) for r in triples["train"]} == {3}
+    assert {len(r.meta["objects"]) for r in uniform["train"]} == {1, 2, 3}
+    for split in ("val", "test"):
+        assert [r.meta for r in triples[split]] == [r.meta for r in uniform[split]]
+        assert [r.captions for r in triples[split]] == [r.captions for r in uniform[split]]
+    # Each setting renders into its own folder, so neither overwrites the other's cache.
+    assert scenes.scenes_dir(triples_config, 0).endswith("_objects0-0-1")
+    assert scenes.scenes_dir(triples_config, 0) != scenes.scenes_dir(uniform_config, 0)
+    for bad in ([0.5, 0.5], [0.5, 0.6, -0.1], [1, 1, 1], "0.2,0.3,0.5", [True, 0, 0]):
+        with pytest.raises(scenes.DataError, match="train_objects"):
+            scenes.load_scenes(_data_config(tmp_path, train_objects=bad), seed=0)
 
 
 def test_perturbed_test_split_and_train_jitter(tmp_path):

@@ -11,6 +11,10 @@ turned by up to 10 degrees, as another renderer or a user's drawing would. The s
 `test_perturbed` (`data.perturbed_test`) is the test scenes drawn that way, scored beside the clean
 test split; `data.train_jitter` draws that share of the training images perturbed. Captions stay
 true under every perturbation.
+
+`data.train_objects` sets the shares of training scenes with 1, 2 and 3 objects (validation and
+test scenes keep one third each): relations and the errors between look-alike objects live in the
+scenes of two and three objects, so the default trains on more of them.
 """
 
 from __future__ import annotations
@@ -59,6 +63,9 @@ _GAP = 0.04  # Free space between two objects.
 # times the one along the other axis, so "left of" vs "above" is never a judgement call.
 _DOMINANCE = 1.5
 _MAX_TRIES = 200
+# Shares of scenes with 1, 2 and 3 objects in the validation and test splits (and in training
+# unless `data.train_objects` says otherwise).
+UNIFORM_OBJECTS = (1 / 3, 1 / 3, 1 / 3)
 # Perturbed renders: background grey range, colour shift per channel, turn in degrees, and the
 # supersampling factor that anti-aliases the edges.
 PERTURBED_BACKGROUND = (35, 55)
@@ -72,19 +79,26 @@ PERTURBED_SPLIT = "test_perturbed"
 # Scene generation
 
 
-def generate_scenes(num_images: int, seed: int) -> list[list[SceneObject]]:
+def generate_scenes(
+    num_images: int, seed: int, object_shares: Sequence[float] = UNIFORM_OBJECTS
+) -> list[list[SceneObject]]:
     """Draws `num_images` scenes of 1-3 non-overlapping objects; the same seed gives the same list.
 
-    Images are drawn one after another from one stream, so the first k scenes do not depend on
-    `num_images`.
+    object_shares: the chance of 1, 2 and 3 objects (summing to 1). Images are drawn one after
+    another from one stream, so the first k scenes do not depend on `num_images`.
     """
     rng = np.random.default_rng(seed)
-    return [_generate_scene(rng) for _ in range(num_images)]
+    # Uniform shares keep the draw of the splits that are always uniform (and of earlier versions).
+    shares = None if np.allclose(object_shares, UNIFORM_OBJECTS) else np.asarray(object_shares)
+    return [_generate_scene(rng, shares) for _ in range(num_images)]
 
 
-def _generate_scene(rng: np.random.Generator) -> list[SceneObject]:
+def _generate_scene(rng: np.random.Generator, shares: np.ndarray | None) -> list[SceneObject]:
     while True:  # Restart with new attributes in the rare case that the objects do not fit.
-        num_objects = int(rng.integers(1, 4))
+        if shares is None:
+            num_objects = int(rng.integers(1, 4))
+        else:
+            num_objects = 1 + int(rng.choice(3, p=shares))
         pair_ids = rng.choice(len(COLOUR_NAMES) * len(SHAPES), size=num_objects, replace=False)
         colours = list(COLOUR_NAMES)
         objects: list[SceneObject] = []
@@ -262,8 +276,23 @@ def _settings(data_config: Any, seed: int) -> dict[str, Any]:
     if isinstance(jitter, bool) or not isinstance(jitter, int | float) or not 0 <= jitter <= 1:
         raise DataError(f"config.data.train_jitter={jitter!r}: use a share between 0 and 1.")
     settings["train_jitter"] = float(jitter)
+    settings["train_objects"] = _object_shares(data_config)
     settings["perturbed_test"] = bool(data_config.perturbed_test)
     return settings
+
+
+def _object_shares(data_config: Any) -> list[float]:
+    """`data.train_objects` checked: three shares >= 0 summing to 1 (uniform in runs written
+    before the field existed)."""
+    shares = getattr(data_config, "train_objects", UNIFORM_OBJECTS)
+    valid = isinstance(shares, list | tuple) and len(shares) == 3
+    valid = valid and all(isinstance(v, int | float) and not isinstance(v, bool) for v in shares)
+    if not valid or min(shares) < 0 or abs(sum(shares) - 1) > 1e-6:
+        raise DataError(
+            f"config.data.train_objects={shares!r}: give the shares of training scenes with 1, 2 "
+            f"and 3 objects, three numbers >= 0 that sum to 1, e.g. (0.15, 0.35, 0.5)."
+        )
+    return [float(v) for v in shares]
 
 
 def scenes_dir(data_config: Any, seed: int) -> str:
@@ -278,6 +307,9 @@ def scenes_dir(data_config: Any, seed: int) -> str:
         name += f"_jitter{float(data_config.train_jitter):g}"
     if data_config.perturbed_test:
         name += "_perturbed"
+    shares = _object_shares(data_config)
+    if not np.allclose(shares, UNIFORM_OBJECTS):
+        name += "_objects" + "-".join(f"{v:g}" for v in shares)
     return os.path.abspath(os.path.join(os.path.expanduser(data_config.cache_dir), name))
 
 
@@ -313,7 +345,8 @@ def load_scenes(data_config: Any, seed: int) -> DatasetSplits:
     splits: DatasetSplits = {}
     index = 0
     for split in SPLITS:
-        scenes = generate_scenes(counts[split], _split_seed(seed, split, 0))
+        shares = settings["train_objects"] if split == "train" else UNIFORM_OBJECTS
+        scenes = generate_scenes(counts[split], _split_seed(seed, split, 0), shares)
         caption_rng = np.random.default_rng(_split_seed(seed, split, 1))
         jittered: set[int] = set()
         if split == "train" and settings["train_jitter"]:
