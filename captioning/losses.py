@@ -1,7 +1,8 @@
 """Loss terms: the output layer fused with its cross-entropy, and the auxiliary terms.
 
 * `output_cross_entropy`: the output layer and the cross-entropy in one custom VJP, so logits are
-  never kept for the backward pass (below).
+  never kept for the backward pass (below); each target word's loss may be weighted
+  (`word_weights_array`, `train.word_weights`).
 * `attention_regularizer`: Show-Attend-Tell's doubly stochastic attention term.
 * `concept_loss`: the merge decoder's auxiliary multi-label concept loss.
 
@@ -25,7 +26,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+from absl import logging
 
 from captioning import text
 from captioning.layers import matmul
@@ -37,6 +40,44 @@ Array = jax.Array
 NUM_CHUNKS = 4
 
 
+def word_weights_array(spec: str, vocab: text.Vocabulary) -> np.ndarray | None:
+    """`train.word_weights` -> [V] float32 loss weight per word id, or None for '' (all 1).
+
+    spec: groups separated by ';', each comma-separated words '=' a weight > 0, e.g.
+    "left,right,above,below=4;red,blue=2". Words the vocabulary lacks never occur as targets:
+    they are logged and skipped; a spec none of whose words is in the vocabulary is an error.
+    """
+    if not spec.strip():
+        return None
+    weights = np.ones(len(vocab), np.float32)
+    found, missing = [], []
+    for group in spec.split(";"):
+        words, sep, value = group.partition("=")
+        try:
+            weight = float(value) if sep else float("nan")
+        except ValueError:
+            weight = float("nan")
+        if not weight > 0 or not words.strip():
+            raise ValueError(
+                f"train.word_weights={spec!r}: each ';'-separated group is words '=' a weight > 0,"
+                f" e.g. 'left,right,above,below=4'; got {group!r}."
+            )
+        for word in (w.strip() for w in words.split(",")):
+            if word in vocab.stoi:
+                weights[vocab.stoi[word]] = weight
+                found.append(word)
+            else:
+                missing.append(word)
+    if missing:
+        if not found:
+            raise ValueError(
+                f"train.word_weights={spec!r}: none of its words is in the vocabulary "
+                f"({len(vocab)} words); is it meant for another dataset?"
+            )
+        logging.warning("train.word_weights: not in the vocabulary, skipped: %s.", missing)
+    return weights
+
+
 def masked_cross_entropy(logits: Array, targets: Array) -> tuple[Array, Array]:
     """logits [..., V], targets [...] -> (summed loss over non-pad targets, their count)."""
     mask = (targets != text.PAD_ID).astype(jnp.float32)
@@ -45,7 +86,12 @@ def masked_cross_entropy(logits: Array, targets: Array) -> tuple[Array, Array]:
 
 
 def output_cross_entropy(
-    inputs: Array, kernel: Array, bias: Array, targets: Array, dtype: Any = jnp.float32
+    inputs: Array,
+    kernel: Array,
+    bias: Array,
+    targets: Array,
+    dtype: Any = jnp.float32,
+    word_weights: Array | None = None,
 ) -> tuple[Array, Array]:
     """`masked_cross_entropy` of logits = inputs @ kernel + bias, fused with the output layer.
 
@@ -54,25 +100,35 @@ def output_cross_entropy(
       kernel: [D, V] and bias: [V], the output layer.
       targets: [B, T] int32 word ids; `<pad>` (0) carries no loss.
       dtype: matmul input dtype (bfloat16 for mixed precision; float32 results either way).
+      word_weights: [V] float32 weight of each target word's loss (`word_weights_array`), or
+        None (all 1).
 
     Returns:
-      (summed loss over non-padding targets, their count), both float32 scalars.
+      (summed loss over non-padding targets, their count), both float32 scalars; with
+      `word_weights`, the weighted sum and the sum of the weights, so that their ratio stays a
+      mean per word.
     """
     rows = inputs.shape[0] * inputs.shape[1]
     x = inputs.reshape(rows, inputs.shape[2])
     labels = targets.reshape(rows)
+    weights = (labels != text.PAD_ID).astype(jnp.float32)
+    if word_weights is not None:
+        weights = weights * jnp.take(word_weights, labels)
     chunks = next(c for c in (NUM_CHUNKS, 2, 1) if rows % c == 0)
-    loss = _fused_loss(x, kernel, bias.astype(jnp.float32), labels, chunks, dtype)
-    return loss, jnp.sum(labels != text.PAD_ID).astype(jnp.float32)
+    loss = _fused_loss(x, kernel, bias.astype(jnp.float32), labels, weights, chunks, dtype)
+    return loss, jnp.sum(weights)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _fused_loss(x, kernel, bias, labels, chunks, dtype):
-    """Plain (unfused) loss when no gradient is taken, e.g. in the evaluation step."""
-    return masked_cross_entropy(matmul(x, kernel, dtype) + bias, labels)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _fused_loss(x, kernel, bias, labels, weights, chunks, dtype):
+    """Plain (unfused) loss when no gradient is taken, e.g. in the evaluation step; weights [rows]
+    (0 on padding)."""
+    logits = (matmul(x, kernel, dtype) + bias).astype(jnp.float32)
+    per_word = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    return jnp.sum(per_word * weights)
 
 
-def _fused_forward(x, kernel, bias, labels, chunks, dtype):
+def _fused_forward(x, kernel, bias, labels, weights, chunks, dtype):
     """Loss and all three gradients, one chunk of rows at a time."""
     rows, width = x.shape
     # Chunk k holds rows k, k + chunks, ...: every chunk has rows of every example, so a
@@ -81,15 +137,14 @@ def _fused_forward(x, kernel, bias, labels, chunks, dtype):
 
     def chunk_step(carry, chunk):
         loss, d_kernel, d_bias = carry
-        xc, labels_c = chunk
-        mask_c = (labels_c != text.PAD_ID).astype(jnp.float32)
+        xc, labels_c, weights_c = chunk  # weights_c: the rows' loss weights (0 on padding).
         logits = matmul(xc, kernel, dtype) + bias  # [rows / chunks, V] float32
         logsumexp = jax.nn.logsumexp(logits, axis=-1)
         picked = jnp.take_along_axis(logits, labels_c[:, None], axis=-1)[:, 0]
-        loss = loss + jnp.sum((logsumexp - picked) * mask_c)
-        # d loss / d logits = (softmax - one_hot) on non-padding rows.
+        loss = loss + jnp.sum((logsumexp - picked) * weights_c)
+        # d loss / d logits = (softmax - one_hot) x the row's weight.
         one_hot = jax.nn.one_hot(labels_c, logits.shape[-1], dtype=jnp.float32)
-        d_logits = (jnp.exp(logits - logsumexp[:, None]) - one_hot) * mask_c[:, None]
+        d_logits = (jnp.exp(logits - logsumexp[:, None]) - one_hot) * weights_c[:, None]
         d_x = matmul(d_logits, kernel.T, dtype)
         d_kernel = d_kernel + matmul(xc.T, d_logits, dtype)
         return (loss, d_kernel, d_bias + jnp.sum(d_logits, axis=0)), d_x
@@ -99,7 +154,9 @@ def _fused_forward(x, kernel, bias, labels, chunks, dtype):
         jnp.zeros(kernel.shape, jnp.float32),
         jnp.zeros(bias.shape, jnp.float32),
     )
-    (loss, d_kernel, d_bias), d_x = jax.lax.scan(chunk_step, init, (split(x), split(labels)))
+    (loss, d_kernel, d_bias), d_x = jax.lax.scan(
+        chunk_step, init, (split(x), split(labels), split(weights))
+    )
     d_x = jnp.swapaxes(d_x, 0, 1).reshape(rows, width)
     grads = (d_x.astype(x.dtype), d_kernel.astype(kernel.dtype), d_bias)
     return loss, grads
@@ -112,6 +169,7 @@ def _fused_backward(chunks, dtype, grads, loss_cotangent):
         loss_cotangent * d_kernel,
         loss_cotangent * d_bias,
         None,  # labels: integers.
+        None,  # weights: constants of the loss.
     )
 
 

@@ -106,6 +106,7 @@ def make_steps(
     *,
     stats=None,
     freeze_embeddings: bool | None = None,
+    word_weights=None,
 ):
     """-> (train_step, eval_step), pure functions to be jitted.
 
@@ -115,6 +116,8 @@ def make_steps(
     With frozen embeddings (default: `embeddings_frozen(model_config)`) the embedding matrix is
     behind a stop_gradient, so XLA skips its gradient (a scatter-add) and the gradient of the
     embedded words (a [B*T, 4H] x [4H, E] matmul) instead of computing and discarding them.
+    `word_weights` ([V], `losses.word_weights_array`) weighs each target word's loss in training;
+    evaluation keeps the plain mean per word.
 
     train_step(params, opt_state, features, batch, base_key, step)
         -> (params, opt_state, {loss_sum, count, grad_norm})
@@ -139,7 +142,12 @@ def make_steps(
         # The output layer and the cross-entropy in one (captioning/losses.py).
         out = model.out_proj
         loss_sum, count = losses.output_cross_entropy(
-            pre_logits, out.kernel[...], out.bias[...], batch["targets"], out.dtype
+            pre_logits,
+            out.kernel[...],
+            out.bias[...],
+            batch["targets"],
+            out.dtype,
+            word_weights if train else None,
         )
         loss = loss_sum / jnp.maximum(count, 1.0)
         if "attention" in aux:
@@ -352,7 +360,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     best_epoch = int(progress["best_epoch"])
     epochs_since_best = int(progress["epochs_since_best"])
 
-    train_step, eval_step = make_steps(graphdef, tx, config.model, stats=data.stats)
+    # Runs written before the field existed weigh every word the same.
+    word_weights = losses.word_weights_array(config.train.get("word_weights", ""), data.vocab)
+    train_step, eval_step = make_steps(
+        graphdef, tx, config.model, stats=data.stats, word_weights=word_weights
+    )
     train_step = jax.jit(train_step, donate_argnums=(0, 1))
     eval_step = jax.jit(eval_step)
     compile_start = time.perf_counter()

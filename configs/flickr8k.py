@@ -52,6 +52,7 @@ def get_config(backbone: str | None = None):
     config.train.log_every = 100  # Steps between log lines.
     config.train.patience = 5  # Early stopping on validation CIDEr.
     config.train.val_metric = "CIDEr"  # Real captions: no object accuracies to select by.
+    config.train.word_weights = ""  # Real captions: every word weighs the same.
 
     config.decode.max_len = 32  # Longest generated caption.
     return config

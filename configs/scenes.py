@@ -196,6 +196,8 @@ def get_config() -> ml_collections.ConfigDict:
     # Validation metric, or a weighted sum of them, that picks the best checkpoint: CIDEr is flat
     # late in training and blind to whether the objects are right, so the accuracies lead.
     config.train.val_metric = "attribute_accuracy + relation_accuracy + 0.1*CIDEr"
+    # Loss weight of chosen target words, groups "w1,w2=weight" separated by ';' ('' = all 1).
+    config.train.word_weights = ""
     config.train.patience = 0  # Stop after this many epochs without a better val metric (0=off).
 
     # Self-critical training (captioning/scst.py): a second phase that fine-tunes a finished

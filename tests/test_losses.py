@@ -56,3 +56,46 @@ def test_bfloat16_matmuls_stay_close_to_float32():
     for got, want in zip(grads, ref, strict=True):
         assert got.dtype == jnp.float32
         np.testing.assert_allclose(got, want, rtol=0.05, atol=0.02)
+
+
+def test_word_weights_scale_each_words_loss_and_gradients():
+    x, kernel, bias, targets = _inputs(8, 6)
+    weights = np.ones(37, np.float32)
+    weights[[3, 5, 7]] = [4.0, 0.5, 2.0]
+    row_weights = jnp.asarray(weights)[targets] * (targets != text.PAD_ID)
+
+    def weighted(x, kernel, bias):
+        fused = losses.output_cross_entropy(x, kernel, bias, targets, jnp.float32, weights)
+        return fused[0]
+
+    def reference(x, kernel, bias):
+        logits = layers.matmul(x, kernel, jnp.float32) + bias
+        per_word = -jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], -1)[..., 0]
+        return jnp.sum(per_word * row_weights)
+
+    value, grads = jax.value_and_grad(weighted, argnums=(0, 1, 2))(x, kernel, bias)
+    ref_value, ref_grads = jax.value_and_grad(reference, argnums=(0, 1, 2))(x, kernel, bias)
+    np.testing.assert_allclose(value, ref_value, rtol=1e-5)
+    for got, want in zip(grads, ref_grads, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    _, total = losses.output_cross_entropy(x, kernel, bias, targets, jnp.float32, weights)
+    np.testing.assert_allclose(total, float(np.sum(row_weights)), rtol=1e-6)
+    assert float(total) != float(np.sum(np.asarray(targets) != text.PAD_ID))  # Weights counted.
+
+
+def test_word_weights_spec_parsing():
+    vocab = text.Vocabulary(["left", "right", "red", "circle"])
+    weights = losses.word_weights_array("left, right=4; red=0.5", vocab)
+    assert weights.shape == (len(vocab),)
+    assert weights[vocab.stoi["left"]] == weights[vocab.stoi["right"]] == 4.0
+    assert weights[vocab.stoi["red"]] == 0.5
+    assert weights[vocab.stoi["circle"]] == 1.0 and weights[text.PAD_ID] == 1.0
+    assert losses.word_weights_array("", vocab) is None
+    # A word the vocabulary lacks is never a target: skipped; a spec of only such words is wrong.
+    skipped = losses.word_weights_array("left,above=4", vocab)
+    assert skipped[vocab.stoi["left"]] == 4.0 and np.sum(skipped != 1.0) == 1
+    with pytest.raises(ValueError, match="none of its words is in the vocabulary"):
+        losses.word_weights_array("above,below=4", vocab)
+    for bad in ("left", "left=0", "left=-2", "left=x", "=3"):
+        with pytest.raises(ValueError, match="words '=' a weight > 0"):
+            losses.word_weights_array(bad, vocab)

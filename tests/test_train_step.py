@@ -23,7 +23,9 @@ def _merge_config():
     return config
 
 
-def _setup(vocab=13, batch=8, length=6, seed=0, dtype="float32", decoder="merge"):
+def _setup(
+    vocab=13, batch=8, length=6, seed=0, dtype="float32", decoder="merge", word_weights=None
+):
     config = test_config.get_config()
     config.model.decoder = decoder
     config.model.feed_dim = 32 if decoder == "merge_attention" else 0
@@ -33,7 +35,7 @@ def _setup(vocab=13, batch=8, length=6, seed=0, dtype="float32", decoder="merge"
     feature_shape = DECODERS[decoder]
     model = models.create_model(config.model, vocab, feature_shape, rngs=nnx.Rngs(seed))
     graphdef, state, tx, _ = train.init_train_state(config, model, total_steps=100)
-    train_step, eval_step = train.make_steps(graphdef, tx, config.model)
+    train_step, eval_step = train.make_steps(graphdef, tx, config.model, word_weights=word_weights)
     rng = np.random.default_rng(seed)
     tokens = rng.integers(4, vocab, (batch, length + 1)).astype(np.int32)
     tokens[:, 0] = text.START_ID
@@ -158,3 +160,32 @@ def test_concept_loss_trains_its_head_and_ignores_padding_rows():
     config.model.concept_loss = 0.0
     plain = models.create_model(config.model, 13, (10,), rngs=nnx.Rngs(0))
     assert plain.concept_proj is None
+
+
+def test_word_weights_weigh_training_and_leave_evaluation_plain():
+    weights = np.ones(13, np.float32)
+    weights[4:8] = 5.0  # Some of the batch's words weigh five times as much.
+    plain = _setup()
+    weighted = _setup(word_weights=weights)
+    state, train_step, eval_step, features, batch = weighted
+    key, step = jax.random.key(0), np.int32(0)
+    targets = np.asarray(batch["targets"])
+    _, _, stats = train_step(state["params"], state["opt_state"], features, batch, key, step)
+    want = np.sum(weights[targets] * (targets != text.PAD_ID))
+    np.testing.assert_allclose(stats["count"], want, rtol=1e-6)
+    # Evaluation is the plain mean per word, as without weights.
+    got = eval_step(state["params"], features, batch)
+    ref = plain[2](plain[0]["params"], features, batch)
+    assert got["count"] == ref["count"] == np.sum(targets != text.PAD_ID)
+    np.testing.assert_allclose(got["loss_sum"], ref["loss_sum"], rtol=1e-6)
+    # Weighted steps move the parameters elsewhere (after three: Adam's first step is the sign).
+    ends = []
+    for params, opt_state, step_fn in (
+        (plain[0]["params"], plain[0]["opt_state"], plain[1]),
+        (state["params"], state["opt_state"], train_step),
+    ):
+        for i in range(3):
+            params, opt_state, _ = step_fn(params, opt_state, features, batch, key, np.int32(i))
+        ends.append(params)
+    leaves = zip(*(jax.tree.leaves(p) for p in ends), strict=True)
+    assert any(not np.allclose(a, b) for a, b in leaves)
