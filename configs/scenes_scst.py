@@ -27,6 +27,12 @@ cross-entropy run; epoch chosen by the base's validation metric):
   seed 1 (CIDEr 3.25 -> 3.50, attributes 0.857 -> 0.837, relations 0.650 -> 0.680): over the 3
   epochs validation CIDEr rose from 3.18-3.30 to 3.63-3.66 while validation relations fell from
   0.67-0.73 to 0.58-0.62.
+* default with the word weights (AMD EPYC with AVX-512, from the sweep's 16-epoch runs): greedy
+  CIDEr 2.96 -> 3.45 +- 0.15 (+16 %; per seed +12, +17, +20 %), beam 3.22 -> 3.56; attribute
+  accuracy 0.861 -> 0.861 greedy (-0.003, +0.003, 0), 0.871 -> 0.879 beam; relation accuracy
+  0.730 -> 0.693 greedy (-0.029, +0.037, -0.119), 0.762 -> 0.713 beam; test_perturbed attributes
+  0.830 0.860 0.800 -> 0.820 0.837 0.817. Epochs 1, 1 and 3 chosen: the word weights' lower
+  starting CIDEr leaves SCST room, and it spends the relations the weights bought.
 * `:merge` (Intel Xeon, from the 16-epoch runs of configs/scenes_merge.py; 56-58 s a run):
   greedy CIDEr 2.51 +- 0.03 -> 2.71 +- 0.17 (per seed +11, +0, +14 %: seed 1's validation metric
   kept the starting checkpoint), beam 2.61 -> 2.79; attribute accuracy 0.600 -> 0.614 greedy
@@ -37,12 +43,17 @@ cross-entropy run; epoch chosen by the base's validation metric):
   +9, +18 %), beam 2.55 -> 2.90; attribute accuracy 0.683 -> 0.690 greedy (+0.033, -0.047,
   +0.033), 0.678 -> 0.704 beam; relation accuracy 0.227 -> 0.232 greedy, 0.244 -> 0.261 beam;
   epochs 2, 3 and 3 chosen.
+* `:merge` with the object shares and word weights (AMD EPYC with AVX-512): greedy CIDEr 2.35 ->
+  2.74 +- 0.14 (+17 %; per seed +10, +22, +19 %), beam 2.52 -> 2.80; attribute accuracy 0.703 ->
+  0.690 greedy (-0.017, -0.020, -0.003), 0.709 -> 0.718 beam; relation accuracy 0.216 -> 0.226
+  greedy, 0.237 -> 0.211 beam.
 * The failure modes SCST is known for, before -> after (default with uniform object shares,
   greedy, seeds 0-2): captions ending in a function word 0 -> 0, longest run of one word 1 -> 1,
   mean length 12.8 -> 13.4 words; share repeating a word pair 0.43 -> 0.45 (the grammar's "on the
   ... on the", "a big ... a big": 0.30 of the references do it too); vocabulary used 53 -> 47 of
   62 words. With the object shares (two seeds kept the start): 0 -> 0, 1 -> 1, 12.5 -> 12.5
-  words, 0.40 -> 0.41, 53 -> 51 words. The end token is part of the reward, so nothing needed
+  words, 0.40 -> 0.41, 53 -> 51 words; with the word weights (seeds 0-2): 0 -> 0, 1 -> 1, 11.3 ->
+  12.3 words, 0.41 -> 0.45, 51 -> 44 words. The end token is part of the reward, so nothing needed
   blocking at decode time.
 * Validation CIDEr rises over the 3 epochs while relation accuracy falls: SCST trades the
   relation words, which CIDEr weighs little, for n-grams; the combined validation metric limits
