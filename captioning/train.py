@@ -120,7 +120,8 @@ def make_steps(
     evaluation keeps the plain mean per word.
 
     train_step(params, opt_state, features, batch, base_key, step)
-        -> (params, opt_state, {loss_sum, count, grad_norm})
+        -> (params, opt_state, {loss_sum, count, targets, grad_norm}); count is the loss's
+        divisor (the sum of the word weights), targets the number of real target words
     eval_step(params, features, batch) -> {loss_sum, count}
     """
     if freeze_embeddings is None:
@@ -171,7 +172,13 @@ def make_steps(
         )
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        stats = {"loss_sum": loss_sum, "count": count, "grad_norm": optax.global_norm(grads)}
+        targets = jnp.sum(batch["targets"] != text.PAD_ID).astype(jnp.float32)
+        stats = {
+            "loss_sum": loss_sum,
+            "count": count,
+            "targets": targets,
+            "grad_norm": optax.global_norm(grads),
+        }
         return params, opt_state, stats
 
     def eval_step(params, features, batch):
@@ -409,7 +416,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 break
             epoch_start = time.perf_counter()
             epoch_sums = np.zeros(2)  # loss_sum, count
-            window = np.zeros(4)  # loss_sum, count, grad_norm, steps since the last log line
+            window = np.zeros(5)  # loss_sum, count, targets, grad_norm, steps since the last log
             window_start = time.perf_counter()
             pending = None  # Metrics are read back one step late: the host never waits.
             for batch in train_batches.epoch(epoch):
@@ -426,7 +433,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     pending = None
                     epoch_sums += window[:2]
                     _write_train_scalars(writer, step, window, window_start, schedule(step))
-                    window, window_start = np.zeros(4), time.perf_counter()
+                    window, window_start = np.zeros(5), time.perf_counter()
             if pending is not None:
                 window += _window_row(jax.device_get(pending))
             epoch_sums += window[:2]
@@ -560,18 +567,20 @@ def finish(
 
 
 def _window_row(stats: Mapping[str, Any]) -> np.ndarray:
-    """One step's statistics as a row of the log window: (loss_sum, count, grad_norm, 1)."""
-    return np.array([float(stats["loss_sum"]), float(stats["count"]), float(stats["grad_norm"]), 1])
+    """One step's statistics as a log-window row: (loss_sum, count, targets, grad_norm, 1)."""
+    keys = ("loss_sum", "count", "targets", "grad_norm")
+    return np.array([float(stats[k]) for k in keys] + [1.0])
 
 
 def _write_train_scalars(writer, step: int, window: np.ndarray, since: float, lr) -> None:
-    loss_sum, count, grad_norm, steps = window
+    loss_sum, count, targets, grad_norm, steps = window
     writer.write_scalars(
         step,
         {
             "train_loss": loss_sum / max(count, 1.0),
             "train_grad_norm": grad_norm / max(steps, 1),
-            "train_targets_per_s": count / max(time.perf_counter() - since, 1e-9),
+            # Words, not their weights' sum (`train.word_weights`).
+            "train_targets_per_s": targets / max(time.perf_counter() - since, 1e-9),
             "train_learning_rate": float(lr),
         },
     )

@@ -173,6 +173,7 @@ def test_word_weights_weigh_training_and_leave_evaluation_plain():
     _, _, stats = train_step(state["params"], state["opt_state"], features, batch, key, step)
     want = np.sum(weights[targets] * (targets != text.PAD_ID))
     np.testing.assert_allclose(stats["count"], want, rtol=1e-6)
+    assert stats["targets"] == np.sum(targets != text.PAD_ID)  # Throughput counts words.
     # Evaluation is the plain mean per word, as without weights.
     got = eval_step(state["params"], features, batch)
     ref = plain[2](plain[0]["params"], features, batch)
