@@ -78,11 +78,15 @@ def word_weights_array(spec: str, vocab: text.Vocabulary) -> np.ndarray | None:
     return weights
 
 
-def masked_cross_entropy(logits: Array, targets: Array) -> tuple[Array, Array]:
-    """logits [..., V], targets [...] -> (summed loss over non-pad targets, their count)."""
-    mask = (targets != text.PAD_ID).astype(jnp.float32)
+def masked_cross_entropy(
+    logits: Array, targets: Array, weights: Array | None = None
+) -> tuple[Array, Array]:
+    """logits [..., V], targets [...] -> (summed loss over non-pad targets, their count); with
+    `weights` [...] (0 on padding), the weighted sum and the weights' sum."""
+    if weights is None:
+        weights = (targets != text.PAD_ID).astype(jnp.float32)
     per_word = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
-    return jnp.sum(per_word * mask), jnp.sum(mask)
+    return jnp.sum(per_word * weights), jnp.sum(weights)
 
 
 def output_cross_entropy(
@@ -123,9 +127,7 @@ def output_cross_entropy(
 def _fused_loss(x, kernel, bias, labels, weights, chunks, dtype):
     """Plain (unfused) loss when no gradient is taken, e.g. in the evaluation step; weights [rows]
     (0 on padding)."""
-    logits = (matmul(x, kernel, dtype) + bias).astype(jnp.float32)
-    per_word = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    return jnp.sum(per_word * weights)
+    return masked_cross_entropy(matmul(x, kernel, dtype) + bias, labels, weights)[0]
 
 
 def _fused_forward(x, kernel, bias, labels, weights, chunks, dtype):
