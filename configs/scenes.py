@@ -153,7 +153,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.dataset = "scenes"  # scenes | flickr8k | flickr8k_kaggle | karpathy
     config.data.dir = ""  # Dataset folder; for scenes where images are rendered ('' = cache_dir).
     config.data.cache_dir = "~/.cache/captioning"  # Rendered scenes and feature stores live here.
-    config.data.num_train = 3000  # Scenes only: number of training images.
+    config.data.num_train = 6000  # Scenes only: number of training images.
     config.data.num_val = 300  # Scenes only: number of validation images.
     config.data.num_test = 300  # Scenes only: number of test images.
     config.data.image_size = 128  # Scenes only: rendered image side in pixels.
@@ -208,7 +208,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.dtype = "float32"  # float32 | bfloat16 matmuls (state, loss, optimizer stay fp32).
 
     config.train = ml_collections.ConfigDict()
-    config.train.num_epochs = 16  # Passes over the training captions.
+    config.train.num_epochs = 11  # Passes over the training captions.
     config.train.batch_size = 128  # Captions per step.
     config.train.learning_rate = 3e-3  # Peak Adam learning rate.
     config.train.warmup_steps = 100  # Linear warm-up steps, then cosine decay to 10 % of peak.

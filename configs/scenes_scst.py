@@ -83,5 +83,5 @@ def get_config(start: str | None = None):
     config = bases[start].get_config()
     config.scst.init_from = ""  # Give the finished run: --config.scst.init_from=runs/scenes.
     config.scst.learning_rate = 5e-5  # Small, as the anchors (2e-5 to 5e-5).
-    config.scst.num_epochs = 3  # Passes over the 3,000 training scenes (60 steps each).
+    config.scst.num_epochs = 2  # Passes over the 6,000 training scenes (120 steps each).
     return config
