@@ -35,11 +35,12 @@ Speed: what does not depend on the step is hoisted out of the time loop. W_a a_i
 once per image (`AttentionContext.keys`), the word embeddings' gate inputs of the whole sequence
 are one matmul before the scan, and the deep output of all steps one matmul after it (the scan
 returns h_t and z_t). Inside the scan remain the attention scores (tanh over [B, L, A]), the
-weighted sum over locations and one product [z_t, h_{t-1}] @ [W_z; W_rec]; its backward pass is
-written by hand (`attention_recurrence`) so that the weight gradients are formed after the reverse
-loop, not accumulated in it. (Projecting the features to the gates once per image,
-alpha_t @ (a W_z), saves multiply-adds but reads a [B, L, 4H] tensor every step and accumulates
-its gradient every step: slower, configs/flickr8k_attention.py.)
+weighted sum over locations and one product [z_t, h_{t-1}] @ [W_z; W_rec], with the weights as its
+left operand (`weights_first_matmul`: a product with only B rows repacks its right operand at every
+call); its backward pass is written by hand (`attention_recurrence`) so that the weight gradients
+are formed after the reverse loop, not accumulated in it. (Projecting the features to the gates
+once per image, alpha_t @ (a W_z), saves multiply-adds but reads a [B, L, 4H] tensor every step
+and accumulates its gradient every step: slower, configs/flickr8k_attention.py.)
 """
 
 from __future__ import annotations
@@ -192,6 +193,19 @@ def _attend(weights: AttentionWeights, keys: Array, values: Array, h: Array, dty
     return alpha, beta, context, beta * context
 
 
+def weights_first_matmul(w_t: Array, x: Array, dtype: Any) -> Array:
+    """x [B, K] @ w [K, N] given w_t = w^T [N, K] -> [B, N] float32, computed as w_t x^T.
+
+    Why: on CPU a [B, K] x [K, N] product with few rows B (the recurrence's batch) repacks the
+    whole weight matrix at every call; as the left operand the weights are read as they lie and
+    only x is packed. The barrier keeps XLA from folding the transpose back into the product.
+    """
+    product = jnp.einsum(
+        "nk,bk->nb", w_t.astype(dtype), x.astype(dtype), preferred_element_type=jnp.float32
+    )
+    return jax.lax.optimization_barrier(product).T
+
+
 def _recurrence_step(
     weights: AttentionWeights,
     keys: Array,
@@ -201,17 +215,19 @@ def _recurrence_step(
     dtype: Any,
 ) -> tuple[tuple[Array, Array], StepResiduals]:
     """One word of Show-Attend-Tell: keys [B, L, A], values [B, L, C] float32, (h, c) [B, H],
-    the word's gate inputs [B, 4H] -> ((h', c'), StepResiduals)."""
+    the word's gate inputs [B, 4H] -> ((h', c'), StepResiduals). `weights.w_zh` is transposed
+    here: [4H, C + H]."""
     h, c = state
     alpha, beta, context, z = _attend(weights, keys, values, h, dtype)
-    gates = word_gates + matmul(jnp.concatenate([z, h], axis=-1), weights.w_zh, dtype)
+    gates = word_gates + weights_first_matmul(weights.w_zh, jnp.concatenate([z, h], axis=-1), dtype)
     h_next, c_next, activations = lstm_activate(gates, c)
     return (h_next, c_next), StepResiduals(h, c, c_next, activations, alpha, beta, context, z)
 
 
 def _attention_forward(weights, keys, values, h0, c0, word_gates_tbg, dtype):
     """-> (h [T, B, H], the steps' residuals stacked over T)."""
-    weights = weights._replace(w_zh=weights.w_zh.astype(dtype))  # Cast once, not every step.
+    # Cast and transpose once, not every step.
+    weights = weights._replace(w_zh=weights.w_zh.T.astype(dtype))
 
     def step(state, word_gates):
         state, residuals = _recurrence_step(weights, keys, values, state, word_gates, dtype)
@@ -267,10 +283,8 @@ def _attention_bwd(dtype, saved, cotangents):
         # The attention MLP's [B, L, A] activations again: cheaper than keeping them for every step.
         hidden = attention_mlp(keys, h_before, weights.query, dtype)
         dgates, dc_before = lstm_activate_backward(dh_out + dh_next, dc_next, c_before, c, acts)
-        # dgates [B, 4H] x w_zh [C + H, 4H] over 4H: no transposed copy of w_zh is made.
-        d_zh = jnp.einsum(
-            "bg,kg->bk", dgates.astype(dtype), w_zh, preferred_element_type=jnp.float32
-        )  # [B, C + H]
+        # dgates [B, 4H] x w_zh [C + H, 4H] over 4H, w_zh as it lies as the left operand.
+        d_zh = weights_first_matmul(w_zh, dgates, dtype)  # [B, C + H]
         dz = dz_out + d_zh[:, :context_dim]
         d_beta = jnp.sum(dz * context, axis=-1, keepdims=True)  # [B, 1]
         d_context = dz * beta
