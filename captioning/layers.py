@@ -39,8 +39,39 @@ def compute_dtype(name: str) -> Any:
 
 
 def matmul(x: Array, w: Array, dtype: Any) -> Array:
-    """x @ w with inputs cast to `dtype` and float32 accumulation/result (mixed precision)."""
+    """x [..., K] @ w [K, N] with inputs cast to `dtype` and float32 accumulation/result (mixed
+    precision). With a narrower `dtype` the backward products run in it too (`_narrow_matmul`)."""
+    if jnp.dtype(dtype) == jnp.float32 or w.ndim != 2:
+        return jnp.matmul(x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+    return _narrow_matmul(x, w, jnp.dtype(dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _narrow_matmul(x: Array, w: Array, dtype: Any) -> Array:
+    """`matmul` whose gradients are products in `dtype` too. Autodiff's own would multiply the
+    float32 output gradient with the weights converted back to float32: float32 products and a
+    float32 copy of every weight matrix in each backward pass."""
     return jnp.matmul(x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+
+
+def _narrow_matmul_fwd(x, w, dtype):
+    x_narrow, w_narrow = x.astype(dtype), w.astype(dtype)
+    out = jnp.matmul(x_narrow, w_narrow, preferred_element_type=jnp.float32)
+    # Zero-size stand-ins carry the inputs' dtypes (the gradients must have them).
+    return out, (x_narrow, w_narrow, jnp.zeros(0, x.dtype), jnp.zeros(0, w.dtype))
+
+
+def _narrow_matmul_bwd(dtype, residuals, d_out):
+    x_narrow, w_narrow, x_like, w_like = residuals
+    d_narrow = d_out.astype(dtype)
+    d_x = jnp.matmul(d_narrow, w_narrow.T, preferred_element_type=jnp.float32)
+    rows_x = x_narrow.reshape(-1, x_narrow.shape[-1])  # [rows, K]
+    rows_d = d_narrow.reshape(-1, d_narrow.shape[-1])  # [rows, N]
+    d_w = jnp.matmul(rows_x.T, rows_d, preferred_element_type=jnp.float32)
+    return d_x.astype(x_like.dtype), d_w.astype(w_like.dtype)
+
+
+_narrow_matmul.defvjp(_narrow_matmul_fwd, _narrow_matmul_bwd)
 
 
 def dropout(x: Array, rate: float, key: Array | None, train: bool) -> Array:

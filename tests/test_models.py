@@ -187,3 +187,40 @@ def test_lstm_recurrence_equals_the_cell_and_autodiff(dtype, tol):
     for name, a, b in zip(("w_rec", "h0", "c0", "gates_in"), got, want, strict=True):
         assert float(jnp.abs(b).max()) > 0.01, name  # A gradient that is there to compare.
         np.testing.assert_allclose(a, b, atol=tol * 10, rtol=tol, err_msg=name)
+
+
+def test_bfloat16_matmul_gradients_are_bfloat16_products():
+    """layers.matmul in bfloat16: the gradients are autodiff's of the float32 product up to
+    bfloat16 rounding, keep the inputs' dtypes, and every product of the backward pass reads
+    bfloat16 operands (autodiff's own would multiply in float32)."""
+    kx, kw, kg = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(kx, (3, 5, 16))
+    w = jax.random.normal(kw, (16, 8))
+    probe = jax.random.normal(kg, (3, 5, 8))
+
+    def loss(dtype):
+        return lambda x, w: jnp.sum(probe * layers.matmul(x, w, dtype))
+
+    got = jax.grad(loss(jnp.bfloat16), argnums=(0, 1))(x, w)
+    want = jax.grad(loss(jnp.float32), argnums=(0, 1))(x, w)
+    for g, ref in zip(got, want, strict=True):
+        assert g.dtype == jnp.float32 and g.shape == ref.shape
+        np.testing.assert_allclose(g, ref, rtol=3e-2, atol=3e-2)
+    jaxpr = jax.make_jaxpr(jax.grad(loss(jnp.bfloat16), argnums=(0, 1)))(x, w)
+    dots = _equations(jaxpr.jaxpr, "dot_general")
+    assert len(dots) == 3  # The forward product and the two gradient products.
+    for eqn in dots:
+        assert [str(v.aval.dtype) for v in eqn.invars] == ["bfloat16", "bfloat16"]
+
+
+def _equations(jaxpr, name):
+    """Every equation of primitive `name` in `jaxpr` and the jaxprs nested in its equations."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == name:
+            found.append(eqn)
+        for value in eqn.params.values():
+            inner = getattr(value, "jaxpr", value)
+            if hasattr(inner, "eqns"):
+                found += _equations(inner, name)
+    return found
