@@ -27,10 +27,9 @@ hour before): 901 target words/s in float32 (0.37 of the float32 peak, counting 
 word), 1,204 with `--config.model.dtype=bfloat16`; the goal, 1,500, is not reached. Peak RSS
 4.12 GB with the 1.57 GB store (goal: store + 3 GB). On a 2-core AMD EPYC with AVX-512
 (avx512_bf16, no AMX), 2026-12-06: 838 / 1,005 words/s (float32 / bfloat16, matmul peak 205-207)
-before the first three changes below; after them 968 (0.59 of the peak) / 1,195 (0.73) in a slow
-spell (peak 163-179), peak RSS 4.29 GB; alone, without the benchmark's other parts, bfloat16 ran
-1,310-1,430 in four runs. Still short of 1,500. What each change gave (separate processes on the
-same data; this VM's speed drifts by about 10 %):
+before the first two changes below, 961 (0.48 of the peak) / 1,126 (0.56) after (peak 208-210),
+peak RSS 4.23 GB. Still short of 1,500. What each change gave (separate processes on the same
+data; this VM's speed drifts by about 10 %):
 * The recurrence's products with the weights as the left operand (`weights_first_matmul`): a
   [64, 3048] x [3048, 4000] product repacks the whole weight matrix at every word; as
   [4000, 3048] x [3048, 64] it ran at 340-380 GFLOP/s in bfloat16 (220 before) and 190-205 in
@@ -38,12 +37,6 @@ same data; this VM's speed drifts by about 10 %):
 * bfloat16 gradients of every other product in bfloat16 too (`layers.matmul`): autodiff's
   multiplied the float32 output gradient with a float32 copy of the weights: the ops of a
   profiled 13-word bfloat16 step summed to 596 ms before, 540 after.
-* One malloc arena for every thread (`captioning/host.py`, set before any import starts one):
-  buffers over 64 MB on XLA's threads were mmapped and faulted in anew at every step (4.5 M page
-  faults per run of the timed training against 0.48 M); alternating runs, bfloat16 1,178 and
-  1,228 against 1,378 and 1,429 words/s. The slow 'conversions' of a profiled step (concatenating
-  and casting the gate weights 26-29 ms, gathering and converting the features 45 ms) were
-  mostly these faults: all conversions, copies and broadcasts outside the loop 128-152 -> 52 ms.
 * The recurrence's hand-written backward pass (`attention.attention_recurrence`: weight gradients
   as one product after the reverse loop instead of a read-modify-write of the [C + H, 4H] gate
   weights at every word, the [B, L, A] attention activations recomputed instead of stacked): a
@@ -62,9 +55,15 @@ same data; this VM's speed drifts by about 10 %):
 * The one-off costs of a step (optimizer, per-image keys [64 x 64, 2048] x [2048, 512], gathering
   and converting the features) are about a third of a 10-word step; the loop's elementwise work
   (tanh and softmax over [64, 64, 512], the weighted sums over 64 x 2048) most of the rest. After
-  the changes above (AMD, bfloat16, a profiled 13-word step summing to 500 ms): the loop's
-  products 196 ms, its other ops 55, the one-off products 135 (the keys 37), optimizer and other
-  one-off ops 63, conversions and copies 52.
+  the changes above (AMD, bfloat16, a profiled 13-word step summing to 540 ms): the loop's
+  products 167 ms, its other ops 43, the one-off products 122 (the keys 36), optimizer and other
+  one-off ops 81, conversions, copies and broadcasts 128.
+* Tried and not kept: one malloc arena for every thread (MALLOC_ARENA_MAX=1: XLA threads' buffers
+  over 64 MB are otherwise mmapped and faulted in anew every step, 4.5 M page faults per run of
+  the timed training against 0.48 M; the conversions above fell to 52 ms). bfloat16 1,178 and
+  1,228 -> 1,378 and 1,429 words/s (alternating runs of the attention part alone), float32 no
+  faster (0.533 / 0.495 of the peak against 0.536 / 0.498), and the peak RSS of training rose
+  from 4.08-4.09 to 4.45-4.47 GB (4.81 in one benchmark run: over the store + 3 GB goal).
 * Tried without a measurable gain: one float32 copy of the gathered features for the mean, keys
   and weighted sums (an optimization barrier), XLA flags (oneDNN, XNNPACK or YNNPACK fusions of
   the products, 512-bit vectors).
