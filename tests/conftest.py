@@ -5,10 +5,13 @@ temporary folder (the subprocess runs inherit it through the environment) serves
 config's steps to every later test that builds them again.
 """
 
+import atexit
 import contextlib
+import functools
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -27,6 +30,8 @@ from captioning import backbone, checkpoint, host, models, text, train  # noqa: 
 host.keep_freed_memory()  # As main.py does: the tests' steps allocate as the users' do.
 
 _COMPILATION_CACHE = tempfile.mkdtemp(prefix="captioning_tests_jax_cache_")
+# Removed when this test process ends, so that runs of the suite leave nothing behind.
+atexit.register(functools.partial(shutil.rmtree, _COMPILATION_CACHE, ignore_errors=True))
 os.environ["JAX_COMPILATION_CACHE_DIR"] = _COMPILATION_CACHE
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 jax.config.update("jax_compilation_cache_dir", _COMPILATION_CACHE)
