@@ -57,10 +57,13 @@ from captioning.layers import (
     Decoder,
     Dense,
     dropout,
+    gradient_matmul,
+    input_gradient_matmul,
     lstm_activate,
     lstm_activate_backward,
     matmul,
     param,
+    weights_first_matmul,
 )
 
 Array = jax.Array
@@ -193,19 +196,6 @@ def _attend(weights: AttentionWeights, keys: Array, values: Array, h: Array, dty
     return alpha, beta, context, beta * context
 
 
-def weights_first_matmul(w_t: Array, x: Array, dtype: Any) -> Array:
-    """x [B, K] @ w [K, N] given w_t = w^T [N, K] -> [B, N] float32, computed as w_t x^T.
-
-    Why: on CPU a [B, K] x [K, N] product with few rows B (the recurrence's batch) repacks the
-    whole weight matrix at every call; as the left operand the weights are read as they lie and
-    only x is packed. The barrier keeps XLA from folding the transpose back into the product.
-    """
-    product = jnp.einsum(
-        "nk,bk->nb", w_t.astype(dtype), x.astype(dtype), preferred_element_type=jnp.float32
-    )
-    return jax.lax.optimization_barrier(product).T
-
-
 def _recurrence_step(
     weights: AttentionWeights,
     keys: Array,
@@ -273,7 +263,7 @@ def _attention_bwd(dtype, saved, cotangents):
     h_prev, c_prev, c, activations, alpha, beta, context, z = residuals
     context_dim = values.shape[-1]
     w_zh = weights.w_zh.astype(dtype)  # Cast once; contracted over its 4H columns below.
-    query_t = weights.query.T.astype(dtype)  # [A, H]
+    query_w = weights.query.astype(dtype)  # [H, A], cast once
     score = weights.score[:, 0]  # [A]
     gate_w = weights.gate_w[:, 0]  # [H]
 
@@ -293,7 +283,8 @@ def _attention_bwd(dtype, saved, cotangents):
         d_pre = d_scores[..., None] * score * (1.0 - hidden * hidden)  # [B, L, A]
         d_query = d_pre.sum(axis=1)  # [B, A]
         d_gate = d_beta * beta * (1.0 - beta)  # [B, 1]
-        dh_prev = d_zh[:, context_dim:] + matmul(d_query, query_t, dtype) + d_gate * gate_w
+        d_h_query = input_gradient_matmul(d_query, query_w, dtype)  # [B, H]
+        dh_prev = d_zh[:, context_dim:] + d_h_query + d_gate * gate_w
         d_score = d_score + jnp.sum(hidden * d_scores[..., None], axis=(0, 1))
         outputs = (dgates, d_query, d_gate, d_context)
         return (dh_prev, dc_before, d_keys + d_pre, d_score), outputs
@@ -310,10 +301,10 @@ def _attention_bwd(dtype, saved, cotangents):
 
     zh = flat(jnp.concatenate([z, h_prev], axis=-1))
     d_weights = AttentionWeights(
-        w_zh=matmul(zh.T, flat(dgates), dtype),
-        query=matmul(flat(h_prev).T, flat(d_query), dtype),
+        w_zh=gradient_matmul(zh, flat(dgates), dtype),
+        query=gradient_matmul(flat(h_prev), flat(d_query), dtype),
         score=d_score[:, None],
-        gate_w=matmul(flat(h_prev).T, flat(d_gate), dtype),
+        gate_w=gradient_matmul(flat(h_prev), flat(d_gate), dtype),
         gate_b=flat(d_gate).sum(axis=0),
     )
     # The features' gradient (unused when only the parameters are trained, and then dropped).

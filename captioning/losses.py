@@ -31,7 +31,7 @@ import optax
 from absl import logging
 
 from captioning import text
-from captioning.layers import matmul
+from captioning.layers import gradient_matmul, input_gradient_matmul, matmul
 
 Array = jax.Array
 
@@ -147,8 +147,8 @@ def _fused_forward(x, kernel, bias, labels, weights, chunks, dtype):
         # d loss / d logits = (softmax - one_hot) x the row's weight.
         one_hot = jax.nn.one_hot(labels_c, logits.shape[-1], dtype=jnp.float32)
         d_logits = (jnp.exp(logits - logsumexp[:, None]) - one_hot) * weights_c[:, None]
-        d_x = matmul(d_logits, kernel.T, dtype)
-        d_kernel = d_kernel + matmul(xc.T, d_logits, dtype)
+        d_x = input_gradient_matmul(d_logits, kernel, dtype)
+        d_kernel = d_kernel + gradient_matmul(xc, d_logits, dtype)
         return (loss, d_kernel, d_bias + jnp.sum(d_logits, axis=0)), d_x
 
     init = (

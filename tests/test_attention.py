@@ -429,13 +429,3 @@ def test_fed_recurrence_backward_pass_equals_autodiff(dtype):
 
     ours, _ = _assert_same_values_and_gradients(custom, reference, loss, weights, inputs, dtype)
     assert float(jnp.abs(ours[2]).max()) > 0  # The feed values do get a gradient.
-
-
-@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
-def test_weights_first_matmul_is_the_product(dtype, tol):
-    """weights_first_matmul(w^T, x) is x @ w ([B, N], float32) in either dtype."""
-    kx, kw = jax.random.split(jax.random.key(0))
-    x, w = jax.random.normal(kx, (5, 12)), jax.random.normal(kw, (12, 7))
-    got = jax.jit(attention.weights_first_matmul, static_argnums=2)(w.T, x, dtype)
-    assert got.shape == (5, 7) and got.dtype == jnp.float32
-    np.testing.assert_allclose(got, x @ w, rtol=tol, atol=tol * 4)

@@ -1,5 +1,7 @@
 """Decoders: output shapes, teacher forcing equals step-by-step decoding, dropout, dtypes."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -211,6 +213,54 @@ def test_bfloat16_matmul_gradients_are_bfloat16_products():
     assert len(dots) == 3  # The forward product and the two gradient products.
     for eqn in dots:
         assert [str(v.aval.dtype) for v in eqn.invars] == ["bfloat16", "bfloat16"]
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+def test_weights_first_matmul_is_the_product(dtype, tol):
+    """weights_first_matmul(w^T, x) is x @ w ([B, N], float32) in either dtype."""
+    kx, kw = jax.random.split(jax.random.key(0))
+    x, w = jax.random.normal(kx, (5, 12)), jax.random.normal(kw, (12, 7))
+    got = jax.jit(layers.weights_first_matmul, static_argnums=2)(w.T, x, dtype)
+    assert got.shape == (5, 7) and got.dtype == jnp.float32
+    np.testing.assert_allclose(got, x @ w, rtol=tol, atol=tol * 4)
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 3e-2)])
+def test_gradient_products_are_the_products(dtype, tol):
+    """gradient_matmul(x, d) is x^T d summed over the leading dims, input_gradient_matmul(d, w)
+    is d @ w^T, both float32 in either dtype; transposed_copy(x) is x^T exactly."""
+    kx, kd, kw = jax.random.split(jax.random.key(0), 3)
+    x, d = jax.random.normal(kx, (3, 5, 16)), jax.random.normal(kd, (3, 5, 8))
+    w = jax.random.normal(kw, (16, 8))
+    grad_w = jax.jit(layers.gradient_matmul, static_argnums=2)(x, d, dtype)
+    grad_x = jax.jit(layers.input_gradient_matmul, static_argnums=2)(d, w, dtype)
+    assert grad_w.shape == (16, 8) and grad_x.shape == (3, 5, 16)
+    assert grad_w.dtype == grad_x.dtype == jnp.float32
+    np.testing.assert_allclose(grad_w, jnp.einsum("bti,btj->ij", x, d), rtol=tol, atol=tol * 8)
+    np.testing.assert_allclose(grad_x, d @ w.T, rtol=tol, atol=tol * 8)
+    flat = x.reshape(15, 16)
+    np.testing.assert_array_equal(jax.jit(layers.transposed_copy)(flat), flat.T)
+
+
+def test_bfloat16_gradient_products_read_their_operands_row_major():
+    """In bfloat16 a weight gradient multiplies a copy of x^T (its left operand contracted over
+    its last dimension) and an input gradient has the weights as the left operand: the layouts
+    the CPU multiplies fastest. Float32 keeps the plain products (its results unchanged)."""
+    x, d, w = jnp.ones((15, 16)), jnp.ones((15, 8)), jnp.ones((16, 8))
+
+    def dot(fn, *args):
+        (eqn,) = _equations(jax.make_jaxpr(fn)(*args).jaxpr, "dot_general")
+        return tuple(eqn.invars[0].aval.shape)
+
+    def barriers(fn, *args):  # What keeps XLA from making the copy of x^T a change of layout.
+        return len(_equations(jax.make_jaxpr(fn)(*args).jaxpr, "optimization_barrier"))
+
+    for dtype, copies in ((jnp.bfloat16, 1), (jnp.float32, 0)):
+        weight_gradient = functools.partial(layers.gradient_matmul, dtype=dtype)
+        assert dot(weight_gradient, x, d) == (16, 15)
+        assert barriers(weight_gradient, x, d) == copies
+    assert dot(lambda d, w: layers.input_gradient_matmul(d, w, jnp.bfloat16), d, w) == (16, 8)
+    assert dot(lambda d, w: layers.input_gradient_matmul(d, w, jnp.float32), d, w) == (15, 8)
 
 
 def _equations(jaxpr, name):
