@@ -136,7 +136,9 @@ def make_steps(
         if features is None:
             image_features = batch["features"]
         else:
-            image_features = jnp.take(features, batch["image_index"], axis=0)
+            # "clip": the indices are rows of the store by construction; the default "fill"
+            # adds a pass over the gathered rows to blank out-of-range ones.
+            image_features = jnp.take(features, batch["image_index"], axis=0, mode="clip")
         if stats is not None:
             image_features = stats.apply(image_features)
         pre_logits, aux = model.pre_logits(image_features, batch["inputs"], train=train, key=key)
