@@ -29,6 +29,12 @@ Flags: --captions, --train_seconds, --batch_size, --num_buckets, --train_embeddi
 
 from __future__ import annotations
 
+from captioning import host
+
+# First, before an import starts threads: glibc fixes how many malloc arenas there are when a
+# thread other than the main one first allocates (captioning/host.py).
+host.keep_freed_memory()
+
 import contextlib
 import dataclasses
 import json
@@ -48,7 +54,7 @@ import optax
 from absl import app, flags, logging
 from flax import nnx
 
-from captioning import decode, host, input_pipeline, models, text, train
+from captioning import decode, input_pipeline, models, text, train
 from captioning.datasets.base import ImageRecord
 
 FLAGS = flags.FLAGS
@@ -595,7 +601,6 @@ def benchmark_export(backbone: str, image_size: int, num_images: int, rounds: in
 
 def main(argv):
     del argv
-    host.keep_freed_memory()  # As main.py does (captioning/host.py).
     config = seed_config(FLAGS.dtype)
     tokenized, source = flickr8k_captions(FLAGS.captions)
     results = {

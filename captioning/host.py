@@ -7,7 +7,11 @@ unmaps them when freed, so every step faults all of those pages in again and zer
 time of the order of user time, and, once a tf.data pipeline has run in the process (which moves
 the threshold), much slower steps (measured: configs/flickr8k_attention.py). Serving every
 allocation from the heap and not trimming it keeps freed pages for the next step; the heap then
-stays at its peak instead of shrinking between steps, which the steps reach anyway.
+stays at its peak instead of shrinking between steps, which the steps reach anyway. XLA runs a
+step on its own threads, and glibc gives threads arenas whose heaps hold at most 64 MB: a larger
+buffer (a step's temporaries are one allocation) is mmapped and unmapped whatever the settings.
+So every thread allocates from the main arena, which has no such limit (its one lock is not
+contended: a step makes few, large allocations).
 """
 
 from __future__ import annotations
@@ -20,11 +24,14 @@ from absl import logging
 
 _M_TRIM_THRESHOLD = -1  # glibc's mallopt parameters (malloc.h).
 _M_MMAP_MAX = -4
+_M_ARENA_MAX = -8
 
 
 def keep_freed_memory() -> bool:
-    """Tells glibc's malloc never to unmap freed buffers: -> whether it applied (False on other
-    C libraries and systems, where nothing changes)."""
+    """Tells glibc's malloc never to unmap freed buffers, from any thread: -> whether it applied
+    (False on other C libraries and systems: nothing changes). Call it before importing what
+    starts threads (numpy's BLAS, TensorFlow, JAX): glibc fixes its number of arenas when a thread
+    other than the main one first allocates, and later settings do not change it."""
     if not sys.platform.startswith("linux"):
         return False
     try:
@@ -33,7 +40,8 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):  # Not glibc (e.g. musl has no mallopt).
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    applied = bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+    settings = ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1), (_M_ARENA_MAX, 1))
+    applied = all([bool(mallopt(option, value)) for option, value in settings])
     if applied:
         logging.info("malloc keeps freed memory for the next step (captioning/host.py).")
     return applied
