@@ -21,52 +21,54 @@ follows the paper and what does not:
 * Early stopping on validation CIDEr (the paper: BLEU); beam search of width 3 (our choice).
 
 Training speed at these sizes (`python -m captioning.benchmark`: batch 64, synthetic captions with
-Flickr8k's lengths, 6,000 random float16 8x8x2048 feature maps on the device; 2 CPU cores, Intel
-Xeon with AMX, 2026-12-01, in a slow spell of the VM: matmul peak 256 GFLOP/s against 293 an
-hour before): 901 target words/s in float32 (0.37 of the float32 peak, counting 104 MFLOP a
-word), 1,204 with `--config.model.dtype=bfloat16`; the goal, 1,500, is not reached. Peak RSS
-4.12 GB with the 1.57 GB store (goal: store + 3 GB). On a 2-core AMD EPYC with AVX-512
-(avx512_bf16, no AMX), 2026-12-06: 838 / 1,005 words/s (float32 / bfloat16, matmul peak 205-207)
-before the first two changes below, 961 (0.48 of the peak) / 1,126 (0.56) after (peak 208-210),
-peak RSS 4.23 GB. Still short of 1,500. What each change gave (separate processes on the same
-data; this VM's speed drifts by about 10 %):
-* The recurrence's products with the weights as the left operand (`weights_first_matmul`): a
-  [64, 3048] x [3048, 4000] product repacks the whole weight matrix at every word; as
+Flickr8k's lengths, 6,000 random float16 8x8x2048 feature maps on the device; 2 CPU cores; 104
+MFLOP a target word). Goal: 1,500 words/s, peak RSS at most the store + 3 GB.
+* 2-core AMD EPYC with AVX-512 (avx512_bf16, no AMX), 2026-12-06, two benchmark runs (matmul peak
+  193-201 GFLOP/s): float32 915 and 973 words/s (0.49 / 0.51 of the float32 peak: short of the
+  goal), `--config.model.dtype=bfloat16` 1,511 and 1,708 (0.80 / 0.89 of the float32 peak; a
+  2048^3 bfloat16 product runs at about 385 GFLOP/s here); peak RSS 4.21-4.23 GB with the 1.57
+  GB store. Earlier the same day: 838 / 1,005 (float32 / bfloat16) before the first change
+  below, 961 / 1,126 after the second.
+* Intel Xeon with AMX, 2026-12-01 (matmul peak 256 GFLOP/s in a slow spell): 901 / 1,204, before
+  the changes below.
+float32 stays the default: bfloat16 training has not been compared with float32 on Flickr8k's
+images here. What each change gave (separate processes on the same data; this VM's speed drifts
+by about 10 %):
+* The recurrence's products with the weights as the left operand (`layers.weights_first_matmul`):
+  a [64, 3048] x [3048, 4000] product repacks the whole weight matrix at every word; as
   [4000, 3048] x [3048, 64] it ran at 340-380 GFLOP/s in bfloat16 (220 before) and 190-205 in
   float32 (150). A bfloat16 step of 13 words 770-830 -> 560-600 ms, float32 about 5 % faster.
 * bfloat16 gradients of every other product in bfloat16 too (`layers.matmul`): autodiff's
   multiplied the float32 output gradient with a float32 copy of the weights: the ops of a
   profiled 13-word bfloat16 step summed to 596 ms before, 540 after.
+* bfloat16 backward products in the layouts the CPU multiplies fastest (`layers.gradient_matmul`,
+  `input_gradient_matmul`): XLA makes a transpose a change of layout, and a weight gradient x^T d
+  read so ran at 110-175 GFLOP/s against 240-365 on a row-major copy of x^T (the keys' [2048,
+  4096] x [4096, 512] 79 -> 36 ms, the gate weights' 121 -> 77 ms); d w^T at half the speed of
+  the weights-first product. Benchmark 1,126 -> 1,372 bfloat16 words/s; float32 bitwise unchanged.
+* One malloc arena for every thread (`captioning/host.py`): XLA threads' buffers over 64 MB were
+  otherwise mmapped and faulted in anew at every step (4.2-4.3 M page faults per run of the timed
+  training against 0.40 M). bfloat16 1,401 and 1,292 -> 1,452 and 1,557 words/s (alternating
+  runs of the attention part alone), peak RSS 3.92-4.04 -> 4.03 GB. Before the change above it was
+  tried and reverted (float32 no faster; the peak RSS of one benchmark run 4.81 GB); with it the
+  conversions and copies of a profiled 13-word bfloat16 step fell from 187 to 39 ms, and the
+  step is now mostly products near the bfloat16 peak (the gate weights' gradient at 387 GFLOP/s).
 * The recurrence's hand-written backward pass (`attention.attention_recurrence`: weight gradients
   as one product after the reverse loop instead of a read-modify-write of the [C + H, 4H] gate
   weights at every word, the [B, L, A] attention activations recomputed instead of stacked): a
   float32 step of 14 words 866 -> 732 ms; contracting dgates with the gate weights as they are,
   rather than with a transposed copy, another 5-10 % (one-process A/B, both orders).
-* Projecting the features to the gates once per image (alpha_t @ (a W_z)) saves multiply-adds
-  but reads and accumulates a [B, L, 4H] tensor every step: about 2x slower (autodiff version).
 * Keeping freed memory (`captioning/host.py`): once a tf.data pipeline had run in the process,
   every step faulted its large temporaries in again (1.76 M page faults in 8 steps against 0.46 M
-  before; the same steps 1.45x slower); bucketed bfloat16 training 859 -> 1,315 words/s.
+  before; the same steps 1.45x slower); bucketed bfloat16 training 859 -> 1,315 words/s (Intel).
 * bfloat16 matmuls: AMX makes the step's [64, 3048] x [3048, 4000] products 3-4x faster, the
-  step about 1.4x: what remains is memory-bound (Adam over 23 M parameters, the features'
-  conversions, the [B, L, A] tanh). On the AMD EPYC (avx512_bf16) a 2048^3 bfloat16 product runs
-  at 385 GFLOP/s against 205 in float32. float32 stays the default: bfloat16 training has not been
-  compared with float32 on Flickr8k's images here.
-* The one-off costs of a step (optimizer, per-image keys [64 x 64, 2048] x [2048, 512], gathering
-  and converting the features) are about a third of a 10-word step; the loop's elementwise work
-  (tanh and softmax over [64, 64, 512], the weighted sums over 64 x 2048) most of the rest. After
-  the changes above (AMD, bfloat16, a profiled 13-word step summing to 540 ms): the loop's
-  products 167 ms, its other ops 43, the one-off products 122 (the keys 36), optimizer and other
-  one-off ops 81, conversions, copies and broadcasts 128.
-* Tried and not kept: one malloc arena for every thread (MALLOC_ARENA_MAX=1: XLA threads' buffers
-  over 64 MB are otherwise mmapped and faulted in anew every step, 4.5 M page faults per run of
-  the timed training against 0.48 M; the conversions above fell to 52 ms). bfloat16 1,178 and
-  1,228 -> 1,378 and 1,429 words/s (alternating runs of the attention part alone), float32 no
-  faster (0.533 / 0.495 of the peak against 0.536 / 0.498), and the peak RSS of training rose
-  from 4.08-4.09 to 4.45-4.47 GB (4.81 in one benchmark run: over the store + 3 GB goal).
-* Tried without a measurable gain: one float32 copy of the gathered features for the mean, keys
-  and weighted sums (an optimization barrier), XLA flags (oneDNN, XNNPACK or YNNPACK fusions of
-  the products, 512-bit vectors).
+  step about 1.4x (Intel).
+* Tried and not kept: projecting the features to the gates once per image (alpha_t @ (a W_z))
+  saves multiply-adds but reads a [B, L, 4H] tensor every step, about 2x slower; the features
+  kept in bfloat16 for the weighted sums (XLA's CPU dots convert them back to float32: more
+  conversions); one float32 copy of the gathered features behind a barrier; a faster transpose
+  of the gate weights (tiled, or in float32: 29-49 ms either way); XLA flags (oneDNN, XNNPACK or
+  YNNPACK fusions of the products, 512-bit vectors): no measurable gain.
 """
 
 from configs import flickr8k
