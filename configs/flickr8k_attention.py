@@ -23,11 +23,12 @@ follows the paper and what does not:
 Training speed at these sizes (`python -m captioning.benchmark`: batch 64, synthetic captions with
 Flickr8k's lengths, 6,000 random float16 8x8x2048 feature maps on the device; 2 CPU cores; 104
 MFLOP a target word). Goal: 1,500 words/s, peak RSS at most the store + 3 GB.
-* 2-core AMD EPYC with AVX-512 (avx512_bf16, no AMX), 2026-12-06, three benchmark runs (matmul
-  peak 193-198, 198-201, 212-219 GFLOP/s): float32 915, 973 and 988 words/s (0.49, 0.51, 0.48 of
-  the float32 peak: short of the goal), `--config.model.dtype=bfloat16` 1,511, 1,708 and 1,553
-  (0.80, 0.89, 0.75 of the float32 peak; a 2048^3 bfloat16 product runs at about 385 GFLOP/s
-  here); peak RSS 4.21-4.23 GB with the 1.57 GB store. Earlier the same day: 838 / 1,005
+* 2-core AMD EPYC with AVX-512 (avx512_bf16, no AMX), 2026-12-06, four benchmark runs (matmul
+  peak 193-198, 198-201, 212-219, 194-213 GFLOP/s; the last a full run, 25 s of training each):
+  float32 915, 973, 988 and 1,025 words/s (0.49, 0.51, 0.48, 0.52 of the float32 peak: short of
+  the goal), `--config.model.dtype=bfloat16` 1,511, 1,708, 1,553 and 1,769 (0.80, 0.89, 0.75,
+  0.90 of the float32 peak; a 2048^3 bfloat16 product runs at about 385 GFLOP/s here); peak RSS
+  4.21, 4.23, 4.22 and 4.48 GB with the 1.57 GB store. Earlier the same day: 838 / 1,005
   (float32 / bfloat16) before the first change below, 961 / 1,126 after the second.
 * Intel Xeon with AMX, 2026-12-01 (matmul peak 256 GFLOP/s in a slow spell): 901 / 1,204, before
   the changes below.
