@@ -22,8 +22,10 @@ from typing import Any
 import ml_collections
 from absl import logging
 
-from captioning import decode, evaluate, text
-from captioning.data import FeatureStats
+from captioning.data import text
+from captioning.data.prepare import FeatureStats
+from captioning.decoding import decode
+from captioning.evaluation import evaluate
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 
@@ -58,7 +60,7 @@ def find_images(images: str) -> list[str]:
 
 def _save_attention_maps(output, workdir, method, paths, tokens, attention, vocab, grid_shape):
     """config.eval.attention_maps: one PNG per image next to the captions -> {path: png}."""
-    from captioning import visualize
+    from captioning.evaluation import visualize
 
     if attention.shape[-1] == 0 or len(grid_shape) != 2:
         logging.warning("eval.attention_maps: the run's decoder has no attention; no maps drawn.")
@@ -89,7 +91,7 @@ def caption_images(
     writes the list, with the decoding settings and checkpoint step, to `output` (default
     `workdir/captions/captions_<method>.json`).
     """
-    from captioning import backbone  # TensorFlow/Keras: imported when needed.
+    from captioning.data import backbone  # TensorFlow/Keras: imported when needed.
 
     workdir = os.path.abspath(os.path.expanduser(workdir))
     paths = find_images(images)

@@ -23,7 +23,7 @@ def _config_or_run_config(config: ml_collections.ConfigDict | None, workdir: str
     """--config when given (its overrides apply), else the config the run was trained with."""
     if config is not None:
         return config
-    from captioning import evaluate
+    from captioning.evaluation import evaluate
 
     return evaluate.load_run_config(workdir)
 
@@ -44,19 +44,19 @@ def run(
     if mode == "train":
         config = _require_config(config, mode)
         if config.scst.init_from:  # The self-critical phase after a cross-entropy run.
-            from captioning import scst
+            from captioning.training import scst
 
             return scst.train_and_evaluate(config, workdir)
-        from captioning import train
+        from captioning.training import train
 
         return train.train_and_evaluate(config, workdir)
     if mode == "evaluate":
-        from captioning import evaluate
+        from captioning.evaluation import evaluate
 
         config = _config_or_run_config(config, workdir)
         return evaluate.evaluate(config, workdir, split=config.eval.split)
     if mode == "export_features":
-        from captioning import data
+        from captioning.data import prepare as data
 
         os.makedirs(workdir, exist_ok=True)
         _, result = data.export_store(_require_config(config, mode), workdir)

@@ -51,8 +51,10 @@ from absl import logging
 from flax import nnx
 from PIL import Image, UnidentifiedImageError
 
-from captioning import backbone, decode, evaluate, search, text, visualize
-from captioning.data import FeatureStats
+from captioning.data import backbone, text
+from captioning.data.prepare import FeatureStats
+from captioning.decoding import decode, search
+from captioning.evaluation import evaluate, visualize
 
 MAX_PIXELS = 40_000_000  # Larger images are refused before decoding (decompression bombs).
 NUM_EXAMPLES = 4  # Clickable test images of the run's dataset.
@@ -348,7 +350,7 @@ class Captioner:
 
 def example_images(config: ml_collections.ConfigDict, count: int = NUM_EXAMPLES) -> list[str]:
     """The first `count` test images of the run's dataset, or [] when it has none here."""
-    from captioning.datasets import registry
+    from captioning.data.datasets import registry
 
     try:
         records = registry.load_records(config.data, config.seed).get("test", [])

@@ -53,7 +53,9 @@ def get_config():
     config.encoder.grid = 0  # The map as it is.
     config.encoder.dtype = "float16"  # 123,287 x 64 x 2048: 30 GiB (60 GiB as float32).
 
-    config.model.decoder = "merge_attention"  # captioning/merge_attention.py (docstring: why).
+    config.model.decoder = (
+        "merge_attention"  # captioning/models/merge_attention.py (docstring: why).
+    )
     config.model.embed_dim = 512  # self-critical.pytorch input_encoding_size=512.
     config.model.hidden_size = 512  # self-critical.pytorch rnn_size=512.
     config.model.attention_dim = 512  # self-critical.pytorch att_hid_size=512.

@@ -22,7 +22,7 @@ from configs import coco
 
 def get_config():
     config = coco.get_config()  # Encoder, decoder, vocabulary rule and decoding of COCO.
-    config.data.dataset = "karpathy"  # Karpathy JSON + image folder (captioning/datasets).
+    config.data.dataset = "karpathy"  # Karpathy JSON + image folder (captioning/data/datasets).
     config.data.karpathy_json = "dataset_flickr30k.json"  # In data.dir (or an absolute path).
     config.data.max_caption_len = 20  # Our choice: Flickr30k captions run longer than COCO's.
 

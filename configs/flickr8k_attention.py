@@ -20,7 +20,7 @@ follows the paper and what does not:
 * Optimizer: Adam with warm-up and cosine decay, batch 64 (the paper: RMSProp on Flickr8k).
 * Early stopping on validation CIDEr (the paper: BLEU); beam search of width 3 (our choice).
 
-Training speed at these sizes (`python -m captioning.benchmark`: batch 64, synthetic captions with
+Training speed at these sizes (`python -m captioning.tools.benchmark`: batch 64, synthetic captions with
 Flickr8k's lengths, 6,000 random float16 8x8x2048 feature maps on the device; 2 CPU cores; 104
 MFLOP a target word). Goal: 1,500 words/s, peak RSS at most the store + 3 GB.
 * 2-core AMD EPYC with AVX-512 (avx512_bf16, no AMX), 2026-12-06, four benchmark runs (matmul
@@ -85,7 +85,7 @@ def get_config(backbone: str | None = None):
     config.encoder.grid = 0  # The map as it is.
     config.encoder.dtype = "float16"  # 8,000 x 64 x 2048 floats: 2.1 GB (4.2 GB as float32).
 
-    config.model.decoder = "attention"  # captioning/attention.py
+    config.model.decoder = "attention"  # captioning/models/show_attend_tell.py
     config.model.embed_dim = 512  # arctic-captions dim_word.
     config.model.hidden_size = 1000  # arctic-captions dim (1800 for COCO).
     config.model.attention_dim = 512  # Attention MLP size.

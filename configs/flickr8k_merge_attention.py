@@ -22,7 +22,7 @@ def get_config(backbone: str | None = None):
     config.encoder.pooling = "none"  # InceptionV3: L = 64 locations of 2048 features.
     config.encoder.grid = 0  # The map as it is.
     config.encoder.dtype = "float16"  # 8,000 x 64 x 2048 floats: 2.1 GB (4.2 GB as float32).
-    config.model.decoder = "merge_attention"  # captioning/merge_attention.py
+    config.model.decoder = "merge_attention"  # captioning/models/merge_attention.py
     config.model.attention_dim = 256  # Attention MLP size (the LSTM's size).
     config.model.attention_positions = False  # Features only, as the paper.
     return config

@@ -22,6 +22,8 @@ from configs import scenes
 
 def get_config():
     config = scenes.get_config()
-    config.model.decoder = "attention"  # captioning/attention.py: Show, Attend and Tell.
+    config.model.decoder = (
+        "attention"  # captioning/models/show_attend_tell.py: Show, Attend and Tell.
+    )
     config.model.feed_dim = 0  # A merge_attention option (Show-Attend-Tell feeds its context).
     return config

@@ -18,7 +18,7 @@ What we learned about this decoder (test attribute accuracy; 8-epoch ablations u
 * Where it fails: 3-object scenes (28 of 112 right), by binding and coverage more than
   recognition: of 91 invented pairs, 54 combine a colour and a shape that are both in the scene
   but belong to different objects ("a big blue triangle" for a blue star and a purple triangle).
-* The features are not the limit: a linear probe (`python -m captioning.probe
+* The features are not the limit: a linear probe (`python -m captioning.tools.probe
   --config=configs/scenes_merge.py`) names exactly the right colour-shape pairs in 0.99 of the test
   scenes; average pooling alone 0.997.
 * Not the fix: learning rate 1e-2 (0.38) or 1.5e-3 (0.58), batch 32/64/256 (0.55/0.55/0.36),
@@ -35,7 +35,7 @@ from configs import scenes
 def get_config():
     config = scenes.get_config()
     config.encoder.pooling = "avgmax"  # [2C]: the mean, and the max that says a pattern occurs.
-    config.model.decoder = "merge"  # captioning/models.py: the seed's architecture.
+    config.model.decoder = "merge"  # captioning/models/__init__.py: the seed's architecture.
     config.model.feed_dim = 0  # A merge_attention option.
     config.model.dropout = 0.1  # Dropout 0 (the default's) did worse here (below).
     return config

@@ -6,7 +6,7 @@
 
 `:merge` fine-tunes a configs/scenes_merge.py run instead (the seed's merge decoder):
 `--config=configs/scenes_scst.py:merge --config.scst.init_from=runs/scenes_merge`.
-Data, features and decoder must be the starting run's (captioning/scst.py refuses others).
+Data, features and decoder must be the starting run's (captioning/training/scst.py refuses others).
 
 Result (2 CPU cores; test split; mean +- std over seeds 0-2, each from that seed's
 cross-entropy run; epoch chosen by the base's validation metric):

@@ -25,7 +25,9 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from captioning import backbone, checkpoint, host, models, text, train  # noqa: E402
+from captioning import checkpoint, host, models
+from captioning.data import backbone, text
+from captioning.training import train  # noqa: E402
 
 host.keep_freed_memory()  # As main.py does: the tests' steps allocate as the users' do.
 

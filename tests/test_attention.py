@@ -10,17 +10,13 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from captioning import (
-    attention,
-    decode,
-    losses,
-    merge_attention,
-    models,
-    search,
-    text,
-    train,
-    visualize,
-)
+from captioning import models
+from captioning.data import text
+from captioning.decoding import decode, search
+from captioning.evaluation import visualize
+from captioning.models import merge_attention
+from captioning.models import show_attend_tell as attention
+from captioning.training import losses, train
 from configs import test as test_config
 
 VOCAB = 11

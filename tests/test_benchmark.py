@@ -6,7 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from captioning import benchmark, text
+from captioning.data import text
+from captioning.tools import benchmark
 
 SHARED_TOKENS = (
     Path(__file__).resolve().parents[2] / "shared" / "data" / "flickr8k_text" / "Flickr8k.token.txt"
@@ -48,7 +49,7 @@ def test_matmul_peak_is_a_positive_rate():
 
 
 def test_attention_work_counts_every_product_and_the_spatial_store_reads_back(tmp_path):
-    from captioning import feature_store
+    from captioning.data import feature_store
 
     config = benchmark.seed_config("float32").model
     config.update(benchmark.ATTENTION_MODEL)

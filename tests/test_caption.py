@@ -8,7 +8,9 @@ import pytest
 from conftest import make_run_dir
 from PIL import Image
 
-from captioning import caption, cli, evaluate, text
+from captioning import caption, cli
+from captioning.data import text
+from captioning.evaluation import evaluate
 from configs import test as test_config
 
 WORDS = ["red", "blue", "circle", "square", "left", "of"]

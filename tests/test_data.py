@@ -1,4 +1,4 @@
-"""captioning.data: feature statistics over a store without copying it, and where the rows live
+"""captioning.data.prepare: feature statistics over a store without copying it, and where the rows live
 (device, host or disk residency give the same training, bit for bit)."""
 
 import json
@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from conftest import saved_params
 
-from captioning import data, train
+from captioning.data import prepare as data
+from captioning.training import train
 from configs import test as test_config
 
 

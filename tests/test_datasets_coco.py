@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from captioning.datasets import coco_tfds, registry
-from captioning.datasets.base import DataError
+from captioning.data.datasets import coco_tfds, registry
+from captioning.data.datasets.base import DataError
 
 tfds = pytest.importorskip("tensorflow_datasets")
 tf = pytest.importorskip("tensorflow")

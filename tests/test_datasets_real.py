@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageDraw
 
-import captioning.datasets
-from captioning.datasets import flickr8k, kaggle, karpathy, registry
-from captioning.datasets.base import DataError
-from captioning.text import Vocabulary, clean_caption
+import captioning.data.datasets
+from captioning.data.datasets import flickr8k, kaggle, karpathy, registry
+from captioning.data.datasets.base import DataError
+from captioning.data.text import Vocabulary, clean_caption
 from configs import scenes as base_config
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "flickr8k_text"
@@ -420,10 +420,10 @@ def test_registry_unknown_name_lists_valid_names():
 
 
 def test_registry_scenes_is_imported_lazily(monkeypatch):
-    fake = types.ModuleType("captioning.datasets.scenes")
+    fake = types.ModuleType("captioning.data.datasets.scenes")
     fake.load_scenes = lambda data_config, seed: {"train": [], "val": [], "test": [], "seed": seed}
-    monkeypatch.setitem(sys.modules, "captioning.datasets.scenes", fake)
-    monkeypatch.setattr(captioning.datasets, "scenes", fake, raising=False)
+    monkeypatch.setitem(sys.modules, "captioning.data.datasets.scenes", fake)
+    monkeypatch.setattr(captioning.data.datasets, "scenes", fake, raising=False)
     config = data_config(**{"dataset": "scenes"})
     assert registry.load_records(config, seed=7)["seed"] == 7
 
@@ -433,7 +433,7 @@ def test_tfds_builder_builds_from_manual_dir(tmp_path):
     # tensorflow-datasets 4.9.10 imports importlib_resources while building, but declares it
     # only for Python < 3.9.
     pytest.importorskip("importlib_resources", reason="tfds needs importlib_resources to build")
-    from captioning.datasets import tfds_flickr8k
+    from captioning.data.datasets import tfds_flickr8k
 
     assert "Flickr8k_Dataset.zip" in tfds_flickr8k.Flickr8k.MANUAL_DOWNLOAD_INSTRUCTIONS
     manual = make_flickr8k(tmp_path / "manual", text_sub="Flickr8k_text")

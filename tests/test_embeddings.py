@@ -7,9 +7,9 @@ import zipfile
 import numpy as np
 import pytest
 
-from captioning import embeddings
-from captioning.embeddings import EmbeddingsError, EmbeddingsNotFoundError, load_glove
-from captioning.text import PAD_ID, Vocabulary
+from captioning.data import embeddings
+from captioning.data.embeddings import EmbeddingsError, EmbeddingsNotFoundError, load_glove
+from captioning.data.text import PAD_ID, Vocabulary
 
 VECTORS = {
     "the": [0.1, 0.2, 0.3, 0.4],

@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 from conftest import EXECUTABLE_EVENTS, saved_params, sigkill_then_resume
 
-from captioning import evaluate, input_pipeline, train
+from captioning.data import input_pipeline
+from captioning.evaluation import evaluate
+from captioning.training import train
 from configs import test as test_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

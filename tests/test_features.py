@@ -1,4 +1,4 @@
-"""captioning.backbone and captioning.feature_store: backbones, weights lookup, store export, load.
+"""captioning.data.backbone and captioning.data.feature_store: backbones, weights lookup, store export, load.
 
 Everything runs a random-weight InceptionV3 at 75 px (its smallest input) on a few Pillow-drawn
 images; the compiled backbone is cached per process, so most tests reuse one build.
@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from captioning import backbone, feature_store
-from captioning.datasets.base import DataError, ImageRecord
+from captioning.data import backbone, feature_store
+from captioning.data.datasets.base import DataError, ImageRecord
 from configs import scenes
 
 SHARD = 4  # Images per shard: the 7 test images make two shards.
@@ -314,7 +314,7 @@ import tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 sys.path.insert(0, {repo!r})
-from captioning import backbone
+from captioning.data import backbone
 from tests.test_features import encoder_config
 
 devices = backbone.backbone_devices()

@@ -13,7 +13,8 @@ import pytest
 from conftest import saved_params
 from PIL import Image
 
-from captioning import backbone, cli, text
+from captioning import cli
+from captioning.data import backbone, text
 from configs import flickr8k as flickr8k_config
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "flickr8k_text"

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from captioning import grid
+from captioning.tools import grid
 from configs import test as test_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -93,7 +93,7 @@ def grid_run(tmp_path_factory):
     command = [
         sys.executable,
         "-m",
-        "captioning.grid",
+        "captioning.tools.grid",
         f"--config={os.path.join(REPO, 'configs', 'test.py')}",
         f"--grid={TEST_GRID}",
         f"--workdir={workdir}",

@@ -2,8 +2,9 @@
 
 import numpy as np
 
-from captioning import backbone, decode, input_pipeline, text
-from captioning.datasets.base import ImageRecord
+from captioning.data import backbone, input_pipeline, text
+from captioning.data.datasets.base import ImageRecord
+from captioning.decoding import decode
 
 
 def _records(n):

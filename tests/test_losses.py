@@ -5,7 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from captioning import layers, losses, text
+from captioning.data import text
+from captioning.models import layers
+from captioning.training import losses
 
 
 def _inputs(batch, length, width=24, vocab=37, seed=0):

@@ -1,10 +1,10 @@
-"""Tests for captioning.metrics on tiny hand-checked examples (one METEOR JVM at most)."""
+"""Tests for captioning.evaluation.metrics on tiny hand-checked examples (one METEOR JVM at most)."""
 
 import shutil
 
 import pytest
 
-from captioning import metrics
+from captioning.evaluation import metrics
 
 JAVA = shutil.which("java") is not None
 NEEDS_JAVA = pytest.mark.skipif(not JAVA, reason="java is not installed (METEOR/PTB need it)")

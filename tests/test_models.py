@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from captioning import layers, models
+from captioning import models
+from captioning.models import layers
 from configs import test as test_config
 
 

@@ -12,7 +12,8 @@ import jax
 import numpy as np
 from conftest import saved_params
 
-from captioning import grid, train
+from captioning.tools import grid
+from captioning.training import train
 from configs import test as test_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -11,7 +11,10 @@ SCRIPT = textwrap.dedent(
     """
     import jax, numpy as np
     from flax import nnx
-    from captioning import models, parallel, text, train
+    from captioning import models
+    from captioning import parallel
+    from captioning.data import text
+    from captioning.training import train
     from configs import test as test_config
 
     assert len(jax.devices()) == 8, jax.devices()

@@ -2,8 +2,8 @@
 
 import numpy as np
 
-from captioning import probe
-from captioning.datasets.base import ImageRecord
+from captioning.data.datasets.base import ImageRecord
+from captioning.tools import probe
 
 COLOURS = ["red", "blue", "green"]
 SHAPES = ["circle", "square", "star"]

@@ -11,9 +11,9 @@ import pytest
 from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.cider.cider_scorer import CiderScorer
 
-from captioning.datasets import flickr8k
-from captioning.rewards import CiderD, DocumentFrequency, cider_d, document_frequency
-from captioning.text import clean_caption
+from captioning.data.datasets import flickr8k
+from captioning.data.text import clean_caption
+from captioning.training.rewards import CiderD, DocumentFrequency, cider_d, document_frequency
 
 FLICKR8K_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "flickr8k_text"
 

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from captioning.datasets import scene_captions, scenes
-from captioning.datasets.base import SPLITS, DataError
-from captioning.text import clean_caption
+from captioning.data.datasets import scene_captions, scenes
+from captioning.data.datasets.base import SPLITS, DataError
+from captioning.data.text import clean_caption
 from configs import scenes as scenes_config
 
 NUM_SCENES = 150  # Enough to meet every caption family and object count, fast to make.

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from conftest import saved_params, sigkill_then_resume
 
-from captioning import rewards, scst, text, train
-from captioning.datasets.base import ImageRecord
+from captioning.data import text
+from captioning.data.datasets.base import ImageRecord
+from captioning.training import rewards, scst, train
 from configs import test as test_config
 
 END, PAD = text.END_ID, text.PAD_ID

@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from captioning import decode, models, search, text
+from captioning import models
+from captioning.data import text
+from captioning.decoding import decode, search
 from configs import scenes as scenes_config
 
 VOCAB = 6

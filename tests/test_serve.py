@@ -20,8 +20,10 @@ from conftest import count_compiles, make_run_dir
 from gradio_client import Client, handle_file
 from PIL import Image
 
-from captioning import backbone, caption, evaluate, serve
-from captioning.datasets import scenes
+from captioning import caption, serve
+from captioning.data import backbone
+from captioning.data.datasets import scenes
+from captioning.evaluation import evaluate
 from configs import test as test_config
 
 WORDS = ["red", "blue", "circle", "square", "left", "of", "a"]  # Untrained: captions "circle ...".

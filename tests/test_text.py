@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from captioning import text
+from captioning.data import text
 
 
 def test_clean_caption_lowercases_strips_punctuation_and_digits():

@@ -7,7 +7,9 @@ import pytest
 from conftest import count_compiles
 from flax import nnx
 
-from captioning import losses, models, text, train
+from captioning import models
+from captioning.data import text
+from captioning.training import losses, train
 from configs import test as test_config
 
 # (decoder, features per image): the seed's merge decoder on pooled features, and the scenes

@@ -1,6 +1,6 @@
 """Scenes ablation grid: decoder x features (pooled / spatial) x decoding (greedy / beam 3).
 
-    python -m captioning.grid --config=configs/scenes.py --grid=configs/grids/scenes.py \
+    python -m captioning.tools.grid --config=configs/scenes.py --grid=configs/grids/scenes.py \
         --workdir=runs/grid --config.train.num_epochs=8
 
 Writes runs/grid/grid.md (the table in the README; 8 epochs instead of the config's 16 keep the

@@ -1,7 +1,7 @@
 """One cell, the config itself, decoded three ways from the same checkpoint: greedy, greedy with
 repeated trigrams blocked, and beam 3. With --seeds, the README's results table:
 
-    python -m captioning.grid --config=configs/scenes.py --grid=configs/grids/scenes_decoding.py \
+    python -m captioning.tools.grid --config=configs/scenes.py --grid=configs/grids/scenes_decoding.py \
         --seeds=0,1,2,3,4 --workdir=runs/seeds
 """
 

@@ -1,7 +1,7 @@
 """Two-cell grid on the tiny test config (tests/test_grid.py): merge on pooled features and
 attention on the spatial map, each decoded greedily and with a beam of 2.
 
-    python -m captioning.grid --config=configs/test.py --grid=configs/grids/test.py \
+    python -m captioning.tools.grid --config=configs/test.py --grid=configs/grids/test.py \
         --workdir=/tmp/test_grid
 """
 

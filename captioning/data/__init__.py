@@ -1,0 +1,1 @@
+"""Data: datasets' records, text, the CNN backbone, feature stores, GloVe, tf.data."""

@@ -1,0 +1,1 @@
+"""Decoding: greedy, beam and sampling search and their jitted entry points."""

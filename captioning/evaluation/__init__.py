@@ -1,0 +1,1 @@
+"""Evaluation: caption metrics, scoring a run, figures."""

@@ -1,0 +1,323 @@
+"""Scoring: the per-epoch validation of training, and `evaluate` of a run's best checkpoint.
+
+    report = evaluate(config, workdir, split="test")   # writes eval/<split>_<method>.json, ...
+
+Everything here needs only the run directory (config, vocabulary, feature statistics and the
+`params` item of a checkpoint): no optimizer is built to score or caption.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from typing import Any, NamedTuple
+
+import jax
+import ml_collections
+from absl import logging
+from flax import nnx
+
+from captioning import checkpoint, models
+from captioning.data import text
+from captioning.data.datasets.base import ImageRecord
+from captioning.data.prepare import PreparedData, prepare_data
+from captioning.decoding import decode
+from captioning.evaluation import metrics
+
+SCENE_METRICS = ("attribute_accuracy", "relation_accuracy")
+_TERM = re.compile(r"^\s*(?:([0-9.eE+-]+)\s*\*\s*)?([A-Za-z_][A-Za-z0-9_]*)\s*$")
+
+
+class Inference(NamedTuple):
+    """A run's decoder ready to decode: graph, best parameters, and which checkpoint they are."""
+
+    graphdef: nnx.GraphDef
+    params: Any
+    step: int
+    progress: dict[str, Any]  # The checkpoint's progress: epoch, best_metric, best_epoch, ...
+
+
+def parse_selection(spec: str, field: str = "train.val_metric") -> list[tuple[float, str]]:
+    """`train.val_metric` (or another config `field` of that form) -> [(weight, metric name)].
+
+    A metric name ("CIDEr"), or a weighted sum such as
+    "attribute_accuracy + relation_accuracy + 0.1*CIDEr"; raises ValueError naming the field.
+    """
+    terms = []
+    for part in spec.split("+") if spec.strip() else []:
+        match = _TERM.match(part)
+        if not match:
+            raise ValueError(
+                f"config.{field}={spec!r}: cannot read {part.strip()!r}; write a metric "
+                "name or a sum of [weight*]name terms, e.g. 'attribute_accuracy+0.1*CIDEr'."
+            )
+        terms.append((float(match.group(1) or 1.0), match.group(2)))
+    if not terms:
+        raise ValueError(f"config.{field} is empty; name a metric, e.g. CIDEr.")
+    return terms
+
+
+def selection_value(terms: list[tuple[float, str]], scores: dict[str, float]) -> float:
+    """The weighted sum of validation `scores` that `parse_selection` describes."""
+    missing = [name for _, name in terms if name not in scores]
+    if missing:
+        raise ValueError(
+            f"config.train.val_metric names {missing}, which validation does not compute; "
+            f"use any of {sorted(scores)}."
+        )
+    return float(sum(weight * scores[name] for weight, name in terms))
+
+
+def writes_files() -> bool:
+    """Whether this process writes the run's files: with several processes, only the first."""
+    return jax.process_index() == 0
+
+
+def write_json(path: str, obj: Any) -> None:
+    """Writes `obj` as JSON atomically (a temporary file, then a rename)."""
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def load_run_config(workdir: str) -> ml_collections.ConfigDict:
+    """The resolved config a run was trained with (workdir/config.json)."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"{path} not found: --workdir must be a run directory written by training."
+        )
+    with open(path, encoding="utf-8") as f:
+        return ml_collections.ConfigDict(json.load(f))
+
+
+def restore_inference(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    vocab_size: int,
+    feature_shape: tuple[int, ...],
+    which: str = "best",
+) -> Inference:
+    """The decoder of `config.model` with the run's best (else latest) parameters."""
+    graphdef, params = models.abstract_model(config.model, vocab_size, feature_shape)
+    params, step, progress = checkpoint.restore_params(workdir, params, which)
+    return Inference(graphdef, params, step, progress)
+
+
+def score_split(
+    records: list[ImageRecord],
+    captions: list[str],
+    *,
+    eval_config: ml_collections.ConfigDict,
+    meteor: bool,
+    spice: bool,
+) -> dict[str, Any]:
+    """pycocoevalcap scores of generated captions against the records' references."""
+    references = {r.image_id: list(r.captions) for r in records}
+    hypotheses = {r.image_id: c for r, c in zip(records, captions, strict=True)}
+    return metrics.score_captions(
+        references, hypotheses, tokenizer=eval_config.tokenizer, meteor=meteor, spice=spice
+    )
+
+
+def attribute_scores(records: list[ImageRecord], captions: list[str]) -> dict[str, float]:
+    """Scenes only: attribute and spatial-relation accuracy of the generated captions."""
+    if not records or not records[0].meta or "objects" not in records[0].meta:
+        return {}
+    from captioning.data.datasets import scene_captions
+
+    metas = [r.meta for r in records]
+    return {
+        "attribute_accuracy": scene_captions.attribute_accuracy(captions, metas),
+        "relation_accuracy": scene_captions.relation_accuracy(captions, metas),
+    }
+
+
+def validate(
+    decode_greedy: decode.DecodeFn, params: Any, data: PreparedData, config
+) -> dict[str, float]:
+    """Greedy captions of the val split, scored without Java (no METEOR/SPICE) -> every metric
+    (BLEU, ROUGE-L, CIDEr, and on the scenes attribute and relation accuracy)."""
+    decoded = decode.decode_split(
+        decode_greedy,
+        params,
+        data.features,
+        rows=data.rows("val"),
+        batch_size=config.decode.batch_size,
+    )
+    captions = data.vocab.decode_batch(decoded.tokens)
+    records = data.splits["val"]
+    scores = score_split(records, captions, eval_config=config.eval, meteor=False, spice=False)
+    return {**scores["scores"], **attribute_scores(records, captions)}
+
+
+def evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    split: str = "test",
+    data: PreparedData | None = None,
+    inference: Inference | None = None,
+    decoders: dict[str, decode.DecodeFn] | None = None,
+) -> dict[str, Any]:
+    """Decodes `split` with the best checkpoint and `config.decode`, scores it, writes reports.
+
+    Writes workdir/eval/<split>_<report_name>.json (metrics, per-image scores, decoding settings,
+    step, captions), appends a row to workdir/results.md and draws workdir/samples.png. Several
+    splits share one restored `inference` and the jitted `decoders` ({method: fn}, filled as
+    needed) so the second split compiles nothing.
+    """
+    workdir = os.path.abspath(workdir)
+    vocab = text.Vocabulary.load(os.path.join(workdir, "vocab.json"))
+    if data is None:
+        data = prepare_data(config, workdir, vocab=vocab)
+    if split not in data.splits or not data.splits[split]:
+        present = [s for s, records in data.splits.items() if records]
+        raise ValueError(f"Split {split!r} has no images; use one of {present}.")
+    if inference is None:
+        inference = restore_inference(config, workdir, len(vocab), data.features.shape[1:])
+    graphdef, params, step, progress = inference
+    decoders = {} if decoders is None else decoders
+    records = data.splits[split]
+    rows = data.rows(split)
+    method = config.decode.method
+    start = time.perf_counter()
+    decoded = decode.decode_split(
+        method_decoder(decoders, graphdef, config.decode, method, data.stats),
+        params,
+        data.features,
+        rows=rows,
+        batch_size=config.decode.batch_size,
+        seed=config.decode.seed,
+    )
+    decode_seconds = time.perf_counter() - start
+    captions = vocab.decode_batch(decoded.tokens)
+    scored = score_split(
+        records,
+        captions,
+        eval_config=config.eval,
+        meteor=config.eval.meteor,
+        spice=config.eval.spice,
+    )
+    report = {
+        "split": split,
+        "step": int(step),
+        # Which checkpoint: the epoch that `train.val_metric` chose, and its validation value.
+        "checkpoint": {
+            "epoch": progress.get("best_epoch"),
+            "selected_by": config.train.val_metric,
+            "value": progress.get("best_metric"),
+        },
+        "decode": config.decode.to_dict(),
+        "tokenizer": scored.get("tokenizer", config.eval.tokenizer),
+        "metrics": {
+            **scored["scores"],
+            **attribute_scores(records, captions),
+            **metrics.caption_stats(captions),
+        },
+        "skipped_metrics": scored.get("skipped", {}),
+        "decode_seconds": decode_seconds,
+        "captions": [
+            {
+                "image_id": r.image_id,
+                "caption": c,
+                "references": list(r.captions),
+                "scores": scored["per_image"].get(r.image_id, {}),
+            }
+            for r, c in zip(records, captions, strict=True)
+        ],
+    }
+    if not writes_files():  # Every process decodes alike; the first one reports.
+        return report
+    eval_dir = os.path.join(workdir, "eval")
+    os.makedirs(eval_dir, exist_ok=True)
+    name = report_name(config.decode)
+    write_json(os.path.join(eval_dir, f"{split}_{name}.json"), report)
+    row = {
+        "training": "scst" if config.scst.init_from else "xe",
+        "method": name,
+        "beam_size": config.decode.beam_size if method == "beam" else 1,
+        "split": split,
+        "step": int(step),
+        **report["metrics"],
+    }
+    columns = ["training", "method", "beam_size", "split", "step", *metrics.METRIC_NAMES]
+    columns += [k for k in SCENE_METRICS if k in row] + ["repeated_pair_share"]
+    metrics.append_results_row(os.path.join(workdir, "results.md"), row, columns)
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in report["metrics"].items())
+    logging.info(
+        "Evaluated %s (%s, step %d, epoch %s chosen by %s = %s): %s",
+        split,
+        name,
+        step,
+        progress.get("best_epoch"),
+        config.train.val_metric,
+        progress.get("best_metric"),
+        shown,
+    )
+    _draw_samples(
+        config, workdir, split, data, records, rows, captions, decoded, inference, decoders
+    )
+    return report
+
+
+def report_name(decode_config) -> str:
+    """The stem of a decoding's report files: `decode.method`, plus '_blocked' when
+    `decode.block_repeats` is on (so the two never overwrite each other)."""
+    return decode_config.method + ("_blocked" if decode_config.block_repeats else "")
+
+
+def method_decoder(decoders: dict, graphdef, decode_config, method: str, stats) -> decode.DecodeFn:
+    """The jitted decoder of `method` with `decode_config`'s other settings, made once and kept
+    in `decoders` ({method: fn}) for every later split, validation or figure that asks for it."""
+    if method not in decoders:
+        settings = ml_collections.ConfigDict({**decode_config.to_dict(), "method": method})
+        decoders[method] = decode.decode_fn(graphdef, settings, stats)
+    return decoders[method]
+
+
+def _draw_samples(
+    config, workdir, split, data, records, rows, captions, decoded, inference, decoders
+):
+    """samples.png: the first `eval.num_samples` images with their greedy and beam captions (plus
+    the evaluated method's) beside every reference; attention maps when asked for."""
+    from captioning.evaluation import visualize
+
+    method = config.decode.method
+    shown = records[: config.eval.num_samples]
+    shown_captions = {method: captions[: len(shown)]}
+    for other in ("greedy", "beam"):
+        if other != method and shown:
+            out = decode.decode_split(
+                method_decoder(decoders, inference.graphdef, config.decode, other, data.stats),
+                inference.params,
+                data.features,
+                rows=rows[: len(shown)],
+                batch_size=len(shown),
+            )
+            shown_captions[other] = data.vocab.decode_batch(out.tokens)
+    if "beam" in shown_captions:
+        shown_captions = {
+            f"beam{config.decode.beam_size}" if k == "beam" else k: v
+            for k, v in shown_captions.items()
+        }
+    name = "samples.png" if split == config.eval.split else f"samples_{split}.png"
+    visualize.save_samples(
+        os.path.join(workdir, name),
+        [r.image_path for r in shown],
+        shown_captions,
+        [" | ".join(r.captions) for r in shown],  # Every reference, as annotators wrote them.
+    )
+    if config.eval.attention_maps and decoded.attention.shape[-1] > 0:
+        visualize.save_attention_maps(
+            os.path.join(workdir, "attention", f"{split}_{report_name(config.decode)}"),
+            [r.image_path for r in shown],
+            decoded.tokens[: len(shown)],
+            decoded.attention[: len(shown)],
+            data.vocab.itos,
+            data.features.shape[1:3],
+            names=[f"{r.image_id}.png" for r in shown],
+        )

@@ -1,0 +1,1 @@
+"""Training: the loop, cross-entropy and SCST steps, losses, rewards."""

@@ -1,0 +1,382 @@
+"""Self-critical sequence training (SCST, Rennie et al. 2017): fine-tune a decoder on CIDEr-D.
+
+    python main.py --config=configs/scenes_scst.py --workdir=runs/scenes_scst \
+        --config.scst.init_from=runs/scenes
+
+A second training phase that starts from a finished cross-entropy run (`scst.init_from`): its best
+parameters, vocabulary, feature statistics and feature store. Each step takes `scst.batch_size`
+training images and, per image:
+
+1. samples `scst.num_samples` captions with the jitted sampler (`search.sample_decode`,
+   temperature 1, no dropout);
+2. scores each with CIDEr-D against the image's references, with document frequencies computed
+   once from all training references (`rewards.CiderD`). As in ruotianluo/self-critical.pytorch,
+   `<end>` is part of every candidate and reference, so ending a caption well is rewarded and
+   ending it early ("a red circle and a") is not;
+3. subtracts a baseline: `mean`, the mean reward of the image's *other* samples (the "new
+   self-critical" variant; the advantages of an image then sum to zero), or `greedy`, the reward of
+   the image's greedy caption (Rennie et al.);
+4. minimises -(reward - baseline) x the sum of the sample's token log-probabilities up to and
+   including its first `<end>` (nothing after it), divided by the number of those tokens in the
+   batch. The log-probabilities are recomputed by teacher forcing the sampled words (the same
+   values as the sampler's, `tests/test_search.py`, but one parallel pass whose backward pass is
+   the LSTM's hand-written one, instead of differentiating through the sampling loop); rewards
+   and baselines are constants, so the gradient flows only through those log-probabilities.
+
+Everything else is the cross-entropy loop's: per-epoch greedy validation and checkpoint selection
+by `train.val_metric`, Orbax checkpoints and exact resume (keys folded per step, image order by
+(seed, epoch)), TensorBoard, `history.json`, `curves.png` (here with the mean reward and
+baseline), and the final evaluation (`results.md` rows say `scst`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from clu import metric_writers, periodic_actions
+from flax import nnx, traverse_util
+
+from captioning import checkpoint, models
+from captioning.data import text
+from captioning.data.prepare import STATS_FILE, PreparedData, prepare_data
+from captioning.decoding import search
+from captioning.evaluation import evaluate
+from captioning.training import rewards, train
+
+BASELINES = ("mean", "greedy")
+# What `scst.reward` may weigh: CIDEr-D, and on the scenes each caption's own attribute score
+# (1 when it names exactly the true objects) and relation score (share of its relations true).
+REWARD_TERMS = ("CIDEr", "attribute_accuracy", "relation_accuracy")
+END_WORD = "<end>"
+# Sections that must agree with the run SCST starts from (what it learned and what it reads).
+MATCHING = ("data", "encoder", "model")
+# ... except these fields, which change neither the vocabulary, the features nor the model.
+MATCHING_EXCEPT = {"data.cache_dir", "data.skip_bad_images", "encoder.batch_size", "model.dropout"}
+
+
+def sequence_mask(tokens: np.ndarray | jax.Array) -> jax.Array:
+    """tokens [N, T] -> [N, T] float32: 1 on every word up to and including the first `<end>`
+    (padding after it is 0; a caption that never ends keeps all T words)."""
+    tokens = jnp.asarray(tokens)
+    ended_before = jnp.cumsum(tokens == text.END_ID, axis=1) - (tokens == text.END_ID)
+    return ((ended_before == 0) & (tokens != text.PAD_ID)).astype(jnp.float32)
+
+
+def caption_texts(tokens: np.ndarray, vocab: text.Vocabulary) -> list[str]:
+    """Sampled token rows -> the strings CIDEr-D scores: words, then `<end>` if the caption
+    ended (padding and anything after `<end>` dropped)."""
+    texts = []
+    for row in np.asarray(tokens):
+        ends = np.flatnonzero(row == text.END_ID)
+        words = [vocab.itos[i] for i in row[: ends[0] if len(ends) else len(row)] if i > 0]
+        texts.append(" ".join(words + ([END_WORD] if len(ends) else [])))
+    return texts
+
+
+def reference_texts(data: PreparedData, split: str, min_word_len: int) -> list[list[str]]:
+    """Each image's references as CIDEr-D strings: cleaned words (as training sees them, words
+    outside the vocabulary as `<unk>`), then `<end>`."""
+    vocab = data.vocab
+    return [
+        [
+            " ".join(vocab.decode(vocab.encode(text.clean_caption(c, min_word_len))).split())
+            + f" {END_WORD}"
+            for c in record.captions
+        ]
+        for record in data.splits[split]
+    ]
+
+
+def reward_function(spec: str, scorer: rewards.CiderD, records) -> Callable:
+    """`scst.reward` -> rewards(texts [N], image_rows [N]) -> [N] float64 (a weighted sum).
+
+    `texts` are `caption_texts` strings, `image_rows` index `records` (the training images, whose
+    `meta['objects']` the scene terms read).
+    """
+    terms = evaluate.parse_selection(spec, "scst.reward")
+    unknown = [name for _, name in terms if name not in REWARD_TERMS]
+    if unknown:
+        raise ValueError(f"config.scst.reward={spec!r}: {unknown} unknown; use {REWARD_TERMS}.")
+    scene_terms = [(w, name) for w, name in terms if name != "CIDEr"]
+    if scene_terms and not (records and "objects" in (records[0].meta or {})):
+        raise ValueError(
+            f"config.scst.reward={spec!r}: attribute and relation rewards need the scenes "
+            "dataset (images whose objects are known)."
+        )
+    cider_weight = sum(w for w, name in terms if name == "CIDEr")
+
+    def reward(texts: list[str], image_rows: np.ndarray) -> np.ndarray:
+        total = cider_weight * scorer.scores(texts, image_rows) if cider_weight else 0.0
+        if scene_terms:
+            from captioning.data.datasets import scene_captions
+
+            scores = np.zeros((len(texts), 2))
+            for i, (caption, row) in enumerate(zip(texts, image_rows, strict=True)):
+                words = caption.removesuffix(END_WORD)
+                attribute, relation = scene_captions.caption_scores(words, records[row].meta)
+                scores[i] = attribute, relation or 0.0
+            for weight, name in scene_terms:
+                total = total + weight * scores[:, REWARD_TERMS.index(name) - 1]
+        return np.broadcast_to(total, (len(texts),)).astype(np.float64)
+
+    return reward
+
+
+def advantages(
+    sample_rewards: np.ndarray, baseline: str, greedy_rewards=None
+) -> tuple[np.ndarray, np.ndarray]:
+    """rewards [B, N] (N samples per image) -> (advantages [B, N], baselines [B, N]).
+
+    mean: each sample's baseline is the mean reward of the image's other N - 1 samples, so an
+    image's advantages sum to zero. greedy: the image's greedy caption's reward [B].
+    """
+    if baseline == "mean":
+        num = sample_rewards.shape[1]
+        if num < 2:
+            raise ValueError("config.scst.baseline='mean' needs config.scst.num_samples >= 2.")
+        base = (sample_rewards.sum(axis=1, keepdims=True) - sample_rewards) / (num - 1)
+    elif baseline == "greedy":
+        base = np.broadcast_to(np.asarray(greedy_rewards)[:, None], sample_rewards.shape)
+    else:
+        raise ValueError(f"config.scst.baseline={baseline!r}: use one of {BASELINES}.")
+    return sample_rewards - base, base
+
+
+def policy_loss(logits: jax.Array, tokens: jax.Array, advantage: jax.Array) -> jax.Array:
+    """-(advantage x summed log-probabilities of the sampled words) / number of words.
+
+    logits [N, T, V] of the teacher-forced samples, tokens [N, T], advantage [N] (constants).
+    """
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32))
+    picked = jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0]  # [N, T]
+    mask = sequence_mask(tokens)
+    summed = jnp.sum(picked * mask, axis=1)  # [N]
+    return -jnp.sum(jax.lax.stop_gradient(advantage) * summed) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def make_steps(
+    graphdef: nnx.GraphDef, tx: optax.GradientTransformation, scst_config, max_len, stats=None
+):
+    """-> (sample, update), pure functions to be jitted. `features` are the batch images' rows
+    as the store holds them [B, ...], standardised on the device with `stats`.
+
+    sample(params, features [B, ...], key) -> tokens [B * num_samples, max_len], each image's
+      samples adjacent.
+    update(params, opt_state, features [B, ...], tokens [B * num_samples, T], advantage [same])
+      -> (params, opt_state, {loss, grad_norm}).
+    """
+    num_samples = int(scst_config.num_samples)
+
+    def standardized(features):
+        features = jnp.repeat(features, num_samples, axis=0)
+        return features if stats is None else stats.apply(features)
+
+    def sample(params, features, key):
+        model = nnx.merge(graphdef, params)
+        return search.sample_decode(model, standardized(features), key, max_len=max_len).tokens
+
+    def loss_fn(params, features, tokens, advantage):
+        model = nnx.merge(graphdef, params)
+        start = jnp.full((tokens.shape[0], 1), text.START_ID, tokens.dtype)
+        inputs = jnp.concatenate([start, tokens[:, :-1]], axis=1)
+        logits, _ = model(standardized(features), inputs)
+        return policy_loss(logits, tokens, advantage)
+
+    def update(params, opt_state, features, tokens, advantage):
+        loss, grads = jax.value_and_grad(loss_fn)(params, features, tokens, advantage)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        return params, opt_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+
+    return sample, update
+
+
+def check_init_run(config: ml_collections.ConfigDict, init_dir: str) -> ml_collections.ConfigDict:
+    """The config of the run SCST starts from; refuses one whose data, features or decoder
+    differ from `config` (naming the fields)."""
+    if not config.scst.init_from:
+        raise ValueError(
+            "config.scst.init_from is empty: give the workdir of a finished cross-entropy run, "
+            "e.g. --config.scst.init_from=runs/scenes."
+        )
+    saved = evaluate.load_run_config(init_dir)
+    if saved.scst.init_from:
+        raise ValueError(f"{init_dir} is itself an SCST run; start from a cross-entropy run.")
+    mine = traverse_util.flatten_dict(json.loads(config.to_json()), sep=".")
+    theirs = traverse_util.flatten_dict(json.loads(saved.to_json()), sep=".")
+    differ = [
+        key
+        for key in sorted(mine)
+        if key.split(".")[0] in MATCHING and key not in MATCHING_EXCEPT
+        if mine[key] != theirs.get(key)
+    ]
+    if differ:
+        raise ValueError(
+            f"config.scst.init_from={init_dir}: that run's {', '.join(differ)} differ from this "
+            f"config ({', '.join(f'{k}={theirs.get(k)!r}' for k in differ[:4])}); SCST needs the "
+            "same vocabulary, features and decoder. Use the run's own config "
+            f"(--config=configs/run.py:{init_dir} plus the scst fields) or another run."
+        )
+    for name in ("vocab.json", STATS_FILE):
+        if not os.path.exists(os.path.join(init_dir, name)):
+            raise FileNotFoundError(f"{init_dir}/{name} is missing: train the run to its end.")
+    return saved
+
+
+def _image_batches(num_images: int, batch_size: int, seed: int, epoch: int):
+    """The epoch's training images in batches of one size: [(rows [batch], valid count)]."""
+    order = np.random.default_rng([seed, epoch, 7]).permutation(num_images)
+    batches = []
+    for start in range(0, num_images, batch_size):
+        rows = order[start : start + batch_size]
+        valid = len(rows)
+        batches.append((np.pad(rows, (0, batch_size - valid)), valid))
+    return batches
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Fine-tunes the run `config.scst.init_from` with SCST (resuming if the workdir has
+    checkpoints), then scores the best checkpoint like a cross-entropy run."""
+    workdir = os.path.abspath(workdir)
+    init_dir = os.path.abspath(os.path.expanduser(config.scst.init_from))
+    scst = config.scst
+    if scst.baseline not in BASELINES:
+        raise ValueError(f"config.scst.baseline={scst.baseline!r}: use one of {BASELINES}.")
+    check_init_run(config, init_dir)
+    os.makedirs(workdir, exist_ok=True)
+    train.check_resumable_config(config, workdir)
+    evaluate.write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json()))
+    # The run directory stands alone: evaluation, caption mode and the demo read these here.
+    for name in ("vocab.json", STATS_FILE):
+        shutil.copyfile(os.path.join(init_dir, name), os.path.join(workdir, name))
+    vocab = text.Vocabulary.load(os.path.join(workdir, "vocab.json"))
+    data = prepare_data(config, workdir, vocab=vocab)
+    train_rows = data.rows("train")
+    references = reference_texts(data, "train", config.data.min_word_len)
+    scorer = rewards.CiderD(references)  # Frequencies from every training image, once.
+    reward_fn = reward_function(scst.reward, scorer, data.splits["train"])
+
+    graphdef, params = models.abstract_model(config.model, len(vocab), data.features.shape[1:])
+    params, init_step, _ = checkpoint.restore_params(init_dir, params)
+    tx = optax.chain(
+        optax.clip_by_global_norm(config.train.grad_clip), optax.adam(scst.learning_rate)
+    )
+    state = {
+        "params": params,
+        "opt_state": tx.init(params),
+        "progress": train.progress_state(0, -np.inf, 0, 0),
+    }
+    latest_mgr, best_mgr = checkpoint.managers(workdir, config.train.keep_checkpoints)
+    state, history = train.resume(latest_mgr, state, workdir)
+    params, opt_state, progress = state["params"], state["opt_state"], state["progress"]
+    start_epoch = int(progress["epoch"])
+    if not start_epoch:
+        logging.info("SCST from %s (its checkpoint of step %d).", init_dir, init_step)
+    best_metric, best_epoch = float(progress["best_metric"]), int(progress["best_epoch"])
+
+    max_len = int(config.decode.max_len)
+    sample_fn, update_fn = make_steps(graphdef, tx, scst, max_len, data.stats)
+    sample_fn = jax.jit(sample_fn)
+    update_fn = jax.jit(update_fn, donate_argnums=(0, 1))
+    decoders = {}  # Validation's greedy decoder serves the final evaluation too.
+    greedy_fn = evaluate.method_decoder(decoders, graphdef, config.decode, "greedy", data.stats)
+    batches_per_epoch = len(_image_batches(len(train_rows), scst.batch_size, config.seed, 0))
+    total_steps = batches_per_epoch * scst.num_epochs
+    selection = evaluate.parse_selection(config.train.val_metric)
+    writer = metric_writers.create_default_writer(
+        workdir, just_logging=jax.process_index() > 0, asynchronous=False
+    )
+    report_progress = periodic_actions.ReportProgress(
+        num_train_steps=total_steps, every_steps=config.train.log_every, every_secs=None
+    )
+    base_key = jax.random.key(config.seed)
+    step = start_epoch * batches_per_epoch
+    if not start_epoch:
+        # Epoch 0 is the starting point: SCST must beat it to be chosen.
+        scores = evaluate.validate(greedy_fn, params, data, config)
+        best_metric = evaluate.selection_value(selection, scores)
+        start_metrics = {f"eval_{k}": scores[k] for k in train.VALIDATION_LOGGED if k in scores}
+        history.append({"epoch": 0, "step": 0, **start_metrics, "eval_selection": best_metric})
+        progress = train.progress_state(0, best_metric, 0, 0)
+        if best_mgr.latest_step() is None:  # (A rerun killed in epoch 1 has it already.)
+            checkpoint.save(best_mgr, 0, params=params, opt_state=opt_state, progress=progress)
+    try:
+        for epoch in range(start_epoch, scst.num_epochs):
+            epoch_start = time.perf_counter()
+            sums = np.zeros(4)  # reward, baseline, loss, reward seconds (sums over steps)
+            for batch_rows, valid in _image_batches(
+                len(train_rows), scst.batch_size, config.seed, epoch
+            ):
+                # The images' rows, gathered wherever they live (device, host or disk residency).
+                features = jnp.asarray(data.features[train_rows[batch_rows]])
+                key = jax.random.fold_in(base_key, step)
+                tokens = np.asarray(sample_fn(params, features, key))
+                reward_start = time.perf_counter()
+                sample_images = np.repeat(batch_rows, scst.num_samples)
+                sample_rewards = reward_fn(caption_texts(tokens, vocab), sample_images)
+                sample_rewards = sample_rewards.reshape(-1, scst.num_samples)
+                greedy_rewards = None
+                if scst.baseline == "greedy":
+                    greedy = np.asarray(greedy_fn(params, features, key).tokens)
+                    greedy_rewards = reward_fn(caption_texts(greedy, vocab), batch_rows)
+                advantage, baseline = advantages(sample_rewards, scst.baseline, greedy_rewards)
+                advantage[valid:] = 0.0  # Batch filler images teach nothing.
+                reward_seconds = time.perf_counter() - reward_start
+                params, opt_state, stats = update_fn(
+                    params,
+                    opt_state,
+                    features,
+                    jnp.asarray(tokens),
+                    jnp.asarray(advantage.reshape(-1), jnp.float32),
+                )
+                sums += (
+                    sample_rewards[:valid].mean(),
+                    baseline[:valid].mean(),
+                    float(stats["loss"]),
+                    reward_seconds,
+                )
+                step += 1
+                report_progress(step)
+            steps = max(batches_per_epoch, 1)
+            train_seconds = time.perf_counter() - epoch_start
+            scores = evaluate.validate(greedy_fn, params, data, config)
+            val_metric = evaluate.selection_value(selection, scores)
+            epoch_metrics = {
+                "train_reward": sums[0] / steps,
+                "train_baseline": sums[1] / steps,
+                "train_loss": sums[2] / steps,
+                "train_reward_share": sums[3] / max(train_seconds, 1e-9),
+                **{f"eval_{k}": scores[k] for k in train.VALIDATION_LOGGED if k in scores},
+                "eval_selection": val_metric,
+            }
+            improved = val_metric > best_metric
+            if improved:
+                best_metric, best_epoch = val_metric, epoch + 1
+            progress = train.progress_state(epoch + 1, best_metric, best_epoch, 0)
+            train.end_epoch(
+                writer,
+                (latest_mgr, best_mgr),
+                history,
+                workdir,
+                step,
+                (epoch + 1, scst.num_epochs),
+                epoch_metrics,
+                {"params": params, "opt_state": opt_state, "progress": progress},
+                improved,
+                (time.perf_counter() - epoch_start, train_seconds),
+            )
+    finally:
+        train.close(writer, latest_mgr, best_mgr)
+    curves = ("eval_selection", "eval_CIDEr", "train_reward", "train_baseline")
+    return train.finish(config, workdir, data, history, curves, decoders)
