@@ -14,8 +14,7 @@ from captioning import models
 from captioning.data import text
 from captioning.decoding import decode, search
 from captioning.evaluation import visualize
-from captioning.models import merge_attention
-from captioning.models import show_attend_tell as attention
+from captioning.models import attention, merge_attention, show_attend_tell
 from captioning.training import losses, train
 from configs import test as test_config
 
@@ -159,7 +158,7 @@ def test_one_training_step_lowers_the_loss(decoder, feature_shape):
         loss_sum, count = losses.masked_cross_entropy(logits, batch["targets"])
         reg = config.model.attention_reg
         if "attention" in aux:
-            loss_sum += count * losses.attention_regularizer(
+            loss_sum += count * attention.attention_regularizer(
                 aux["attention"], batch["targets"], reg
             )
         return float(loss_sum / count)
@@ -187,15 +186,15 @@ def test_doubly_stochastic_regularization_reaches_the_loss():
     model = _model()
     tokens = _tokens(length=5).clip(4)
     _, aux = model(_features(), tokens)
-    penalty = float(losses.attention_regularizer(aux["attention"], tokens, 1.0))
+    penalty = float(attention.attention_regularizer(aux["attention"], tokens, 1.0))
     # sum_t alpha_ti over 5 words spread over 12 locations cannot be 1 everywhere.
     assert penalty > 0
-    assert float(losses.attention_regularizer(aux["attention"], tokens, 0.0)) == 0.0
+    assert float(attention.attention_regularizer(aux["attention"], tokens, 0.0)) == 0.0
     # Padding targets are ignored: only the first two words' attention counts.
     short = tokens.at[:, 2:].set(text.PAD_ID)
     expected = (1.0 - aux["attention"][:, :2].sum(axis=1)) ** 2
     np.testing.assert_allclose(
-        losses.attention_regularizer(aux["attention"], short, 1.0),
+        attention.attention_regularizer(aux["attention"], short, 1.0),
         expected.sum() / (2 * tokens.shape[0]),
         rtol=1e-5,
     )
@@ -319,7 +318,7 @@ def test_show_attend_tell_backward_pass_equals_autodiff(dtype):
     scan over its step) for every input, the loss reading h, alpha and z."""
     batch, locations, channels, hidden, att, steps = 3, 5, 7, 6, 4, 4
     keys = jax.random.split(jax.random.key(0), 10)
-    weights = attention.AttentionWeights(
+    weights = show_attend_tell.AttentionWeights(
         w_zh=jax.random.normal(keys[0], (channels + hidden, 4 * hidden)) * 0.4,
         query=jax.random.normal(keys[1], (hidden, att)) * 0.4,
         score=jax.random.normal(keys[2], (att, 1)),
@@ -346,13 +345,15 @@ def test_show_attend_tell_backward_pass_equals_autodiff(dtype):
         w = weights._replace(w_zh=weights.w_zh.T.astype(dtype))  # As the step reads it.
 
         def step(state, gates):
-            state, r = attention._recurrence_step(w, keys, values, state, gates, dtype)
+            state, r = show_attend_tell._recurrence_step(w, keys, values, state, gates, dtype)
             return state, (state[0], r.alpha, r.z)
 
         return jax.lax.scan(step, (h0, c0), word_gates)[1]
 
     def custom(weights, keys, values, h0, c0, word_gates):
-        return attention.attention_recurrence(weights, keys, values, h0, c0, word_gates, dtype)
+        return show_attend_tell.attention_recurrence(
+            weights, keys, values, h0, c0, word_gates, dtype
+        )
 
     def loss(fn):
         return lambda *args: sum(jnp.sum(p * out) for p, out in zip(probe, fn(*args), strict=True))

@@ -1,4 +1,4 @@
-"""captioning.data.prepare: feature statistics over a store without copying it, and where the rows live
+"""data.prepare: feature statistics over a store without copying it, and where the rows live
 (device, host or disk residency give the same training, bit for bit)."""
 
 import json

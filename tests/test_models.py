@@ -10,6 +10,7 @@ from flax import nnx
 
 from captioning import models
 from captioning.models import layers
+from captioning.models import lstm as lstm_lib
 from configs import test as test_config
 
 
@@ -95,7 +96,7 @@ def test_dropout_rate_and_unbiased_scaling(rate):
 
 @pytest.mark.parametrize("vocab", [5, 50])  # fewer words than tokens (gathered), more (per token)
 def test_project_words_equals_projecting_every_dropped_out_token(vocab):
-    lstm = layers.LSTM(8, 4, rngs=nnx.Rngs(0))
+    lstm = lstm_lib.LSTM(8, 4, rngs=nnx.Rngs(0))
     embedding = jax.random.normal(jax.random.key(1), (vocab, 8))
     tokens = jax.random.randint(jax.random.key(2), (3, 6), 0, vocab).at[0, :2].set(3)
     key = jax.random.key(3)
@@ -158,7 +159,7 @@ def test_lstm_recurrence_equals_the_cell_and_autodiff(dtype, tol):
     loop) gives `LSTM.cell`'s states and autodiff's gradients for every input, initial state
     included."""
     compute = layers.compute_dtype(dtype)
-    lstm = layers.LSTM(6, 8, rngs=nnx.Rngs(0), dtype=compute)
+    lstm = lstm_lib.LSTM(6, 8, rngs=nnx.Rngs(0), dtype=compute)
     keys = jax.random.split(jax.random.key(1), 4)
     h0, c0 = (jax.random.normal(k, (5, 8)) for k in keys[:2])
     gates_in = jax.random.normal(keys[2], (7, 5, 32))  # [T, B, 4H]
@@ -166,7 +167,7 @@ def test_lstm_recurrence_equals_the_cell_and_autodiff(dtype, tol):
     w_rec = lstm.w_rec[...]
 
     def custom(w_rec, h0, c0, gates_in):
-        return layers.lstm_recurrence(w_rec, h0, c0, gates_in, compute)
+        return lstm_lib.lstm_recurrence(w_rec, h0, c0, gates_in, compute)
 
     def autodiff(w_rec, h0, c0, gates_in):  # LSTM.cell's arithmetic, differentiated by JAX.
         def step(state, g):

@@ -43,7 +43,7 @@ class AttentionToy:
         self.base = base
         self.keys = jax.random.normal(jax.random.key(7), (5, 16))
 
-    def init_decode(self, features):
+    def init_decode(self, features, max_len=None):
         image, (h, c) = self.base.init_decode(features)
         context = {"image": image, "keys": jnp.broadcast_to(self.keys, (features.shape[0], 5, 16))}
         return context, {"h": h, "c": c, "steps": jnp.zeros((features.shape[0],), jnp.int32)}
@@ -66,7 +66,7 @@ class CountingDecoder:
     def _count(self):
         self.calls += 1
 
-    def init_decode(self, features):
+    def init_decode(self, features, max_len=None):
         return self.base.init_decode(features)
 
     def decode_step(self, context, state, tokens):

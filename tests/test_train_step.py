@@ -9,7 +9,8 @@ from flax import nnx
 
 from captioning import models
 from captioning.data import text
-from captioning.training import losses, train
+from captioning.models import merge
+from captioning.training import train
 from configs import test as test_config
 
 # (decoder, features per image): the seed's merge decoder on pooled features, and the scenes
@@ -143,13 +144,13 @@ def test_concept_loss_trains_its_head_and_ignores_padding_rows():
     batch["targets"][-1] = text.PAD_ID  # A padding row.
     logits, aux = model(features[batch["image_index"]], batch["inputs"])
     assert aux["concept_logits"].shape == (8, 13 + 3)
-    loss = losses.concept_loss(aux["concept_logits"], batch["concepts"], batch["targets"], 1.0)
+    loss = merge.concept_loss(aux["concept_logits"], batch["concepts"], batch["targets"], 1.0)
     other = dict(batch, concepts=batch["concepts"].copy())
     other["concepts"][-1] = 1 - other["concepts"][-1]
-    again = losses.concept_loss(aux["concept_logits"], other["concepts"], batch["targets"], 1.0)
+    again = merge.concept_loss(aux["concept_logits"], other["concepts"], batch["targets"], 1.0)
     assert float(again) == pytest.approx(float(loss))
     other["concepts"][0] = 1 - other["concepts"][0]
-    changed = losses.concept_loss(aux["concept_logits"], other["concepts"], batch["targets"], 1.0)
+    changed = merge.concept_loss(aux["concept_logits"], other["concepts"], batch["targets"], 1.0)
     assert float(changed) != pytest.approx(float(loss))
 
     params, opt_state = state["params"], state["opt_state"]

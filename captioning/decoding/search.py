@@ -1,7 +1,8 @@
 """Search algorithms over any decoder of `captioning.models` (jit-friendly, batched).
 
-Every method drives the decoder only through `init_decode` and `decode_step`, so it works with
-every decoder, whatever pytrees its context and state are. `captioning.decoding.decode` jits them.
+Every method drives the decoder only through `init_decode` and `decode_step` (the contract in
+`captioning.models.base`), so it works with every decoder, whatever pytrees its context and state
+are (batch-first leaves). `captioning.decoding.decode` jits them.
 
 * `greedy_decode`: the most likely word at each step, in one `lax.while_loop` that stops as soon
   as every caption has produced `<end>`, or at `max_len` words.
@@ -118,7 +119,7 @@ def greedy_decode(
     block_repeats: never emit a word that repeats a trigram of the caption so far.
     """
     batch = features.shape[0]
-    context, state = model.init_decode(features)
+    context, state = model.init_decode(features, max_len)
     _, num_locations = _step_shapes(model, context, state, batch)
 
     def cond(carry):
@@ -171,7 +172,7 @@ def beam_search_beams(
     check_positive("beam_size", beam_size)
     check_positive("max_len", max_len)
     batch, beams = features.shape[0], beam_size
-    context, state = model.init_decode(features)
+    context, state = model.init_decode(features, max_len)
     # Row b*K + k of every decoder leaf belongs to image b, beam k.
     tile = lambda x: jnp.repeat(x, beams, axis=0)
     context, state = jax.tree.map(tile, context), jax.tree.map(tile, state)
@@ -304,7 +305,7 @@ def sample_decode(
     check_positive("max_len", max_len)
     check_sampling(temperature, top_k)
     batch = features.shape[0]
-    context, state = model.init_decode(features)
+    context, state = model.init_decode(features, max_len)
     _, num_locations = _step_shapes(model, context, state, batch)
 
     def step(carry, t):

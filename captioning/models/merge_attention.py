@@ -1,37 +1,33 @@
 """The merge decoder with spatial attention at its output (`model.decoder='merge_attention'`).
 
-`MergeAttentionDecoder` has the entry points of `captioning.models.layers.Decoder`, so training, greedy,
-beam search and sampling work unchanged and return the attention weights of every generated word.
-With `feed_dim` > 0 the LSTM reads what the previous word's lookup saw, so the lookups run inside
-the recurrence: `fed_recurrence` is that loop, with a hand-written backward pass.
+`MergeAttentionDecoder` implements the contract of `captioning.models.base.Decoder`, so training,
+greedy, beam search and sampling work unchanged and return the attention weights of every
+generated word. With `feed_dim` > 0 the LSTM reads what the previous word's lookup saw, so the
+lookups run inside the recurrence: `fed_recurrence` is that loop, with a hand-written backward
+pass.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any, NamedTuple
+import math
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from captioning.models.layers import (
-    LSTM,
-    Decoder,
-    Dense,
-    dropout,
-    lstm_activate,
-    lstm_activate_backward,
-    matmul,
-    param,
-)
-from captioning.models.show_attend_tell import (
+from captioning.models.attention import (
     AttentionContext,
     additive_attention,
     attention_mlp,
+    attention_regularizer,
     spatial_input,
     weighted_sum,
 )
+from captioning.models.base import Decoder, common_kwargs, register
+from captioning.models.layers import Dense, dropout, matmul, param
+from captioning.models.lstm import LSTM, lstm_activate, lstm_activate_backward
 
 Array = jax.Array
 
@@ -78,8 +74,8 @@ def fed_recurrence(
 
     Per word t: f_{t-1} = sum_i alpha_{t-1,i} r_i (zeros for t = 0), gates = x_t + W_f f_{t-1} +
     W_rec h_{t-1}, (h_t, c_t) = LSTM(gates, c_{t-1}), alpha_t = softmax_i(w^T tanh(k_i + U h_t)).
-    As `captioning.models.show_attend_tell.attention_recurrence`, the backward pass keeps the weight gradients
-    out of the reverse loop (each is one [.., T*B] x [T*B, ..] product after it; autodiff would
+    As `show_attend_tell.attention_recurrence`, the backward pass keeps the weight gradients out
+    of the reverse loop (each is one [.., T*B] x [T*B, ..] product after it; autodiff would
     read-modify-write every weight at every word) and recomputes the [B, L, A] tanh rather than
     stacking it.
     """
@@ -145,6 +141,7 @@ def _fed_bwd(dtype, saved, cotangents):
 fed_recurrence.defvjp(_fed_fwd, _fed_bwd)
 
 
+@register("merge_attention")
 class MergeAttentionDecoder(Decoder):
     """The merge decoder with spatial attention at its output (Lu et al. 2017, "Knowing When to
     Look", section 2.2): what is added to the LSTM's output h_t is no longer one pooled vector but
@@ -175,6 +172,30 @@ class MergeAttentionDecoder(Decoder):
     vocabulary the largest input product of the step shrinks to a few rows.
     """
 
+    spatial: ClassVar[bool] = True
+    own_options: ClassVar[dict[str, Any]] = {"feed_dim": 0}
+
+    @classmethod
+    def from_config(cls, model_config, vocab_size, feature_shape, *, rngs):
+        return cls(
+            vocab_size,
+            feature_shape[-1],
+            attention_dim=int(model_config.attention_dim or model_config.hidden_size),
+            positions=bool(model_config.attention_positions),
+            attention_reg=float(model_config.attention_reg),
+            feed_dim=int(model_config.feed_dim),
+            **common_kwargs(model_config, rngs),
+        )
+
+    @classmethod
+    def attention_locations(cls, feature_shape) -> int:
+        """Every location of the [H, W] (or [L]) grid."""
+        return int(math.prod(feature_shape[:-1]))
+
+    def aux_loss(self, aux, batch):
+        """Show-Attend-Tell's doubly stochastic regulariser (weight `model.attention_reg`)."""
+        return attention_regularizer(aux["attention"], batch["targets"], self.attention_reg)
+
     def __init__(
         self,
         vocab_size: int,
@@ -189,7 +210,9 @@ class MergeAttentionDecoder(Decoder):
         positions: bool = False,
         dtype: Any = jnp.float32,
         feed_dim: int = 0,
+        attention_reg: float = 0.0,
     ):
+        self.attention_reg = attention_reg
         self.dropout_rate = dropout_rate
         self.use_image = use_image
         self.positions = positions
@@ -264,7 +287,7 @@ class MergeAttentionDecoder(Decoder):
             h, alpha = jnp.swapaxes(h, 0, 1), jnp.swapaxes(alpha, 0, 1)
         return self._output(pooled, context, h, alpha), {"attention": alpha}
 
-    def init_decode(self, features: Array):
+    def init_decode(self, features: Array, max_len: int | None = None):
         """-> ((pooled embedding, context, fed values), (h, c, alpha of the previous word))."""
         pooled, context, feed_values = self._prepare(features, None, False)
         h, c = self.lstm.zero_state(features.shape[0])

@@ -1,12 +1,9 @@
-"""Show, Attend and Tell, and the attention pieces every spatial decoder shares.
+"""Show, Attend and Tell (`model.decoder='attention'`).
 
 * `AttentionDecoder`: Show, Attend and Tell (Xu et al. 2015, "deterministic" soft attention), the
   attention inside the recurrence (`config.model.decoder='attention'`).
-* Shared with `captioning.models.merge_attention` (the merge decoder with attention at its output):
-  `spatial_input` (features, positions), `attention_mlp` / `additive_attention` (the scores) and
-  `weighted_sum` (the attended context).
 
-Decoders have the entry points of `captioning.models.layers.Decoder`, so training, greedy, beam search
+It implements the contract of `captioning.models.base.Decoder`, so training, greedy, beam search
 and sampling work unchanged and return the attention weights of every generated word. Built by
 `captioning.models.create_model`.
 
@@ -28,7 +25,7 @@ spatial relations ("left of") need the latter. With the option on, a_i gets its 
 [-1, 1] appended (C + 2 channels), so z_t also holds the attended position.
 
 Training adds the doubly stochastic regularization lambda * sum_i (1 - sum_t alpha_ti)^2
-(`captioning.training.losses.attention_regularizer`, weight `config.model.attention_reg`) from the
+(`captioning.models.attention.attention_regularizer`, weight `config.model.attention_reg`) from the
 returned attention.
 
 Speed: what does not depend on the step is hoisted out of the time loop. W_a a_i + b is computed
@@ -46,113 +43,32 @@ and accumulates its gradient every step: slower, configs/flickr8k_attention.py.)
 from __future__ import annotations
 
 import functools
-from typing import Any, NamedTuple
+import math
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from captioning.models.attention import (
+    AttentionContext,
+    attention_mlp,
+    attention_regularizer,
+    spatial_input,
+)
+from captioning.models.base import Decoder, common_kwargs, register
 from captioning.models.layers import (
-    LSTM,
-    Decoder,
     Dense,
     dropout,
     gradient_matmul,
     input_gradient_matmul,
-    lstm_activate,
-    lstm_activate_backward,
     matmul,
     param,
     weights_first_matmul,
 )
+from captioning.models.lstm import LSTM, lstm_activate, lstm_activate_backward
 
 Array = jax.Array
-
-
-class AttentionContext(NamedTuple):
-    """Per-image constants of decoding (rows are images, or image-beams in beam search).
-
-    values: [B, L, C] float32 the annotation vectors a_i (projected, for the merge decoder).
-    keys: [B, L, A] float32 W_a a_i + b, the feature part of the attention scores.
-    """
-
-    values: Array
-    keys: Array
-
-
-def weighted_sum(weights: Array, values: Array, dtype: Any) -> Array:
-    """weights [B, (T,) L] x values [B, L, D] -> [B, (T,) D] float32 (sum over locations)."""
-    spec = "btl,bld->btd" if weights.ndim == 3 else "bl,bld->bd"
-    return jnp.einsum(
-        spec, weights.astype(dtype), values.astype(dtype), preferred_element_type=jnp.float32
-    )
-
-
-def flatten_locations(features: Array) -> Array:
-    """[B, H, W, C] -> [B, H*W, C] (row-major: location i is row i // W, column i % W).
-
-    [B, L, C] passes through unchanged.
-    """
-    if features.ndim == 4:
-        batch, height, width, channels = features.shape
-        return features.reshape(batch, height * width, channels)
-    if features.ndim != 3:
-        raise ValueError(
-            f"The attention decoder needs spatial features [B, H, W, C] or [B, L, C], got shape "
-            f"{features.shape}: set config.encoder.pooling='none'."
-        )
-    return features
-
-
-def append_positions(features: Array) -> Array:
-    """[B, H, W, C] (or [B, L, C] with L a square) -> [B, H, W, C + 2]: each location's row and
-    column centre in [-1, 1] appended to its features (top left = (-1, -1), approximately)."""
-    if features.ndim == 3:
-        side = round(features.shape[1] ** 0.5)
-        if side * side != features.shape[1]:
-            raise ValueError(
-                f"config.model.attention_positions needs the feature map's height and width; "
-                f"got {features.shape[1]} flat locations (not a square): pass [B, H, W, C]."
-            )
-        features = features.reshape(features.shape[0], side, side, features.shape[2])
-    batch, height, width, _ = features.shape
-    rows = (2.0 * jnp.arange(height) + 1.0) / height - 1.0
-    cols = (2.0 * jnp.arange(width) + 1.0) / width - 1.0
-    grid = jnp.stack(jnp.meshgrid(rows, cols, indexing="ij"), axis=-1)  # [H, W, 2]
-    grid = jnp.broadcast_to(grid, (batch, height, width, 2)).astype(features.dtype)
-    return jnp.concatenate([features, grid], axis=-1)
-
-
-def spatial_input(features: Array, use_image: bool, positions: bool) -> Array:
-    """[B, H, W, C] | [B, L, C] -> float32 [B, L, C (+2)]: zeros for the image-blind ablation,
-    each location's (row, column) appended when `positions`."""
-    feats = features.astype(jnp.float32)
-    if not use_image:
-        feats = jnp.zeros_like(feats)
-    if positions:
-        feats = append_positions(feats)
-    return flatten_locations(feats)
-
-
-def attention_mlp(keys: Array, h: Array, query: Array, dtype: Any) -> Array:
-    """keys [B, L, A], the state h [B, H] or [B, T, H], U_a [H, A] -> tanh(k_i + U_a h)
-    [B, (T,) L, A] (Show-Attend-Tell's step and, recomputing it, its backward pass; the merge
-    decoder's lookups)."""
-    query = matmul(h, query, dtype)  # [B, (T,) A]
-    if h.ndim == 3:
-        keys = keys[:, None]  # [B, 1, L, A]: the same locations for every step.
-    return jnp.tanh(keys + query[..., None, :])
-
-
-def additive_attention(keys: Array, h: Array, query_w: Array, score_w: Array, dtype: Any) -> Array:
-    """Weights softmax_i(w^T tanh(k_i + U h)) over locations (Bahdanau-style).
-
-    keys [B, L, A] (W_a a_i + b), h [B, H] or [B, T, H], query_w U [H, A], score_w w [A, 1]
-    -> alpha [B, L] or [B, T, L], summing to 1 over L.
-    """
-    hidden = attention_mlp(keys, h, query_w, dtype)  # [B, (T,) L, A]
-    scores = matmul(hidden, score_w, dtype)[..., 0]  # [B, (T,) L]
-    return jax.nn.softmax(scores, axis=-1)
 
 
 class AttentionWeights(NamedTuple):
@@ -315,8 +231,31 @@ def _attention_bwd(dtype, saved, cotangents):
 attention_recurrence.defvjp(_attention_fwd, _attention_bwd)
 
 
+@register("attention")
 class AttentionDecoder(Decoder):
     """Show, Attend and Tell soft-attention LSTM over [B, H, W, C] (or [B, L, C]) features."""
+
+    spatial: ClassVar[bool] = True
+
+    @classmethod
+    def from_config(cls, model_config, vocab_size, feature_shape, *, rngs):
+        return cls(
+            vocab_size,
+            feature_shape[-1],
+            attention_dim=int(model_config.attention_dim or model_config.hidden_size),
+            positions=bool(model_config.attention_positions),
+            attention_reg=float(model_config.attention_reg),
+            **common_kwargs(model_config, rngs),
+        )
+
+    @classmethod
+    def attention_locations(cls, feature_shape) -> int:
+        """Every location of the [H, W] (or [L]) grid."""
+        return int(math.prod(feature_shape[:-1]))
+
+    def aux_loss(self, aux, batch):
+        """Show-Attend-Tell's doubly stochastic regulariser (weight `model.attention_reg`)."""
+        return attention_regularizer(aux["attention"], batch["targets"], self.attention_reg)
 
     def __init__(
         self,
@@ -331,7 +270,9 @@ class AttentionDecoder(Decoder):
         rngs: nnx.Rngs,
         positions: bool = False,
         dtype: Any = jnp.float32,
+        attention_reg: float = 0.0,
     ):
+        self.attention_reg = attention_reg
         self.dropout_rate = dropout_rate
         self.use_image = use_image
         self.positions = positions
@@ -414,7 +355,9 @@ class AttentionDecoder(Decoder):
         h, alpha, z = (jnp.swapaxes(x, 0, 1) for x in (h, alpha, z))  # batch-major
         return self._pre_logits(words, h, z, (k_h, k_out), train), {"attention": alpha}
 
-    def init_decode(self, features: Array) -> tuple[AttentionContext, tuple[Array, Array]]:
+    def init_decode(
+        self, features: Array, max_len: int | None = None
+    ) -> tuple[AttentionContext, tuple[Array, Array]]:
         """features [B, H, W, C] | [B, L, C] -> (AttentionContext, LSTM state (h, c))."""
         return self._prepare(features)
 

@@ -1,10 +1,8 @@
-"""Loss terms: the output layer fused with its cross-entropy, and the auxiliary terms.
+"""The output layer fused with its cross-entropy (decoders' own terms: `Decoder.aux_loss`).
 
 * `output_cross_entropy`: the output layer and the cross-entropy in one custom VJP, so logits are
   never kept for the backward pass (below); each target word's loss may be weighted
   (`word_weights_array`, `train.word_weights`).
-* `attention_regularizer`: Show-Attend-Tell's doubly stochastic attention term.
-* `concept_loss`: the merge decoder's auxiliary multi-label concept loss.
 
 The fused output layer:
 
@@ -176,31 +174,3 @@ def _fused_backward(chunks, dtype, grads, loss_cotangent):
 
 
 _fused_loss.defvjp(_fused_forward, _fused_backward)
-
-
-def attention_regularizer(attention: Array, targets: Array, weight: float) -> Array:
-    """Doubly stochastic attention term (Xu et al. 2015, eq. 14): every location should receive
-    about one unit of attention over a caption.
-
-    attention [B, T, L] (rows of padding targets are ignored), targets [B, T] -> weight x the
-    squared deficit summed over captions and locations, divided by the number of real words.
-    Xu et al. add lambda x penalty to each caption's *summed* word NLL; our cross-entropy is a mean
-    per word, so the penalty is divided by the same word count to keep their balance.
-    """
-    mask = (targets != text.PAD_ID).astype(jnp.float32)[..., None]  # [B, T, 1]
-    total = jnp.sum(attention * mask, axis=1)  # [B, L]
-    penalty = jnp.sum((1.0 - total) ** 2)
-    return weight * penalty / jnp.maximum(jnp.sum(mask), 1.0)
-
-
-def concept_loss(concept_logits: Array, concepts: Array, targets: Array, weight: float) -> Array:
-    """Auxiliary multi-label loss: the image embedding predicts its captions' words and pairs.
-
-    concept_logits [B, K], concepts [B, K] multi-hot, targets [B, T] (all-padding rows are batch
-    filler and carry no loss) -> weight x mean sigmoid cross-entropy over concepts and captions.
-    """
-    real = (targets[:, 0] != text.PAD_ID).astype(jnp.float32)  # [B]
-    per_caption = optax.sigmoid_binary_cross_entropy(
-        concept_logits.astype(jnp.float32), concepts.astype(jnp.float32)
-    ).mean(axis=-1)
-    return weight * jnp.sum(per_caption * real) / jnp.maximum(jnp.sum(real), 1.0)

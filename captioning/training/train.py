@@ -77,18 +77,15 @@ def create_optimizer(train_config: ml_collections.ConfigDict, total_steps: int):
 
 
 def embeddings_frozen(model_config: ml_collections.ConfigDict) -> bool:
-    """True when pretrained (GloVe) word vectors are loaded and kept fixed, as the seed does."""
+    """True when pretrained (GloVe) word vectors are loaded and kept fixed, as the Keras notebook
+    does."""
     return bool(model_config.glove_path) and not model_config.train_embeddings
 
 
-def _is_embedding(path) -> bool:
-    return any("embed" in str(p) for p in path)
-
-
-def _freeze_embeddings(tx, params):
-    """Leaves the (GloVe) embedding matrix untouched by the optimizer."""
+def _freeze_embeddings(tx, params, decoder: type[models.Decoder]):
+    """Leaves the decoder's declared word embeddings untouched by the optimizer."""
     labels = jax.tree_util.tree_map_with_path(
-        lambda path, _: "frozen" if _is_embedding(path) else "trained", params
+        lambda path, _: "frozen" if decoder.is_word_embedding(path) else "trained", params
     )
     return optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()}, labels)
 
@@ -120,11 +117,13 @@ def make_steps(
     """
     if freeze_embeddings is None:
         freeze_embeddings = embeddings_frozen(model_config)
+    decoder = models.get(model_config.decoder)
 
     def loss_fn(params, features, batch, key, train):
         if freeze_embeddings:
             params = jax.tree_util.tree_map_with_path(
-                lambda path, x: jax.lax.stop_gradient(x) if _is_embedding(path) else x, params
+                lambda path, x: jax.lax.stop_gradient(x) if decoder.is_word_embedding(path) else x,
+                params,
             )
         model = nnx.merge(graphdef, params)
         if features is None:
@@ -147,18 +146,9 @@ def make_steps(
             word_weights if train else None,
         )
         loss = loss_sum / jnp.maximum(count, 1.0)
-        if "attention" in aux:
-            loss = loss + losses.attention_regularizer(
-                aux["attention"], batch["targets"], model_config.attention_reg
-            )
-        # Only training batches carry concept targets: no concept term in eval_step.
-        if "concept_logits" in aux and "concepts" in batch:
-            loss = loss + losses.concept_loss(
-                aux["concept_logits"],
-                batch["concepts"],
-                batch["targets"],
-                model_config.concept_loss,
-            )
+        extra = model.aux_loss(aux, batch)  # The decoder's own terms (models.base).
+        if extra is not None:
+            loss = loss + extra
         return loss, (loss_sum, count)
 
     def train_step(params, opt_state, features, batch, base_key, step):
@@ -224,7 +214,7 @@ def init_train_state(
     if freeze_embeddings is None:
         freeze_embeddings = embeddings_frozen(config.model)
     if freeze_embeddings:
-        tx = _freeze_embeddings(tx, params)
+        tx = _freeze_embeddings(tx, params, models.get(config.model.decoder))
     train_state = {
         "params": params,
         "opt_state": tx.init(params),
@@ -273,7 +263,7 @@ def _caption_batches(
         min_word_len=config.data.min_word_len,
     )
     concepts = None  # Targets of the auxiliary concept loss: a training-only term.
-    if split == "train" and models.num_concepts(config.model, len(data.vocab)):
+    if split == "train" and models.concept_outputs(config.model, len(data.vocab)):
         concepts = input_pipeline.concept_targets(
             captions, len(data.features), len(data.vocab), config.model.concept_pairs
         )
@@ -298,7 +288,7 @@ def _create_model(config: ml_collections.ConfigDict, data: PreparedData) -> nnx.
         matrix, _ = embeddings.load_glove(
             config.model.glove_path, data.vocab, config.model.embed_dim, seed=config.seed
         )
-        model.embed.embedding[...] = jnp.asarray(matrix)
+        model.set_word_embeddings(jnp.asarray(matrix))
     return model
 
 
