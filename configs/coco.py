@@ -15,25 +15,16 @@ Without TFDS, the same splits come from Karpathy's JSON and the COCO image folde
         --config.data.dataset=karpathy --config.data.dir=/data/coco \
         --config.data.karpathy_json=dataset_coco.json
 
-Disk and memory: the TFDS copy is about 19 GiB, and `coco_tfds` writes the JPEGs once more (about
-19 GiB, under `data.cache_dir/tfds_images/`) because the feature export reads image files. The
-feature store holds 123,287 x 8 x 8 x 2048 float16 values, about 30 GiB: more than this machine's
-23 GiB of RAM, so the features must not be device-resident here; keep them on the host (given
-the RAM) or on disk with `data.feature_residency` (the field being added for that). The export
-reads every image once at 299 px (Flickr8k's 8,000 take about 10 minutes on 2 CPU cores, so
-expect hours on CPU; use an accelerator).
+The feature store (123,287 x 8 x 8 x 2048 float16 values, about 30 GiB) may not fit in memory:
+`data.feature_residency` keeps it on the host or on disk. The export reads every image once at
+299 px: hours on CPU, use an accelerator. `merge_attention` rather than Show-Attend-Tell's
+`attention` (`--config.model.decoder=attention` runs that on the same features) because its
+lookups run in parallel after the LSTM scan, which counts at 566k captions x 30 epochs.
 
-Why `merge_attention` rather than Show-Attend-Tell's `attention` (configs/flickr8k_attention.py):
-its words look at the map with the LSTM state h_t that has just read them (Lu et al. 2017,
-section 2.2) and not with h_{t-1}, which lets every step's attention run in parallel after the LSTM
-scan: a step costs about 12 % more than the merge decoder's against about 50 % for attention
-inside the recurrence (configs/scenes.py), which counts at 566k captions x 30 epochs; it is also
-the decoder of the project's default. `--config.model.decoder=attention` runs Show-Attend-Tell on
-the same features.
-
-Not measured here (no COCO images on this machine). Reference: Show, Attend and Tell (Table 1,
+Result: not measured (no COCO images on this machine). Reference: Show, Attend and Tell (Table 1,
 COCO, soft attention, VGG features) reports BLEU-1..4 70.7 / 49.2 / 34.4 / 24.3, METEOR 23.9;
-scores with `--config.eval.tokenizer=ptb` (needs Java) are the ones comparable with published ones.
+scores with `--config.eval.tokenizer=ptb` (needs Java) are the ones comparable with published
+ones. configs/notes/coco.md: disk and memory, the decoder's step cost, the schedule's sources.
 """
 
 from configs import flickr8k

@@ -1,6 +1,6 @@
 """Flickr30k, Karpathy splits (29,000 / 1,014 / 1,000 images, five captions each), from
 `dataset_flickr30k.json`; the encoder and decoder of configs/coco.py (InceptionV3 ImageNet
-8x8x2048 maps, `merge_attention`, why there).
+8x8x2048 maps, `merge_attention`, why in configs/notes/coco.md).
 
     python main.py --config=configs/flickr30k.py --workdir=runs/flickr30k \
         --config.data.dir=/data/flickr30k
@@ -13,8 +13,9 @@ in host memory here (23 GiB) but is worth keeping off small accelerators.
 Schedule: the author of self-critical.pytorch's own Flickr30k cross-entropy command
 (ruotianluo/self-critical.pytorch issue #251): Adam 5e-4 decayed from the start, batches of 50
 images x 5 captions, 30 epochs; early stopping on validation CIDEr (patience 5) may end it
-sooner. Not measured here (no Flickr30k images on this machine). Reference: Show, Attend and Tell
-(Table 1, Flickr30k, soft attention) reports BLEU-1..4 66.7 / 43.4 / 28.8 / 19.1, METEOR 18.49.
+sooner. Result: not measured (no Flickr30k images on this machine). Reference: Show, Attend and
+Tell (Table 1, Flickr30k, soft attention) reports BLEU-1..4 66.7 / 43.4 / 28.8 / 19.1, METEOR
+18.49.
 """
 
 from configs import coco

@@ -8,7 +8,8 @@ Follows the paper and its TensorFlow release (im2txt) where they apply: Inceptio
 features (im2txt's encoder), word embedding and LSTM size 512, dropout 0.3 (im2txt's keep
 probability 0.7), beam search of width 3. Not followed: im2txt trains with SGD and fine-tunes
 the CNN later; here the backbone stays frozen and the decoder trains with Adam. Paper, Flickr8k:
-BLEU-1 63. Not measured here (no Flickr8k images or ImageNet weights on this machine).
+BLEU-1 63. Result: not measured (no Flickr8k images or ImageNet weights on this machine;
+configs/notes/flickr8k.md).
 """
 
 from configs import flickr8k

@@ -1,5 +1,5 @@
-"""The seed's merge model with spatial attention at its output (Lu et al. 2017, "Knowing When to
-Look", section 2.2) on Flickr8k over InceptionV3 8x8x2048.
+"""The Keras notebook's merge model with spatial attention at its output (Lu et al. 2017, "Knowing
+When to Look", section 2.2) on Flickr8k over InceptionV3 8x8x2048.
 
     python main.py --config=configs/flickr8k_merge_attention.py \
         --workdir=runs/flickr8k_merge_attention --config.data.dir=/data/flickr8k \
@@ -7,10 +7,11 @@ Look", section 2.2) on Flickr8k over InceptionV3 8x8x2048.
 
 Everything but the features and the decoder is configs/flickr8k.py (GloVe 200-d frozen, LSTM 256,
 dropout 0.5, Adam schedule, early stopping), so the two runs compare the pooled vector with a
-context each word's LSTM state looks up in the map. The scenes default uses this decoder (see
-configs/scenes.py for why). Not in the paper: the LSTM never sees the image (merge), and the
-context is added to the pooled image vector and the LSTM output instead of replacing the pooled
-vector; no visual sentinel. Not measured here (no Flickr8k images or ImageNet weights).
+context each word's LSTM state looks up in the map. The scenes default uses this decoder
+(configs/notes/scenes.md says why). Not in the paper: the LSTM never sees the image (merge), and
+the context is added to the pooled image vector and the LSTM output instead of replacing the
+pooled vector; no visual sentinel. Result: not measured (no Flickr8k images or ImageNet weights
+here; configs/notes/flickr8k.md).
 """
 
 from configs import flickr8k, flickr8k_attention

@@ -1,4 +1,4 @@
-"""Self-critical sequence training (SCST) on Flickr8k, after the seed's cross-entropy run.
+"""Self-critical sequence training (SCST) on Flickr8k, after the Keras notebook's cross-entropy run.
 
     python main.py --config=configs/flickr8k.py --workdir=runs/flickr8k \
         --config.data.dir=/data/flickr8k --config.model.glove_path=/data/glove/glove.6B.200d.txt
@@ -8,8 +8,9 @@
 
 As ruotianluo/self-critical.pytorch on COCO: 5 samples per image, the mean of the other samples
 as baseline, Adam at 5e-5 (constant), batch of 50 images; the anchors report +9 to 15 CIDEr points
-over cross-entropy training. Not measured here (no Flickr8k images or ImageNet weights on this
-machine). Backbone variants as configs/flickr8k.py (`:resnet50`, `:vgg16`), matching the start.
+over cross-entropy training. Result: not measured (no Flickr8k images or ImageNet weights on this
+machine; the scenes' SCST runs are in configs/notes/scst.md). Backbone variants as
+configs/flickr8k.py (`:resnet50`, `:vgg16`), matching the start.
 """
 
 from configs import flickr8k

@@ -1,11 +1,12 @@
 """tf.data input pipeline: caption token ids -> fixed-shape teacher-forcing batches.
 
-Image features stay on the device as one array; a batch carries the row of each caption's image
-(`image_index`) and its tokens, and the train step gathers the features itself. Batches are
-bucketed by caption length so short captions are not padded to the longest one: each bucket has
-one static length, so there is exactly one compiled step per bucket and nothing recompiles later.
-The last batch of a bucket is filled with all-padding rows (zero loss weight), so no caption is
-dropped and the number of steps per epoch never changes.
+A batch carries the row of each caption's image in the feature store (`image_index`) and its
+tokens. With the store on the device (`data.feature_residency=device`) the train step gathers the
+features itself; with host or disk residency the pipeline gathers the rows and sends them along
+(`features`). Batches are bucketed by caption length so short captions are not padded to the
+longest one: each bucket has one static length, so there is exactly one compiled step per bucket
+and nothing recompiles later. The last batch of a bucket is filled with all-padding rows (zero loss
+weight), so no caption is dropped and the number of steps per epoch never changes.
 
 Batch layout (dict of numpy arrays):
   image_index: [B] int32   row of the caption's image in the feature array
@@ -131,10 +132,9 @@ def bucket_lengths(lengths: np.ndarray, num_buckets: int, max_targets: int) -> l
 def fixed_options():
     """tf.data options without autotuning: every buffer and parallelism here is set explicitly.
 
-    The autotuner adds a background optimisation thread to each iterator, whose sleep doubles
-    (10 ms, 20 ms, ... 10.24 s, 20.48 s); when an epoch's iterator is finished, the training loop
-    was measured to stall until that thread's next wake-up: epochs of 10-16 s ran for exactly
-    20.5 s (and of 22 s for 41 s) in about a quarter of the epochs.
+    The autotuner adds a background optimisation thread to each iterator, whose sleep keeps
+    doubling; when an epoch's iterator is finished, the training loop stalled until that thread's
+    next wake-up, so some epochs ran far longer than others (configs/notes/speed.md).
     """
     options = tf.data.Options()
     options.autotune.enabled = False

@@ -1,7 +1,7 @@
 """Caption cleaning and the vocabulary.
 
-Cleaning follows the seed notebook: lowercase, strip ASCII punctuation, keep alphabetic words of at
-least `min_word_len` letters (the seed drops one-letter words such as "a"). Ids: `<pad>`=0,
+Cleaning follows the Keras notebook: lowercase, strip ASCII punctuation, keep alphabetic words of
+at least `min_word_len` letters (the notebook drops one-letter words such as "a"). Ids: `<pad>`=0,
 `<start>`=1, `<end>`=2, `<unk>`=3, then words by decreasing train frequency (ties alphabetical).
 """
 

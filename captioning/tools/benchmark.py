@@ -1,12 +1,13 @@
 """Speed benchmark: `python -m captioning.tools.benchmark` prints one JSON object.
 
-A tool, not part of a run: nothing in the package imports it. Defaults use the seed's sizes
-(`SEED_MODEL`: GloVe-sized 200-d frozen embeddings, merge LSTM 256, the Flickr8k vocabulary of min
-count 10, captions of at most 32 words) with random 2048-d features standing in for images. The
-captions are synthetic by default: the Flickr8k train captions' length distribution
-(`FLICKR8K_TRAIN_LENGTHS`, 30,000 captions after the seed's cleaning) over a vocabulary of the same
-size (1,649 words besides the markers); `--captions=PATH/Flickr8k.token.txt` trains on the real
-ones instead (the train split when `Flickr_8k.trainImages.txt` lies beside it). Figures:
+A tool, not part of a run: nothing in the package imports it. Defaults use the Keras notebook's
+sizes (`SEED_MODEL`, "seed" meaning that notebook: GloVe-sized 200-d frozen embeddings, merge LSTM
+256, the Flickr8k vocabulary of min count 10, captions of at most 32 words) with random 2048-d
+features standing in for images. The captions are synthetic by default: the Flickr8k train
+captions' length distribution (`FLICKR8K_TRAIN_LENGTHS`, 30,000 captions after the notebook's
+cleaning) over a vocabulary of the same size (1,649 words besides the markers);
+`--captions=PATH/Flickr8k.token.txt` trains on the real ones instead (the train split when
+`Flickr_8k.trainImages.txt` lies beside it). Figures:
 
   train_targets_per_s          non-pad target words trained per second, steady state
   greedy_captions_per_s        greedy captions per second (decoder trained briefly, so it ends)
@@ -95,17 +96,17 @@ flags.DEFINE_bool(
     "Also train the word embeddings (default: frozen, as the seed freezes its GloVe layer).",
 )
 
-# Words per cleaned Flickr8k train caption (the seed's cleaning, words of >= 2 letters) -> number
+# Words per cleaned Flickr8k train caption (the Keras notebook's cleaning, >= 2 letters) -> number
 # of the 30,000 train captions with that length.
 FLICKR8K_TRAIN_LENGTHS = {
     1: 3, 2: 73, 3: 341, 4: 1029, 5: 2054, 6: 2987, 7: 3515, 8: 3888, 9: 3587, 10: 3234,
     11: 2623, 12: 2054, 13: 1479, 14: 1044, 15: 708, 16: 484, 17: 302, 18: 219, 19: 139, 20: 79,
     21: 53, 22: 38, 23: 28, 24: 14, 25: 8, 26: 10, 27: 3, 28: 2, 29: 1, 32: 1,
 }  # fmt: skip
-FLICKR8K_WORDS = 1649  # Words seen >= 10 times in those captions (the seed's vocabulary).
+FLICKR8K_WORDS = 1649  # Words seen >= 10 times in those captions (the Keras notebook's).
 SYNTHETIC_FOLLOW = 0.8  # Synthetic captions: chance that a word is followed by its successor.
 
-# The seed's model and optimizer (configs/flickr8k.py), written out so the tool needs no config.
+# The Keras notebook's model and optimizer (configs/flickr8k.py), written out: no config needed.
 SEED_MODEL = {
     "decoder": "merge",
     "embed_dim": 200,
@@ -132,7 +133,7 @@ MAX_CAPTION_LEN = 32
 
 
 def flickr8k_captions(token_file: str = "") -> tuple[list[list[str]], str]:
-    """Cleaned captions (seed cleaning) -> (tokenized captions, where they came from).
+    """Cleaned captions (Keras notebook cleaning) -> (tokenized captions, where they came from).
 
     token_file: a Flickr8k.token.txt (its train split when the split file lies beside it); ''
     gives synthetic captions with the Flickr8k train length distribution.
@@ -166,7 +167,7 @@ def flickr8k_captions(token_file: str = "") -> tuple[list[list[str]], str]:
 
 
 def seed_config(dtype: str) -> ml_collections.ConfigDict:
-    """The fields of the seed's config that the benchmark's model and optimizer read."""
+    """The fields of the Keras notebook's config that the benchmark's model and optimizer read."""
     return ml_collections.ConfigDict(
         {"model": {**SEED_MODEL, "dtype": dtype}, "train": SEED_TRAIN, "decode": {"max_len": 32}}
     )
@@ -210,7 +211,7 @@ class _CompileCounter:
 
 def caption_batches(tokenized, batch_size: int, num_buckets: int):
     """Synthetic train records of 5 captions per image -> (vocab, CaptionData, batches, records)."""
-    vocab = text.Vocabulary.build(tokenized, 10)  # The seed's min count.
+    vocab = text.Vocabulary.build(tokenized, 10)  # The Keras notebook's min count.
     num_images = len(tokenized) // 5
     records = [
         ImageRecord(
@@ -287,14 +288,15 @@ def timed_training(config, vocab, batches, features, seconds, *, freeze, stats=N
 
 
 def benchmark_training(config, tokenized, batch_size, num_buckets, seconds, train_embeddings):
-    """The seed's merge decoder on pooled [2048] features -> (figures, graphdef, params, vocab)."""
+    """The Keras notebook's merge decoder on pooled [2048] features -> (figures, graphdef, params,
+    vocab)."""
     vocab, data, _ = caption_batches(tokenized, batch_size, num_buckets)
     batches = input_pipeline.CaptionBatches(
         data, batch_size=batch_size, num_buckets=num_buckets, seed=0, shuffle=True
     )
     num_images = len(tokenized) // 5
     features = jnp.asarray(np.random.default_rng(0).normal(size=(num_images, 2048)), jnp.float32)
-    # Random vectors stand in for the seed's frozen GloVe matrix.
+    # Random vectors stand in for the Keras notebook's frozen GloVe matrix.
     figures, graphdef, params = timed_training(
         config, vocab, batches, features, seconds, freeze=not train_embeddings
     )
@@ -437,7 +439,7 @@ def benchmark_spatial(tokenized, seconds: float, disk_images: int) -> dict:
 
 
 def benchmark_scst(graphdef, params, vocab, records, seconds: float, num_samples: int = 5):
-    """SCST at the seed's sizes: images per second of whole steps (5 samples each: sample,
+    """SCST at the Keras notebook's sizes: images per second of whole steps (5 samples each: sample,
     CIDEr-D rewards, teacher-forced update) and the rewards alone."""
     from captioning.training import rewards, scst
 
@@ -585,8 +587,8 @@ def benchmark_export(backbone: str, image_size: int, num_images: int, rounds: in
             )
         )
         tiled = np.tile(resized, (num_images // 32, 1, 1, 1)).astype(np.uint8)
-        # This machine's speed drifts by +-15 % over seconds (shared cores): alternate the two
-        # measurements and compare medians, so drift does not land on one side only.
+        # A shared machine's speed drifts over seconds (configs/notes/speed.md): alternate the
+        # two measurements and compare medians, so drift does not land on one side only.
         bare, export = [], []
         for round_ in range(rounds):
             bare.append(backbone_lib.backbone_throughput(encoder, tiled, repeats=1))

@@ -3,8 +3,8 @@
     python -m captioning.tools.grid --config=configs/scenes.py --grid=configs/grids/scenes.py \
         --workdir=runs/grid --config.train.num_epochs=8
 
-Writes runs/grid/grid.md (the table in the README; 8 epochs instead of the config's 16 keep the
-grid near a quarter of an hour on 2 CPU cores). Every cell starts from configs/scenes.py
+Writes runs/grid/grid.md, one table of every cell and decoding; 8 epochs instead of the config's
+11 keep the grid short (configs/notes/scenes.md). Every cell starts from configs/scenes.py
 (random-weight ResNet50 cut at conv2_block3_out, 32x32x256 at 128 px): the merge and inject
 decoders read the pooled vector (mean and max over locations), the attention decoders the map
 area-resized to 4x4 (the scenes default; L = 16 locations of 8x8 map cells: enough to tell left
@@ -24,7 +24,7 @@ CELLS = {
     "merge_attention_grid4": {"model.decoder": "merge_attention"},
     # The same without the LSTM reading what the previous lookup saw (feed_dim 0).
     "merge_attention_nofeed": {"model.decoder": "merge_attention", "model.feed_dim": 0},
-    # The seed's merge model: the image joins the LSTM output.
+    # The Keras notebook's merge model: the image joins the LSTM output.
     "merge_avgmax": {"model.decoder": "merge", "encoder.pooling": "avgmax", "model.feed_dim": 0},
     # Show and Tell: the image is the LSTM's first input.
     "inject_avgmax": {"model.decoder": "inject", "encoder.pooling": "avgmax", "model.feed_dim": 0},

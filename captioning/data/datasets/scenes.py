@@ -1,9 +1,10 @@
 """The embedded synthetic "scenes" dataset: coloured shapes with grammar-made captions, offline.
 
 Each image holds 1-3 objects (shape, colour, size, position) on a plain dark background, with five
-captions from the grammar of `captioning.data.datasets.scene_captions`. Everything is deterministic
-given the seed. The true objects stay in `ImageRecord.meta['objects']`, so generated captions are
-scored with `attribute_accuracy` and `relation_accuracy` on top of the usual text metrics.
+captions from the grammar of `captioning.data.datasets.scene_captions`. Everything is
+deterministic given the random seed. The true objects stay in `ImageRecord.meta['objects']`, so
+generated captions are scored with `attribute_accuracy` and `relation_accuracy` on top of the
+usual text metrics.
 
 Besides the clean renders, a scene can be drawn with a `Perturbation`: a background grey between
 35 and 55, each colour channel of each object moved by up to +-20, anti-aliased edges and shapes
