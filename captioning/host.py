@@ -5,7 +5,7 @@ stacked states, the weights' gradients, the optimizer's updates) afresh at every
 malloc hands allocations above its mmap threshold (at most 32 MB) straight to the kernel and
 unmaps them when freed, so every step faults all of those pages in again and zeroes them: system
 time of the order of user time, and, once a tf.data pipeline has run in the process (which moves
-the threshold), much slower steps (measured: configs/flickr8k_attention.py). Serving every
+the threshold), much slower steps (measured: configs/notes/flickr8k.md). Serving every
 allocation from the heap and not trimming it keeps freed pages for the next step; the heap then
 stays at its peak instead of shrinking between steps, which the steps reach anyway. XLA runs a
 step on its own threads, and glibc gives threads arenas whose heaps hold at most 64 MB: a larger

@@ -16,7 +16,7 @@ SHARED_TOKENS = (
 
 def test_work_per_target_at_the_seed_sizes_is_the_issue_figure():
     config = benchmark.seed_config("float32").model
-    # "The seed-size decoder needs about 5.7 MFLOP per trained target word."
+    # "The Keras notebook-size decoder needs about 5.7 MFLOP per trained target word."
     assert abs(benchmark.train_mflop_per_target(config, 1653) - 5.73) < 0.01
     config.hidden_size = 512  # Grows with the sizes it counts.
     assert benchmark.train_mflop_per_target(config, 1653) > 5.73
@@ -29,7 +29,7 @@ def test_synthetic_captions_have_flickr8k_lengths_and_vocabulary_size():
     for caption in tokenized:
         lengths[len(caption)] = lengths.get(len(caption), 0) + 1
     assert lengths == benchmark.FLICKR8K_TRAIN_LENGTHS
-    assert len(text.Vocabulary.build(tokenized, 10)) == 1653  # The seed's: 1649 + 4 markers.
+    assert len(text.Vocabulary.build(tokenized, 10)) == 1653  # The Keras notebook's: 1649 + 4.
 
 
 def test_real_token_file_gives_the_same_distribution():

@@ -17,7 +17,7 @@ def test_clean_caption_lowercases_strips_punctuation_and_digits():
 
 
 def test_clean_caption_min_word_len_matches_seed():
-    # The seed drops one-letter words such as "a".
+    # The Keras notebook drops one-letter words such as "a".
     assert text.clean_caption("A girl in a pink dress .", min_word_len=2) == [
         "girl",
         "in",

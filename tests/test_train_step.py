@@ -13,13 +13,13 @@ from captioning.models import merge
 from captioning.training import train
 from configs import test as test_config
 
-# (decoder, features per image): the seed's merge decoder on pooled features, and the scenes
-# default, merge with output attention, on a 2x2 grid.
+# (decoder, features per image): the Keras notebook's merge decoder on pooled features, and the
+# scenes default, merge with output attention, on a 2x2 grid.
 DECODERS = {"merge": (10,), "merge_attention": (2, 2, 10)}
 
 
 def _merge_config():
-    """The tiny test config with the seed's merge decoder (pooled [10] features here)."""
+    """The tiny test config with the Keras notebook's merge decoder (pooled [10] features here)."""
     config = test_config.get_config()
     config.model.decoder = "merge"
     config.model.feed_dim = 0  # A merge_attention option.

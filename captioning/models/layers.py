@@ -38,7 +38,7 @@ def weights_first_matmul(w_t: Array, x: Array, dtype: Any) -> Array:
 
     Why: on CPU a [B, K] x [K, N] product with few rows B (the recurrence's batch) repacks the
     whole weight matrix at every call, and one that contracts the weights' minor dimension (x @
-    w_t^T, a gradient's product) runs at about half the speed; as the left operand the weights
+    w_t^T, a gradient's product) runs much slower; as the left operand the weights
     are read as they lie and only x is packed. The barrier keeps XLA from folding the transpose
     back into the product.
     """
@@ -52,7 +52,7 @@ def transposed_copy(x: Array) -> Array:
     """x [R, K] -> x^T [K, R] stored as a row-major [K, R] array.
 
     XLA makes a transpose a change of layout (no copy), and the CPU's bfloat16 products that read
-    an operand so laid out (x^T @ d, a weight gradient) run at about half the speed of the same
+    an operand so laid out (x^T @ d, a weight gradient) run much slower than the same
     product on a copy. Flattening behind a barrier forces the copy: cheap, R*K elements.
     """
     rows, cols = x.shape
@@ -110,7 +110,7 @@ def dropout(x: Array, rate: float, key: Array | None, train: bool) -> Array:
     """Inverted dropout driven by an explicit key; identity at eval time.
 
     The keep mask compares random bytes against round(rate * 256): one 32-bit draw gives four
-    elements' bits, which makes mask generation >10x cheaper on CPU than `random.bernoulli` (one
+    elements' bits, which makes mask generation far cheaper on CPU than `random.bernoulli` (one
     float per element). The rate is thus quantised to 1/256; the kept values are scaled by the
     exact keep probability, so the layer stays unbiased.
     """

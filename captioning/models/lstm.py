@@ -130,8 +130,7 @@ def lstm_recurrence(w_rec: Array, h0: Array, c0: Array, gates_in_tbg: Array, dty
     Same values as `LSTM.cell` in a `lax.scan`; the hand-written backward pass differs from
     autodiff's in one place: autodiff adds h_{t-1}^T dgates_t into dW_rec at every step (a small
     [H, B] x [B, 4H] product inside the reverse loop), here the loop only stacks dgates_t and dW_rec
-    is one [H, T*B] x [T*B, 4H] product after it (10-12 % off a scenes train step, A/B in one
-    process).
+    is one [H, T*B] x [T*B, 4H] product after it (faster: configs/notes/speed.md).
     """
     return _recurrence_forward(w_rec, h0, c0, gates_in_tbg, dtype)[0]
 

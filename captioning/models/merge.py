@@ -20,7 +20,7 @@ Array = jax.Array
 
 @register("merge")
 class MergeDecoder(Decoder):
-    """The seed's merge model: the image joins the language LSTM's output, not its input.
+    """The Keras notebook's merge model: the image joins the language LSTM's output, not its input.
 
     features -> dropout -> dense(H, relu) = v;  words -> embed(E) -> dropout -> LSTM(H) = h_t;
     logits_t = dense(V)(relu(dense(H)(v + h_t))).

@@ -224,7 +224,7 @@ class MergeAttentionDecoder(Decoder):
         self.att_values = param(rngs, (feature_dim, hidden_size))
         self.att_query = param(rngs, (hidden_size, attention_dim))
         # Unit-variance scores w^T tanh(.) from the start (lecun init would give 1/A): sharper
-        # first lookups, which the feeding below learns from much better (configs/scenes.py).
+        # first lookups, which the feeding below learns from much better (configs/notes/scenes.md).
         score_init = nnx.initializers.variance_scaling(attention_dim, "fan_in", "truncated_normal")
         self.att_score = nnx.Param(score_init(rngs.params(), (attention_dim, 1), jnp.float32))
         self.embed = nnx.Embed(vocab_size, embed_dim, rngs=rngs)

@@ -37,7 +37,7 @@ left operand (`weights_first_matmul`: a product with only B rows repacks its rig
 call); its backward pass is written by hand (`attention_recurrence`) so that the weight gradients
 are formed after the reverse loop, not accumulated in it. (Projecting the features to the gates
 once per image, alpha_t @ (a W_z), saves multiply-adds but reads a [B, L, 4H] tensor every step
-and accumulates its gradient every step: slower, configs/flickr8k_attention.py.)
+and accumulates its gradient every step: slower, configs/notes/flickr8k.md.)
 """
 
 from __future__ import annotations

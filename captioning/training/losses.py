@@ -6,15 +6,14 @@
 
 The fused output layer:
 
-With the seed's sizes the vocabulary projection is half of a training step's work: logits
+At the Keras notebook's sizes the vocabulary projection is half of a training step's work: logits
 [B*T, V] (V ~ 1650) come out of one matmul, go through log-softmax, and autodiff keeps them (and
 their softmax) for the backward pass, which multiplies them by the weights twice more. Written
 as one function with its own VJP, the forward pass computes each chunk's loss *and* its
 gradients while the chunk's logits are still in cache, so a [B*T, V] array never makes a round
-trip through memory. Measured on 2 CPU cores at the seed's sizes (batch 512, 12 positions,
-V = 1653): the whole train step 426 -> 375 ms (medians of 6 alternating rounds in one process)
-and XLA's temporary memory 201 -> 166 MB. The arithmetic is the same three matrix products as
-autodiff's; the gradients agree to float32 round-off (tests/test_losses.py).
+trip through memory: a faster step and less temporary memory (configs/notes/speed.md). The
+arithmetic is the same three matrix products as autodiff's; the gradients agree to float32
+round-off (tests/test_losses.py).
 """
 
 from __future__ import annotations
@@ -33,8 +32,8 @@ from captioning.models.layers import gradient_matmul, input_gradient_matmul, mat
 
 Array = jax.Array
 
-# Row chunks of the fused forward-backward: ~1400 rows x 1653 words of float32 logits (~9 MB)
-# at the seed's sizes; 4, 8 or 16 chunks measured the same, one chunk (no fusion) slower.
+# Row chunks of the fused forward-backward: each chunk's logits stay in cache (how many mattered
+# little as long as there are several: configs/notes/speed.md).
 NUM_CHUNKS = 4
 
 
