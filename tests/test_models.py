@@ -27,6 +27,7 @@ def _model(decoder="merge", feature_shape=(12,), vocab=11, **overrides):
 def test_abstract_model_is_the_built_model_without_values(decoder):
     config = test_config.get_config().model
     config.decoder = decoder
+    config.feed_dim = 32 if decoder == "merge_attention" else 0  # merge_attention's own option.
     graphdef, shapes = models.abstract_model(config, 11, (3, 3, 12))
     built_graphdef, params = nnx.split(
         models.create_model(config, 11, (3, 3, 12), rngs=nnx.Rngs(0))
@@ -149,8 +150,13 @@ def test_unknown_decoder_and_dtype_raise():
         _model("transformer")
     with pytest.raises(ValueError, match="config.model.dtype"):
         _model(dtype="float8")
-    with pytest.raises(ValueError, match="concept_loss"):
+    with pytest.raises(ValueError, match="config.model.concept_loss=1.0 is an option of the merge"):
         _model("inject", concept_loss=1.0)
+    for decoder, shape in (("merge", (12,)), ("attention", (3, 3, 12))):
+        with pytest.raises(ValueError, match="config.model.feed_dim=8 .* set it to 0"):
+            _model(decoder, shape, feed_dim=8)
+    with pytest.raises(ValueError, match="needs spatial features"):
+        _model("attention", (12,))
 
 
 @pytest.mark.parametrize("dtype,tol", [("float32", 1e-5), ("bfloat16", 2e-2)])
