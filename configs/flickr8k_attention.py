@@ -20,8 +20,8 @@ follows the paper and what does not:
 * Optimizer: Adam with warm-up and cosine decay, batch 64 (the paper: RMSProp on Flickr8k).
 * Early stopping on validation CIDEr (the paper: BLEU); beam search of width 3 (our choice).
 
-Training speed at these sizes (`python -m captioning.tools.benchmark`: batch 64, synthetic captions with
-Flickr8k's lengths, 6,000 random float16 8x8x2048 feature maps on the device; 2 CPU cores; 104
+Training speed at these sizes (`python -m captioning.tools.benchmark`: batch 64, synthetic captions
+with Flickr8k's lengths, 6,000 random float16 8x8x2048 feature maps on the device; 2 CPU cores; 104
 MFLOP a target word). Goal: 1,500 words/s, peak RSS at most the store + 3 GB.
 * 2-core AMD EPYC with AVX-512 (avx512_bf16, no AMX), 2026-12-06, four benchmark runs (matmul
   peak 193-198, 198-201, 212-219, 194-213 GFLOP/s; the last a full run, 25 s of training each):

@@ -1,8 +1,8 @@
 """The embedded default and base config: synthetic scenes of coloured shapes, no download needed.
 
     python main.py --config=configs/scenes.py --workdir=runs/scenes
-    python -m captioning.tools.grid --config=configs/scenes.py --grid=configs/grids/scenes_decoding.py \
-        --seeds=0,1,2,3,4 --workdir=runs/seeds
+    python -m captioning.tools.grid --config=configs/scenes.py \
+        --grid=configs/grids/scenes_decoding.py --seeds=0,1,2,3,4 --workdir=runs/seeds
 
 Every other config starts from this one and changes a few fields; every field is defined here, with
 one comment. Deterministic images (1-3 objects with shape, colour, size and position, and spatial
@@ -68,14 +68,14 @@ What each change gave (16 epochs, seed 0 unless noted; test attribute / relation
   attention score vector, 0.80 / 0.44 with lecun's 1/32.
 * Fitting 5 minutes on an AMD EPYC (AVX2, no AMX), where the LSTM 256, 16-epoch default took 7.6
   minutes with a fresh cache (epochs of 16-22 s; 3.5-4.3 minutes in all on the Intel): writing the
-  fed recurrence's backward pass by hand (captioning/models/merge_attention.py, `fed_recurrence`: weight
-  gradients once after the reverse loop, tanh recomputed; the same gradients) took about a sixth
-  off the train step. Shorter runs cost the relations. Seed 0: 12 epochs 0.813 / 0.632
-  (perturbed 0.757); word embeddings 64 instead of 200 at 12 epochs 0.777 / 0.615, and no faster
-  end to end (5.8 minutes); LSTM 128 with embeddings 64 at 16 epochs 0.417 / 0.159. LSTM 192
-  (epochs a quarter shorter) at 14 epochs: seed 0 0.813 / 0.600, seed 1 0.797 / 0.661; at 13
-  epochs over seeds 0-3 0.743 +- 0.064 / 0.509 +- 0.149 (perturbed 0.674): on seeds 2 and 3 the
-  relations never took off (validation 0.36 and 0.42 at the last epoch, still rising). Compiling
+  fed recurrence's backward pass by hand (captioning/models/merge_attention.py, `fed_recurrence`:
+  weight gradients once after the reverse loop, tanh recomputed; the same gradients) took about a
+  sixth off the train step. Shorter runs cost the relations. Seed 0: 12 epochs 0.813 / 0.632
+  (perturbed 0.757); word embeddings 64 instead of 200 at 12 epochs 0.777 / 0.615, and no faster end
+  to end (5.8 minutes); LSTM 128 with embeddings 64 at 16 epochs 0.417 / 0.159. LSTM 192 (epochs a
+  quarter shorter) at 14 epochs: seed 0 0.813 / 0.600, seed 1 0.797 / 0.661; at 13 epochs over seeds
+  0-3 0.743 +- 0.064 / 0.509 +- 0.149 (perturbed 0.674): on seeds 2 and 3 the relations never took
+  off (validation 0.36 and 0.42 at the last epoch, still rising). Compiling
   the buckets on threads and XLA flags (the thunk runtime off, XNNPACK, lower backend
   optimisation) did not shorten a run. Not adopted: the default keeps LSTM 256 and 16 epochs.
 * On a 2-core Intel Xeon without AMX (AVX-512 with bf16 dot products) the default takes 5.4-5.7
@@ -245,8 +245,8 @@ def get_config() -> ml_collections.ConfigDict:
     )
     config.train.patience = 0  # Stop after this many epochs without a better val metric (0=off).
 
-    # Self-critical training (captioning/training/scst.py): a second phase that fine-tunes a finished
-    # cross-entropy run on CIDEr-D (configs/scenes_scst.py).
+    # Self-critical training (captioning/training/scst.py): a second phase that fine-tunes a
+    # finished cross-entropy run on CIDEr-D (configs/scenes_scst.py).
     config.scst = ml_collections.ConfigDict()
     config.scst.init_from = ""  # Workdir of the cross-entropy run to start from ('' = no SCST).
     config.scst.num_samples = 5  # Captions sampled per image.

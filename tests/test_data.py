@@ -1,5 +1,5 @@
-"""captioning.data.prepare: feature statistics over a store without copying it, and where the rows live
-(device, host or disk residency give the same training, bit for bit)."""
+"""captioning.data.prepare: feature statistics over a store without copying it, and where the
+rows live (device, host or disk residency give the same training, bit for bit)."""
 
 import json
 

@@ -1,4 +1,5 @@
-"""captioning.data.backbone and captioning.data.feature_store: backbones, weights lookup, store export, load.
+"""captioning.data.backbone and captioning.data.feature_store: backbones, weights lookup, store
+export, load.
 
 Everything runs a random-weight InceptionV3 at 75 px (its smallest input) on a few Pillow-drawn
 images; the compiled backbone is cached per process, so most tests reuse one build.

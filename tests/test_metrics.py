@@ -1,4 +1,4 @@
-"""Tests for captioning.evaluation.metrics on tiny hand-checked examples (one METEOR JVM at most)."""
+"""captioning.evaluation.metrics on tiny hand-checked examples (one METEOR JVM at most)."""
 
 import shutil
 

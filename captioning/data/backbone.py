@@ -1,8 +1,8 @@
 """Keras CNN backbones: image files -> features, with the same pixels every time.
 
 The decoders never see pixels: every image goes once through a frozen `keras.applications`
-backbone (InceptionV3, ResNet50 or VGG16 without its classifier), and `captioning.data.feature_store`
-keeps the output on disk.
+backbone (InceptionV3, ResNet50 or VGG16 without its classifier), and
+`captioning.data.feature_store` keeps the output on disk.
 
 * `build_backbone` builds the model and says which `preprocess_input` and input size go with it.
   `config.encoder.weights` is 'none' (random init, seeded), 'imagenet' (only from the local Keras

@@ -3,12 +3,12 @@
     data = prepare_data(config, workdir)   # PreparedData: splits, vocab, features, stats, ...
 
 The dataset reader (`captioning.data.datasets`) gives the records of every split; the feature store
-(`captioning.data.feature_store`) is exported if missing, then opened; the vocabulary is built on the
-train captions (or taken from the run). Features are standardised per channel with train-split
+(`captioning.data.feature_store`) is exported if missing, then opened; the vocabulary is built on
+the train captions (or taken from the run). Features are standardised per channel with train-split
 statistics (`FeatureStats`, saved as `workdir/feature_stats.npz`), because random or ImageNet
 backbones give activations of very different scales. The store's rows stay as they are stored
-(float16 stays float16); the statistics are applied to each batch on the device, by the train
-step and the decoder, so no float32 copy of the store is ever made.
+(float16 stays float16); the statistics are applied to each batch on the device, by the train step
+and the decoder, so no float32 copy of the store is ever made.
 
 Where the rows live (`data.feature_residency`): `device` (one array on the accelerator; the step
 gathers its rows), `host` (in RAM; each batch's rows are gathered by the input pipeline's

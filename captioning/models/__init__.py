@@ -3,8 +3,8 @@
 `create_model(config.model, vocab_size, feature_shape, rngs=...)` builds the decoder that
 `config.model.decoder` names: `merge` (the seed's: the image joins the LSTM's output), `inject`
 (Show and Tell: the image is the LSTM's first input), and the spatial-attention decoders of
-`captioning.models.show_attend_tell` (`attention`: Show, Attend and Tell; `merge_attention`: merge with attention
-at the output). All implement `captioning.models.layers.Decoder`.
+`captioning.models.show_attend_tell` (`attention`: Show, Attend and Tell; `merge_attention`: merge
+with attention at the output). All implement `captioning.models.layers.Decoder`.
 """
 
 from __future__ import annotations

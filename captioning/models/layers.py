@@ -1,12 +1,13 @@
 """Building blocks of every decoder: mixed-precision matmul, dropout, Dense, the LSTM (with its
 hand-written backward pass) and the `Decoder` interface.
 
-Every decoder (`captioning.models`, `captioning.models.show_attend_tell`) exposes the same entry points, so
-training and every decoding method (greedy, beam, sampling) work with any of them:
+Every decoder (`captioning.models`, `captioning.models.show_attend_tell`) exposes the same entry
+points, so training and every decoding method (greedy, beam, sampling) work with any of them:
 
   * `pre_logits(features, tokens_in, *, train, key) -> ([B, T, D], aux)`: teacher forcing up to
-    the output layer `out_proj`; training fuses `out_proj` with the loss (`captioning.training.losses`);
-    `aux` holds extra loss terms' inputs (e.g. {"attention": [B, T, L]}).
+    the output layer `out_proj`; training fuses `out_proj` with the loss
+    (`captioning.training.losses`); `aux` holds extra loss terms' inputs (e.g. {"attention":
+    [B, T, L]}).
   * `__call__(...) -> (logits [B, T, V], aux)`: `out_proj(pre_logits(...))`.
   * `init_decode(features) -> (context, state)`: per-image constants and the initial LSTM state.
   * `decode_step(context, state, tokens [B]) -> (state, logits [B, V], attention [B, L])`: one word.

@@ -1,9 +1,9 @@
 """The merge decoder with spatial attention at its output (`model.decoder='merge_attention'`).
 
-`MergeAttentionDecoder` has the entry points of `captioning.models.layers.Decoder`, so training, greedy,
-beam search and sampling work unchanged and return the attention weights of every generated word.
-With `feed_dim` > 0 the LSTM reads what the previous word's lookup saw, so the lookups run inside
-the recurrence: `fed_recurrence` is that loop, with a hand-written backward pass.
+`MergeAttentionDecoder` has the entry points of `captioning.models.layers.Decoder`, so training,
+greedy, beam search and sampling work unchanged and return the attention weights of every generated
+word. With `feed_dim` > 0 the LSTM reads what the previous word's lookup saw, so the lookups run
+inside the recurrence: `fed_recurrence` is that loop, with a hand-written backward pass.
 """
 
 from __future__ import annotations
@@ -78,10 +78,10 @@ def fed_recurrence(
 
     Per word t: f_{t-1} = sum_i alpha_{t-1,i} r_i (zeros for t = 0), gates = x_t + W_f f_{t-1} +
     W_rec h_{t-1}, (h_t, c_t) = LSTM(gates, c_{t-1}), alpha_t = softmax_i(w^T tanh(k_i + U h_t)).
-    As `captioning.models.show_attend_tell.attention_recurrence`, the backward pass keeps the weight gradients
-    out of the reverse loop (each is one [.., T*B] x [T*B, ..] product after it; autodiff would
-    read-modify-write every weight at every word) and recomputes the [B, L, A] tanh rather than
-    stacking it.
+    As `captioning.models.show_attend_tell.attention_recurrence`, the backward pass keeps the weight
+    gradients out of the reverse loop (each is one [.., T*B] x [T*B, ..] product after it; autodiff
+    would read-modify-write every weight at every word) and recomputes the [B, L, A] tanh rather
+    than stacking it.
     """
     h, alpha, _ = _fed_forward(weights, keys, feed_values, h0, c0, word_gates_tbg, dtype)
     return h, alpha

@@ -6,9 +6,9 @@
   `spatial_input` (features, positions), `attention_mlp` / `additive_attention` (the scores) and
   `weighted_sum` (the attended context).
 
-Decoders have the entry points of `captioning.models.layers.Decoder`, so training, greedy, beam search
-and sampling work unchanged and return the attention weights of every generated word. Built by
-`captioning.models.create_model`.
+Decoders have the entry points of `captioning.models.layers.Decoder`, so training, greedy, beam
+search and sampling work unchanged and return the attention weights of every generated word. Built
+by `captioning.models.create_model`.
 
 Show, Attend and Tell:
 Per image: the spatial features a_1..a_L ([L, C], L = H*W locations) give the initial state

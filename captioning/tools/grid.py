@@ -2,7 +2,8 @@
 
     python -m captioning.tools.grid --config=configs/scenes.py --grid=configs/grids/scenes.py \
         --workdir=runs/grid [--config.train.num_epochs=8] [--cells=merge_avgmax,attention_grid4]
-    python -m captioning.tools.grid --config=configs/scenes.py --seeds=0,1,2,3,4 --workdir=runs/seeds
+    python -m captioning.tools.grid --config=configs/scenes.py --seeds=0,1,2,3,4 \
+        --workdir=runs/seeds
 
 The grid file defines `get_grid()` returning a list of cells:
 

@@ -1,8 +1,8 @@
 """One cell, the config itself, decoded three ways from the same checkpoint: greedy, greedy with
 repeated trigrams blocked, and beam 3. With --seeds, the README's results table:
 
-    python -m captioning.tools.grid --config=configs/scenes.py --grid=configs/grids/scenes_decoding.py \
-        --seeds=0,1,2,3,4 --workdir=runs/seeds
+    python -m captioning.tools.grid --config=configs/scenes.py \
+        --grid=configs/grids/scenes_decoding.py --seeds=0,1,2,3,4 --workdir=runs/seeds
 """
 
 METHODS = [
