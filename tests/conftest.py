@@ -1,5 +1,10 @@
 """Helpers shared by the tests: an XLA compilation counter and a fake run directory.
 
+The suite runs on any JAX backend. Float32 matmuls are computed in full float32 everywhere (GPUs
+default to TF32, TPUs to bfloat16 passes; a no-op on CPUs), so comparisons against references hold;
+no process preallocates most of an accelerator's memory (several test workers share one); tests
+marked `accelerator` skip when JAX has only a CPU.
+
 The session compiles each distinct computation once: a persistent compilation cache in a fresh
 temporary folder (the subprocess runs inherit it through the environment) serves the tiny
 config's steps to every later test that builds them again.
@@ -20,9 +25,14 @@ import time
 # The tests compile far more than they run: XLA's backend optimisations cost them more time than
 # they save (a user's run keeps them). Set before JAX starts; subprocess runs inherit it.
 os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0"
+# Full float32 matmuls for every test and subprocess run (the reference comparisons need them).
+os.environ["JAX_DEFAULT_MATMUL_PRECISION"] = "highest"
+# Test workers and their subprocess runs share an accelerator: each allocates what it uses.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from captioning import checkpoint, host, models
@@ -30,6 +40,7 @@ from captioning.data import backbone, text
 from captioning.training import train  # noqa: E402
 
 host.keep_freed_memory()  # As main.py does: the tests' steps allocate as the users' do.
+jax.config.update("jax_default_matmul_precision", "highest")  # Also if JAX came in before us.
 
 _COMPILATION_CACHE = tempfile.mkdtemp(prefix="captioning_tests_jax_cache_")
 # Removed when this test process ends, so that runs of the suite leave nothing behind.
@@ -61,6 +72,12 @@ LONGEST_MODULES = (
 def pytest_collection_modifyitems(items):
     rank = {name: i for i, name in enumerate(LONGEST_MODULES)}
     items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # Stable: order within.
+    backend = jax.default_backend()
+    if backend == "cpu":
+        skip = pytest.mark.skip(reason=f"needs a GPU or TPU (jax.default_backend() is {backend})")
+        for item in items:
+            if "accelerator" in item.keywords:
+                item.add_marker(skip)
 
 
 # An executable is made by compiling it or by reading it from the session's cache.

@@ -11,15 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
 from PIL import Image
 
 from captioning.data.datasets import coco_tfds, registry
 from captioning.data.datasets.base import DataError
-
-tfds = pytest.importorskip("tensorflow_datasets")
-tf = pytest.importorskip("tensorflow")
-
-from tests.test_datasets_real import data_config  # noqa: E402
+from tests.test_datasets_real import data_config
 
 SIZES = {"train": 3, "restval": 2, "val": 1, "test": 1}
 PREFIX = {"train": "COCO_train2014", "restval": "COCO_val2014", "val": "COCO_val2014"}
@@ -63,7 +61,9 @@ def extraction_log(caplog) -> list[str]:
 @pytest.fixture(scope="module")
 def prepared_dir(tmp_path_factory) -> Path:
     """<data_dir>/coco_captions/2014/1.1.0 with the real builder's features, our examples."""
-    pytest.importorskip("importlib_resources", reason="tfds needs importlib_resources to build")
+    # tensorflow-datasets 4.9.10 imports importlib_resources while building, but declares it
+    # only for Python < 3.9 (requirements.txt installs it).
+    import importlib_resources  # noqa: F401
     from tensorflow_datasets.object_detection import coco_captions
 
     with tfds.core.registered.skip_registration():

@@ -42,14 +42,18 @@ def _command(workdir, cache, *extra):
 
 
 def test_two_processes_train_like_one(tmp_path):
-    # The reference: this process (one CPU device), the config of the command line below.
-    assert jax.device_count() == 1
-    overrides = {**OVERRIDES, "data.cache_dir": str(tmp_path / "cache_one")}
-    train.train_and_evaluate(
-        grid.apply_overrides(test_config.get_config(), overrides), str(tmp_path / "one")
-    )
-
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}  # One CPU device per process, as here.
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}  # One CPU device per process.
+    # The reference: one process on one CPU device, the config of the command line below. This
+    # process when it is that; elsewhere (an accelerator, several devices) one more run.
+    if jax.default_backend() == "cpu" and jax.device_count() == 1:
+        overrides = {**OVERRIDES, "data.cache_dir": str(tmp_path / "cache_one")}
+        train.train_and_evaluate(
+            grid.apply_overrides(test_config.get_config(), overrides), str(tmp_path / "one")
+        )
+    else:
+        one = _command(tmp_path / "one", tmp_path / "cache_one")
+        result = subprocess.run(one, cwd=REPO, env=env, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr[-3000:]
 
     port = _free_port()
     logs = [open(tmp_path / f"process{i}.log", "w") for i in range(2)]  # noqa: SIM115

@@ -1,1 +1,1 @@
-"""Tools nothing in the package imports: benchmark, grid (ablations, seeds), probe."""
+"""Tools nothing in the package imports: benchmark, grid (ablations, seeds), probe, device_check."""

@@ -1,8 +1,8 @@
 """Training loop: `train_and_evaluate(config, workdir)`.
 
-The loop owns everything stateful about training: the optimizer, the jitted optax step (one
-compiled executable per length bucket, built before step 1, so nothing compiles afterwards),
-per-epoch validation (loss and greedy-decoded metrics, `captioning.evaluation.evaluate.validate`), Orbax
+The loop owns everything stateful about training: the optimizer, the jitted optax step (one compiled
+executable per length bucket, built before step 1, so nothing compiles afterwards), per-epoch
+validation (loss and greedy-decoded metrics, `captioning.evaluation.evaluate.validate`), Orbax
 checkpoints (latest N and the best by the validation metric), automatic resume, TensorBoard events
 and progress lines with ETA (clu). Data comes from `captioning.data.prepare.prepare_data`; the final
 scoring is `captioning.evaluation.evaluate.evaluate`.
