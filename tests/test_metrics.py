@@ -133,21 +133,6 @@ def test_meteor_with_java():
     assert metrics._meteor_scorer() is not jvm
 
 
-def test_append_results_row(tmp_path):
-    path = tmp_path / "sub" / "results.md"
-    columns = ("run", "Bleu_4", "METEOR", "CIDEr")
-    metrics.append_results_row(str(path), {"run": "merge", "Bleu_4": 0.123456, "CIDEr": 1}, columns)
-    metrics.append_results_row(str(path), {"run": "a|b", "Bleu_4": None, "METEOR": 0.2}, columns)
-    assert path.read_text().splitlines() == [
-        "| run | Bleu_4 | METEOR | CIDEr |",
-        "|---|---|---|---|",
-        "| merge | 0.1235 | – | 1 |",
-        "| a\\|b | – | 0.2000 | – |",
-    ]
-    with pytest.raises(ValueError, match="other columns"):
-        metrics.append_results_row(str(path), {"run": "x"}, ("run",))
-
-
 def test_caption_stats_count_repetition_bad_endings_length_and_vocabulary():
     stats = metrics.caption_stats(
         ["a red circle left of a red circle", "square square square", "a blue star with a", ""]

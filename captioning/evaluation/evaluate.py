@@ -2,41 +2,30 @@
 
     report = evaluate(config, workdir, split="test")   # writes eval/<split>_<method>.json, ...
 
-Everything here needs only the run directory (config, vocabulary, feature statistics and the
-`params` item of a checkpoint): no optimizer is built to score or caption.
+Everything here needs only the run directory (`captioning.run_dir.RunDir`: config, vocabulary,
+feature statistics and the `params` item of a checkpoint): no optimizer is built to score or
+caption.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import time
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import ml_collections
 from absl import logging
-from flax import nnx
 
-from captioning import checkpoint, models
-from captioning.data import text
 from captioning.data.datasets.base import ImageRecord
 from captioning.data.prepare import PreparedData, prepare_data
 from captioning.decoding import decode
 from captioning.evaluation import metrics
+from captioning.run_dir import Inference, RunDir
 
 SCENE_METRICS = ("attribute_accuracy", "relation_accuracy")
 _TERM = re.compile(r"^\s*(?:([0-9.eE+-]+)\s*\*\s*)?([A-Za-z_][A-Za-z0-9_]*)\s*$")
-
-
-class Inference(NamedTuple):
-    """A run's decoder ready to decode: graph, best parameters, and which checkpoint they are."""
-
-    graphdef: nnx.GraphDef
-    params: Any
-    step: int
-    progress: dict[str, Any]  # The checkpoint's progress: epoch, best_metric, best_epoch, ...
 
 
 def parse_selection(spec: str, field: str = "train.val_metric") -> list[tuple[float, str]]:
@@ -73,38 +62,6 @@ def selection_value(terms: list[tuple[float, str]], scores: dict[str, float]) ->
 def writes_files() -> bool:
     """Whether this process writes the run's files: with several processes, only the first."""
     return jax.process_index() == 0
-
-
-def write_json(path: str, obj: Any) -> None:
-    """Writes `obj` as JSON atomically (a temporary file, then a rename)."""
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
-
-
-def load_run_config(workdir: str) -> ml_collections.ConfigDict:
-    """The resolved config a run was trained with (workdir/config.json)."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(
-            f"{path} not found: --workdir must be a run directory written by training."
-        )
-    with open(path, encoding="utf-8") as f:
-        return ml_collections.ConfigDict(json.load(f))
-
-
-def restore_inference(
-    config: ml_collections.ConfigDict,
-    workdir: str,
-    vocab_size: int,
-    feature_shape: tuple[int, ...],
-    which: str = "best",
-) -> Inference:
-    """The decoder of `config.model` with the run's best (else latest) parameters."""
-    graphdef, params = models.abstract_model(config.model, vocab_size, feature_shape)
-    params, step, progress = checkpoint.restore_params(workdir, params, which)
-    return Inference(graphdef, params, step, progress)
 
 
 def score_split(
@@ -170,15 +127,16 @@ def evaluate(
     splits share one restored `inference` and the jitted `decoders` ({method: fn}, filled as
     needed) so the second split compiles nothing.
     """
-    workdir = os.path.abspath(workdir)
-    vocab = text.Vocabulary.load(os.path.join(workdir, "vocab.json"))
+    run = RunDir(workdir)
+    workdir = run.path
+    vocab = run.vocab()
     if data is None:
         data = prepare_data(config, workdir, vocab=vocab)
     if split not in data.splits or not data.splits[split]:
         present = [s for s, records in data.splits.items() if records]
         raise ValueError(f"Split {split!r} has no images; use one of {present}.")
     if inference is None:
-        inference = restore_inference(config, workdir, len(vocab), data.features.shape[1:])
+        inference = run.restore(config.model, len(vocab), data.features.shape[1:])
     graphdef, params, step, progress = inference
     decoders = {} if decoders is None else decoders
     records = data.splits[split]
@@ -232,10 +190,8 @@ def evaluate(
     }
     if not writes_files():  # Every process decodes alike; the first one reports.
         return report
-    eval_dir = os.path.join(workdir, "eval")
-    os.makedirs(eval_dir, exist_ok=True)
     name = report_name(config.decode)
-    write_json(os.path.join(eval_dir, f"{split}_{name}.json"), report)
+    run.write_json(os.path.join("eval", f"{split}_{name}.json"), report)
     row = {
         "training": "scst" if config.scst.init_from else "xe",
         "method": name,
@@ -246,7 +202,7 @@ def evaluate(
     }
     columns = ["training", "method", "beam_size", "split", "step", *metrics.METRIC_NAMES]
     columns += [k for k in SCENE_METRICS if k in row] + ["repeated_pair_share"]
-    metrics.append_results_row(os.path.join(workdir, "results.md"), row, columns)
+    run.append_results_row(row, columns)
     shown = ", ".join(f"{k} {v:.4f}" for k, v in report["metrics"].items())
     logging.info(
         "Evaluated %s (%s, step %d, epoch %s chosen by %s = %s): %s",

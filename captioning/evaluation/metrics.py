@@ -28,8 +28,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import logging
-import math
-import numbers
 import os
 import shutil
 import threading
@@ -52,7 +50,6 @@ SPICE_JARS = ("stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar")
 _SPICE_LIB_DIR = os.path.join(os.path.dirname(os.path.abspath(_spice_module.__file__)), "lib")
 _METEOR_TIMEOUT_BASE_S = 120.0  # METEOR is killed (and reported skipped) after this
 _METEOR_TIMEOUT_PER_IMAGE_S = 0.05  # plus this per image: it hangs on malformed input.
-_MISSING = "–"
 
 _log = logging.getLogger(__name__)
 
@@ -349,38 +346,3 @@ def caption_stats(captions: Sequence[str]) -> dict[str, float]:
         "mean_length": total_words / count,
         "vocabulary_used": float(len(vocabulary)),
     }
-
-
-def _format_cell(value: object) -> str:
-    """Markdown cell: floats to 4 decimals, None as a dash, '|' escaped."""
-    if value is None:
-        return _MISSING
-    if isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral):
-        value = float(value)
-        return "nan" if math.isnan(value) else f"{value:.4f}"
-    return " ".join(str(value).split()).replace("|", "\\|") or _MISSING
-
-
-def append_results_row(path: str, row: Mapping[str, object], columns: Sequence[str]) -> None:
-    """Appends `row` (keys not in `columns` ignored) to a markdown table; writes the header once.
-
-    Missing columns and None show as a dash. Raises ValueError when the file already holds a
-    table with other columns.
-    """
-    header = "| " + " | ".join(_format_cell(c) for c in columns) + " |"
-    is_new = not os.path.exists(path) or os.path.getsize(path) == 0
-    if not is_new:
-        with open(path, encoding="utf-8") as f:
-            first = f.readline().rstrip("\n")
-        if first != header:
-            raise ValueError(
-                f"{path} holds a table with other columns ({first!r}, expected {header!r}); "
-                "write to a new file or use the same columns."
-            )
-    else:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    cells = [_format_cell(row.get(c)) for c in columns]
-    with open(path, "a", encoding="utf-8") as f:
-        if is_new:
-            f.write(header + "\n|" + "|".join("---" for _ in columns) + "|\n")
-        f.write("| " + " | ".join(cells) + " |\n")

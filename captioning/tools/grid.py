@@ -2,7 +2,8 @@
 
     python -m captioning.tools.grid --config=configs/scenes.py --grid=configs/grids/scenes.py \
         --workdir=runs/grid [--config.train.num_epochs=8] [--cells=merge_avgmax,attention_grid4]
-    python -m captioning.tools.grid --config=configs/scenes.py --seeds=0,1,2,3,4 --workdir=runs/seeds
+    python -m captioning.tools.grid --config=configs/scenes.py --seeds=0,1,2,3,4 \
+        --workdir=runs/seeds
 
 The grid file defines `get_grid()` returning a list of cells:
 
@@ -201,19 +202,12 @@ def _error_text(error: BaseException) -> str:
     return text if len(text) <= 160 else text[:157] + "..."
 
 
-def _epochs_trained(cell_dir: str) -> int | None:
-    path = os.path.join(cell_dir, "history.json")
-    if not os.path.exists(path):
+def _epochs_trained(run) -> int | None:
+    """Epochs in the cell's history.json (None: none written)."""
+    if not run.has("history.json"):
         return None
-    with open(path, encoding="utf-8") as f:
-        history = json.load(f)
+    history = run.read_json("history.json")
     return int(history[-1]["epoch"]) if history else 0
-
-
-def _has_checkpoint(cell_dir: str) -> bool:
-    """Whether an earlier attempt of this cell saved a checkpoint (training will resume)."""
-    latest = os.path.join(cell_dir, "checkpoints", "latest")
-    return os.path.isdir(latest) and any(name.isdigit() for name in os.listdir(latest))
 
 
 def _row(cell: Cell, label: str, split: str = "-", **fields) -> dict[str, Any]:
@@ -242,9 +236,11 @@ def run_cell(base_config: ml_collections.ConfigDict, cell: Cell, workdir: str) -
     # JAX, TF: imported when a grid actually runs.
     from captioning.data import prepare as data
     from captioning.evaluation import evaluate
+    from captioning.run_dir import RunDir
     from captioning.training import train
 
     cell_dir = os.path.join(workdir, cell.name)
+    run = RunDir(cell_dir)
     where = f"grid cell {cell.name!r}"
     configs = [
         apply_overrides(apply_overrides(base_config, cell.overrides, where), method, where)
@@ -260,7 +256,7 @@ def run_cell(base_config: ml_collections.ConfigDict, cell: Cell, workdir: str) -
             return record["rows"]
     os.makedirs(cell_dir, exist_ok=True)
 
-    resumed = _has_checkpoint(cell_dir)
+    resumed = run.has_checkpoint("latest")  # An earlier attempt saved one: training resumes.
     rows: list[dict] = []
     try:
         # Export (or find) the feature store before the clock starts; it is shared by cells.
@@ -276,14 +272,9 @@ def run_cell(base_config: ml_collections.ConfigDict, cell: Cell, workdir: str) -
         return [_row(cell, label, status=status) for label in labels]
     # The splits scored besides eval.split that training scored too (e.g. test_perturbed).
     first = evaluate.report_name(configs[0].decode)
-    extra = [
-        s
-        for s in _extra_splits(configs[0])
-        if os.path.exists(os.path.join(cell_dir, "eval", f"{s}_{first}.json"))
-    ]
-
+    extra = [s for s in _extra_splits(configs[0]) if run.has(f"eval/{s}_{first}.json")]
     common = {
-        "epochs": _epochs_trained(cell_dir),
+        "epochs": _epochs_trained(run),
         # A resumed cell's clock only saw the rest of its training.
         "train_s": None if resumed else train_seconds,
     }
@@ -297,9 +288,7 @@ def run_cell(base_config: ml_collections.ConfigDict, cell: Cell, workdir: str) -
 
     rows.append(ok_row(labels[0], report))
     for split in extra:
-        path = os.path.join(cell_dir, "eval", f"{split}_{first}.json")
-        with open(path, encoding="utf-8") as f:
-            rows.append(ok_row(labels[0], json.load(f)))
+        rows.append(ok_row(labels[0], run.read_json(f"eval/{split}_{first}.json")))
     for config, label in zip(configs[1:], labels[1:], strict=True):
         for split in [config.eval.split, *extra]:
             try:

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from collections.abc import Callable
 from typing import Any
@@ -47,11 +46,12 @@ from absl import logging
 from clu import metric_writers, periodic_actions
 from flax import nnx, traverse_util
 
-from captioning import checkpoint, models
+from captioning import checkpoint
 from captioning.data import text
-from captioning.data.prepare import STATS_FILE, PreparedData, prepare_data
+from captioning.data.prepare import PreparedData, prepare_data
 from captioning.decoding import search
 from captioning.evaluation import evaluate
+from captioning.run_dir import RunDir
 from captioning.training import rewards, train
 
 BASELINES = ("mean", "greedy")
@@ -210,7 +210,8 @@ def check_init_run(config: ml_collections.ConfigDict, init_dir: str) -> ml_colle
             "config.scst.init_from is empty: give the workdir of a finished cross-entropy run, "
             "e.g. --config.scst.init_from=runs/scenes."
         )
-    saved = evaluate.load_run_config(init_dir)
+    init_run = RunDir(init_dir)
+    saved = init_run.config("config.scst.init_from must be")
     if saved.scst.init_from:
         raise ValueError(f"{init_dir} is itself an SCST run; start from a cross-entropy run.")
     mine = traverse_util.flatten_dict(json.loads(config.to_json()), sep=".")
@@ -228,9 +229,9 @@ def check_init_run(config: ml_collections.ConfigDict, init_dir: str) -> ml_colle
             "same vocabulary, features and decoder. Use the run's own config "
             f"(--config=configs/run.py:{init_dir} plus the scst fields) or another run."
         )
-    for name in ("vocab.json", STATS_FILE):
-        if not os.path.exists(os.path.join(init_dir, name)):
-            raise FileNotFoundError(f"{init_dir}/{name} is missing: train the run to its end.")
+    missing = init_run.missing_inputs()
+    if missing:
+        raise FileNotFoundError(f"{init_dir}/{missing[0]} is missing: train the run to its end.")
     return saved
 
 
@@ -256,19 +257,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     check_init_run(config, init_dir)
     os.makedirs(workdir, exist_ok=True)
     train.check_resumable_config(config, workdir)
-    evaluate.write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json()))
+    run, init_run = RunDir(workdir), RunDir(init_dir)
+    run.write_config(config)
     # The run directory stands alone: evaluation, caption mode and the demo read these here.
-    for name in ("vocab.json", STATS_FILE):
-        shutil.copyfile(os.path.join(init_dir, name), os.path.join(workdir, name))
-    vocab = text.Vocabulary.load(os.path.join(workdir, "vocab.json"))
+    run.copy_inputs_from(init_run)
+    vocab = run.vocab()
     data = prepare_data(config, workdir, vocab=vocab)
     train_rows = data.rows("train")
     references = reference_texts(data, "train", config.data.min_word_len)
     scorer = rewards.CiderD(references)  # Frequencies from every training image, once.
     reward_fn = reward_function(scst.reward, scorer, data.splits["train"])
 
-    graphdef, params = models.abstract_model(config.model, len(vocab), data.features.shape[1:])
-    params, init_step, _ = checkpoint.restore_params(init_dir, params)
+    feature_shape = data.features.shape[1:]
+    graphdef, params, init_step, _ = init_run.restore(config.model, len(vocab), feature_shape)
     tx = optax.chain(
         optax.clip_by_global_norm(config.train.grad_clip), optax.adam(scst.learning_rate)
     )
