@@ -1,9 +1,10 @@
-"""Tests for captioning.evaluation.metrics on tiny hand-checked examples (one METEOR JVM at most)."""
+"""captioning.evaluation.metrics: the registry, and hand-checked scores (one METEOR JVM at most)."""
 
 import shutil
 
 import pytest
 
+from captioning.data.datasets.base import ImageRecord
 from captioning.evaluation import metrics
 
 JAVA = shutil.which("java") is not None
@@ -142,3 +143,41 @@ def test_caption_stats_count_repetition_bad_endings_length_and_vocabulary():
     assert stats["bad_ending_share"] == 0.25  # "... with a".
     assert stats["mean_length"] == (8 + 3 + 5 + 0) / 4
     assert stats["vocabulary_used"] == 9.0
+
+
+def _records(*captions):
+    return [ImageRecord(f"i{k}", "", (c,), "test") for k, c in enumerate(captions)]
+
+
+def test_registry_lists_reference_metrics_then_the_dataset_s_own_then_the_rest():
+    names = [m.name for m in metrics.metrics_for("scenes")]
+    assert names[:10] == [
+        *("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE"),
+        *("attribute_accuracy", "relation_accuracy"),
+    ]
+    assert "repeated_pair_share" in names[10:]
+    assert "attribute_accuracy" not in [m.name for m in metrics.metrics_for("flickr8k")]
+    # results.md's columns: every reference metric (a skipped one shows a dash), the dataset's.
+    assert metrics.columns("flickr8k") == [*names[:8], "repeated_pair_share"]
+    assert metrics.columns("scenes") == [*names[:10], "repeated_pair_share"]
+    assert metrics.columns() == metrics.columns("scenes")  # The grid's: of any dataset.
+    assert list(metrics.caption_scores("scenes")) == ["attribute_accuracy", "relation_accuracy"]
+    assert metrics.caption_scores("flickr8k") == {}
+    with pytest.raises(ValueError, match="already registered"):
+        metrics.register(metrics.Metric("CIDEr", caption_score=lambda c, r: 0.0))
+    with pytest.raises(ValueError, match="split_score or a caption_score"):
+        metrics.Metric("nothing")
+
+
+def test_score_computes_each_metric_once_in_report_order():
+    records = _records("a dog runs on the grass", "two cats sleep")
+    split = metrics.SplitCaptions(records, ["a dog runs", "two cats sleep"], meteor=False)
+    scores = metrics.score(split, "flickr8k")
+    reference = split.pycocoevalcap["scores"]
+    assert list(scores) == [*reference, *metrics.caption_stats(split.captions)]
+    assert scores["CIDEr"] == reference["CIDEr"]
+    assert "METEOR" not in scores and "METEOR" in split.pycocoevalcap["skipped"]
+    # Validation: no caption statistics; logged: the metrics marked so.
+    validation = metrics.score(split, "flickr8k", validation=True)
+    assert list(validation) == list(reference)
+    assert list(metrics.logged(validation, "flickr8k")) == ["Bleu_4", "CIDEr"]

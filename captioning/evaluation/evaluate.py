@@ -4,7 +4,8 @@
 
 Everything here needs only the run directory (`captioning.run_dir.RunDir`: config, vocabulary,
 feature statistics and the `params` item of a checkpoint): no optimizer is built to score or
-caption.
+caption. Which metrics are computed, logged and tabulated is `captioning.evaluation.metrics`'s
+registry (with the dataset's own caption scores).
 """
 
 from __future__ import annotations
@@ -18,13 +19,11 @@ import jax
 import ml_collections
 from absl import logging
 
-from captioning.data.datasets.base import ImageRecord
 from captioning.data.prepare import PreparedData, prepare_data
 from captioning.decoding import decode
 from captioning.evaluation import metrics
 from captioning.run_dir import Inference, RunDir
 
-SCENE_METRICS = ("attribute_accuracy", "relation_accuracy")
 _TERM = re.compile(r"^\s*(?:([0-9.eE+-]+)\s*\*\s*)?([A-Za-z_][A-Za-z0-9_]*)\s*$")
 
 
@@ -64,40 +63,11 @@ def writes_files() -> bool:
     return jax.process_index() == 0
 
 
-def score_split(
-    records: list[ImageRecord],
-    captions: list[str],
-    *,
-    eval_config: ml_collections.ConfigDict,
-    meteor: bool,
-    spice: bool,
-) -> dict[str, Any]:
-    """pycocoevalcap scores of generated captions against the records' references."""
-    references = {r.image_id: list(r.captions) for r in records}
-    hypotheses = {r.image_id: c for r, c in zip(records, captions, strict=True)}
-    return metrics.score_captions(
-        references, hypotheses, tokenizer=eval_config.tokenizer, meteor=meteor, spice=spice
-    )
-
-
-def attribute_scores(records: list[ImageRecord], captions: list[str]) -> dict[str, float]:
-    """Scenes only: attribute and spatial-relation accuracy of the generated captions."""
-    if not records or not records[0].meta or "objects" not in records[0].meta:
-        return {}
-    from captioning.data.datasets import scene_captions
-
-    metas = [r.meta for r in records]
-    return {
-        "attribute_accuracy": scene_captions.attribute_accuracy(captions, metas),
-        "relation_accuracy": scene_captions.relation_accuracy(captions, metas),
-    }
-
-
 def validate(
     decode_greedy: decode.DecodeFn, params: Any, data: PreparedData, config
 ) -> dict[str, float]:
-    """Greedy captions of the val split, scored without Java (no METEOR/SPICE) -> every metric
-    (BLEU, ROUGE-L, CIDEr, and on the scenes attribute and relation accuracy)."""
+    """Greedy captions of the val split -> every metric marked for validation (`metrics.Metric`:
+    those of pycocoevalcap that need no Java, and the dataset's own scores)."""
     decoded = decode.decode_split(
         decode_greedy,
         params,
@@ -106,9 +76,10 @@ def validate(
         batch_size=config.decode.batch_size,
     )
     captions = data.vocab.decode_batch(decoded.tokens)
-    records = data.splits["val"]
-    scores = score_split(records, captions, eval_config=config.eval, meteor=False, spice=False)
-    return {**scores["scores"], **attribute_scores(records, captions)}
+    split = metrics.SplitCaptions(
+        data.splits["val"], captions, tokenizer=config.eval.tokenizer, meteor=False, spice=False
+    )
+    return metrics.score(split, config.data.dataset, validation=True)
 
 
 def evaluate(
@@ -153,13 +124,15 @@ def evaluate(
     )
     decode_seconds = time.perf_counter() - start
     captions = vocab.decode_batch(decoded.tokens)
-    scored = score_split(
+    split_captions = metrics.SplitCaptions(
         records,
         captions,
-        eval_config=config.eval,
+        tokenizer=config.eval.tokenizer,
         meteor=config.eval.meteor,
         spice=config.eval.spice,
     )
+    scores = metrics.score(split_captions, config.data.dataset)
+    scored = split_captions.pycocoevalcap  # Per-image scores and skipped metrics.
     report = {
         "split": split,
         "step": int(step),
@@ -171,11 +144,7 @@ def evaluate(
         },
         "decode": config.decode.to_dict(),
         "tokenizer": scored.get("tokenizer", config.eval.tokenizer),
-        "metrics": {
-            **scored["scores"],
-            **attribute_scores(records, captions),
-            **metrics.caption_stats(captions),
-        },
+        "metrics": scores,
         "skipped_metrics": scored.get("skipped", {}),
         "decode_seconds": decode_seconds,
         "captions": [
@@ -200,9 +169,8 @@ def evaluate(
         "step": int(step),
         **report["metrics"],
     }
-    columns = ["training", "method", "beam_size", "split", "step", *metrics.METRIC_NAMES]
-    columns += [k for k in SCENE_METRICS if k in row] + ["repeated_pair_share"]
-    run.append_results_row(row, columns)
+    columns = ["training", "method", "beam_size", "split", "step"]
+    run.append_results_row(row, columns + metrics.columns(config.data.dataset))
     shown = ", ".join(f"{k} {v:.4f}" for k, v in report["metrics"].items())
     logging.info(
         "Evaluated %s (%s, step %d, epoch %s chosen by %s = %s): %s",

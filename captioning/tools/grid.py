@@ -23,9 +23,10 @@ the same encoder settings share one feature store (`data.cache_dir`); the store 
 the clock starts, so `train_s` (wall-clock of `train_and_evaluate`) compares decoders, not who
 exported first.
 
-`--workdir/grid.md` gets one row per (cell, method, split) with every metric of the evaluation
-reports, the epoch the validation metric chose, the epochs trained, train_s and decode_s; it is
-rewritten after every cell, so a long grid shows its progress. A cell that fails is a row with its
+`--workdir/grid.md` gets one row per (cell, method, split) with the evaluation reports' metrics
+that results.md shows (`metrics.columns()`, of any dataset), the epoch the validation metric
+chose, the epochs trained, train_s and decode_s; it is rewritten after every cell, so a long grid
+shows its progress. A cell that fails is a row with its
 error (the traceback is in `<cell>/error.txt`); the other cells still run. A finished cell records
 itself in `<cell>/grid_cell.json` and is not retrained when the grid is run again with the same
 config; `--cells` runs a subset and the table still lists every cell the workdir holds.
@@ -50,21 +51,11 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from captioning.evaluation import metrics
+
 CELL_FILE = "grid_cell.json"
 TABLE_FILE = "grid.md"
 SUMMARY_FILE = "seeds.json"  # Mean, std, min, max and values over seeds of every metric.
-METRIC_COLUMNS = (
-    "Bleu_1",
-    "Bleu_2",
-    "Bleu_3",
-    "Bleu_4",
-    "METEOR",
-    "ROUGE_L",
-    "CIDEr",
-    "SPICE",
-    "attribute_accuracy",
-    "relation_accuracy",
-)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -419,7 +410,7 @@ def summarize_seeds(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     for (cell, method, split), members in groups.items():
         out: dict[str, Any] = {"cell": cell, "method": method, "split": split}
         out["seeds"] = len(members)
-        for column in (*METRIC_COLUMNS, "best_epoch", "train_s"):
+        for column in (*metrics.columns(), "best_epoch", "train_s"):
             values = [float(r[column]) for r in members if r.get(column) is not None]
             if values:
                 out[column] = {
@@ -455,13 +446,13 @@ def write_table(
             rows += rows_by_cell[cell.name]
         else:
             rows.append({"cell": cell.name, "method": "-", "status": "not run"})
-    metrics = [m for m in METRIC_COLUMNS if any(m in r for r in rows)]
-    columns = ["cell", "method", "split", *metrics, "best_epoch", "epochs", "train_s", "decode_s"]
+    shown = [m for m in metrics.columns() if any(m in r for r in rows)]
+    columns = ["cell", "method", "split", *shown, "best_epoch", "epochs", "train_s", "decode_s"]
     columns.append("status")
     lines = [header.rstrip() + "\n"] if header else []
     summary = summarize_seeds(rows)
     if summary:
-        summary_columns = ["cell", "method", "split", "seeds", *metrics, "best_epoch", "train_s"]
+        summary_columns = ["cell", "method", "split", "seeds", *shown, "best_epoch", "train_s"]
         lines += ["Mean ± std over seeds:", "", *_markdown(summary_columns, summary), ""]
     lines += _markdown(columns, rows)
     lines += [

@@ -50,14 +50,11 @@ from captioning import checkpoint
 from captioning.data import text
 from captioning.data.prepare import PreparedData, prepare_data
 from captioning.decoding import search
-from captioning.evaluation import evaluate
+from captioning.evaluation import evaluate, metrics
 from captioning.run_dir import RunDir
 from captioning.training import rewards, train
 
 BASELINES = ("mean", "greedy")
-# What `scst.reward` may weigh: CIDEr-D, and on the scenes each caption's own attribute score
-# (1 when it names exactly the true objects) and relation score (share of its relations true).
-REWARD_TERMS = ("CIDEr", "attribute_accuracy", "relation_accuracy")
 END_WORD = "<end>"
 # Sections that must agree with the run SCST starts from (what it learned and what it reads).
 MATCHING = ("data", "encoder", "model")
@@ -98,36 +95,40 @@ def reference_texts(data: PreparedData, split: str, min_word_len: int) -> list[l
     ]
 
 
-def reward_function(spec: str, scorer: rewards.CiderD, records) -> Callable:
+def reward_function(spec: str, scorer: rewards.CiderD, records, dataset: str) -> Callable:
     """`scst.reward` -> rewards(texts [N], image_rows [N]) -> [N] float64 (a weighted sum).
 
-    `texts` are `caption_texts` strings, `image_rows` index `records` (the training images, whose
-    `meta['objects']` the scene terms read).
+    Its terms: "CIDEr" (CIDEr-D of each caption, `scorer`) and every metric of `dataset` with a
+    per-caption score (`metrics.caption_scores`: on the scenes each caption's attribute score,
+    1 when it names exactly the true objects, and relation score, the share of its relations
+    true; a caption a metric cannot judge earns 0). `texts` are `caption_texts` strings,
+    `image_rows` index `records` (the training images).
     """
     terms = evaluate.parse_selection(spec, "scst.reward")
-    unknown = [name for _, name in terms if name not in REWARD_TERMS]
+    caption_scores = metrics.caption_scores(dataset)
+    known = ["CIDEr", *caption_scores]
+    unknown = [name for _, name in terms if name not in known]
     if unknown:
-        raise ValueError(f"config.scst.reward={spec!r}: {unknown} unknown; use {REWARD_TERMS}.")
-    scene_terms = [(w, name) for w, name in terms if name != "CIDEr"]
-    if scene_terms and not (records and "objects" in (records[0].meta or {})):
         raise ValueError(
-            f"config.scst.reward={spec!r}: attribute and relation rewards need the scenes "
-            "dataset (images whose objects are known)."
+            f"config.scst.reward={spec!r}: {unknown} unknown; on dataset {dataset!r} use "
+            f"{known} (CIDEr-D and the metrics with a per-caption score)."
         )
+    caption_terms = [(w, name) for w, name in terms if name != "CIDEr"]
     cider_weight = sum(w for w, name in terms if name == "CIDEr")
 
     def reward(texts: list[str], image_rows: np.ndarray) -> np.ndarray:
         total = cider_weight * scorer.scores(texts, image_rows) if cider_weight else 0.0
-        if scene_terms:
-            from captioning.data.datasets import scene_captions
-
-            scores = np.zeros((len(texts), 2))
-            for i, (caption, row) in enumerate(zip(texts, image_rows, strict=True)):
-                words = caption.removesuffix(END_WORD)
-                attribute, relation = scene_captions.caption_scores(words, records[row].meta)
-                scores[i] = attribute, relation or 0.0
-            for weight, name in scene_terms:
-                total = total + weight * scores[:, REWARD_TERMS.index(name) - 1]
+        if caption_terms:
+            pairs = [
+                (caption.removesuffix(END_WORD), records[row])
+                for caption, row in zip(texts, image_rows, strict=True)
+            ]
+            scores = {
+                name: np.array([caption_scores[name](*pair) or 0.0 for pair in pairs])
+                for name in dict.fromkeys(name for _, name in caption_terms)
+            }
+            for weight, name in caption_terms:
+                total = total + weight * scores[name]
         return np.broadcast_to(total, (len(texts),)).astype(np.float64)
 
     return reward
@@ -266,7 +267,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     train_rows = data.rows("train")
     references = reference_texts(data, "train", config.data.min_word_len)
     scorer = rewards.CiderD(references)  # Frequencies from every training image, once.
-    reward_fn = reward_function(scst.reward, scorer, data.splits["train"])
+    reward_fn = reward_function(scst.reward, scorer, data.splits["train"], config.data.dataset)
 
     feature_shape = data.features.shape[1:]
     graphdef, params, init_step, _ = init_run.restore(config.model, len(vocab), feature_shape)
@@ -307,7 +308,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         # Epoch 0 is the starting point: SCST must beat it to be chosen.
         scores = evaluate.validate(greedy_fn, params, data, config)
         best_metric = evaluate.selection_value(selection, scores)
-        start_metrics = {f"eval_{k}": scores[k] for k in train.VALIDATION_LOGGED if k in scores}
+        logged = metrics.logged(scores, config.data.dataset)
+        start_metrics = {f"eval_{k}": v for k, v in logged.items()}
         history.append({"epoch": 0, "step": 0, **start_metrics, "eval_selection": best_metric})
         progress = train.progress_state(0, best_metric, 0, 0)
         if best_mgr.latest_step() is None:  # (A rerun killed in epoch 1 has it already.)
@@ -358,7 +360,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 "train_baseline": sums[1] / steps,
                 "train_loss": sums[2] / steps,
                 "train_reward_share": sums[3] / max(train_seconds, 1e-9),
-                **{f"eval_{k}": scores[k] for k in train.VALIDATION_LOGGED if k in scores},
+                **{f"eval_{k}": v for k, v in metrics.logged(scores, config.data.dataset).items()},
                 "eval_selection": val_metric,
             }
             improved = val_metric > best_metric

@@ -53,10 +53,6 @@ RESUMABLE_CHANGES = {
 }
 
 
-# Validation metrics written to the log, TensorBoard and history.json each epoch (those computed).
-VALIDATION_LOGGED = ("CIDEr", "Bleu_4", "attribute_accuracy", "relation_accuracy")
-
-
 # --------------------------------------------------------------------------------------------
 # Optimizer and the jitted steps
 # --------------------------------------------------------------------------------------------
@@ -449,7 +445,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             epoch_metrics = {
                 "train_loss": epoch_sums[0] / max(epoch_sums[1], 1.0),
                 "eval_loss": val_sums[0] / max(val_sums[1], 1.0),
-                **{f"eval_{k}": scores[k] for k in VALIDATION_LOGGED if k in scores},
+                **{f"eval_{k}": v for k, v in metrics.logged(scores, config.data.dataset).items()},
                 "eval_selection": val_metric,
             }
             improved = val_metric > best_metric
