@@ -22,10 +22,8 @@ from typing import Any
 import ml_collections
 from absl import logging
 
-from captioning.data import text
-from captioning.data.prepare import FeatureStats
 from captioning.decoding import decode
-from captioning.evaluation import evaluate
+from captioning.run_dir import RunDir
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 
@@ -93,10 +91,10 @@ def caption_images(
     """
     from captioning.data import backbone  # TensorFlow/Keras: imported when needed.
 
-    workdir = os.path.abspath(os.path.expanduser(workdir))
+    run = RunDir(workdir)
+    workdir = run.path
     paths = find_images(images)
-    vocab = text.Vocabulary.load(os.path.join(workdir, "vocab.json"))
-    stats = FeatureStats.load(workdir)
+    vocab, stats = run.vocab(), run.feature_stats()
     method = config.decode.method
 
     # Same backbone, weights, input size and init seed as the run's feature store.
@@ -111,15 +109,13 @@ def caption_images(
     maps: dict[str, str] = {}
     step = None
     if ok_paths:
-        if raw.shape[-1] != stats.mean.shape[-1]:
-            raise ValueError(
-                f"{workdir}/feature_stats.npz has {stats.mean.shape[-1]} channels but "
-                f"config.encoder ({config.encoder.backbone}) gives {raw.shape[-1]}: caption with "
-                "the run's own config (omit --config)."
-            )
-        graphdef, params, step, _ = evaluate.restore_inference(
-            config, workdir, len(vocab), raw.shape[1:]
+        run.check_channels(
+            stats,
+            raw.shape[-1],
+            f"config.encoder ({config.encoder.backbone})",
+            "caption with the run's own config (omit --config).",
         )
+        graphdef, params, step, _ = run.restore(config.model, len(vocab), raw.shape[1:])
         decoded = decode.decode_split(
             decode.decode_fn(graphdef, config.decode, stats),
             params,

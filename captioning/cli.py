@@ -23,9 +23,9 @@ def _config_or_run_config(config: ml_collections.ConfigDict | None, workdir: str
     """--config when given (its overrides apply), else the config the run was trained with."""
     if config is not None:
         return config
-    from captioning.evaluation import evaluate
+    from captioning.run_dir import RunDir
 
-    return evaluate.load_run_config(workdir)
+    return RunDir(workdir).config()
 
 
 def run(

@@ -51,10 +51,10 @@ from absl import logging
 from flax import nnx
 from PIL import Image, UnidentifiedImageError
 
-from captioning.data import backbone, text
-from captioning.data.prepare import FeatureStats
+from captioning.data import backbone
 from captioning.decoding import decode, search
-from captioning.evaluation import evaluate, visualize
+from captioning.evaluation import visualize
+from captioning.run_dir import RunDir
 
 MAX_PIXELS = 40_000_000  # Larger images are refused before decoding (decompression bombs).
 NUM_EXAMPLES = 4  # Clickable test images of the run's dataset.
@@ -238,24 +238,22 @@ class Captioner:
     """
 
     def __init__(self, workdir: str, *, batch_size: int = 16):
-        self.workdir = os.path.abspath(os.path.expanduser(workdir))
-        self.config = evaluate.load_run_config(self.workdir)
+        run = RunDir(workdir)
+        self.workdir = run.path
+        self.config = run.config()
         self.batch_size = int(batch_size)
-        self.vocab = text.Vocabulary.load(os.path.join(self.workdir, "vocab.json"))
-        self.stats = FeatureStats.load(self.workdir)
+        self.vocab, self.stats = run.vocab(), run.feature_stats()
         encoder = self.config.encoder
         self.runner = backbone.get_runner(encoder, self.batch_size, seed=self.config.seed)
-        if self.runner.feature_shape[-1] != self.stats.mean.shape[-1]:
-            raise ValueError(
-                f"{self.workdir}/feature_stats.npz has {self.stats.mean.shape[-1]} channels but "
-                f"the run's config.encoder ({encoder.backbone}) gives "
-                f"{self.runner.feature_shape[-1]}: the run directory is inconsistent."
-            )
+        run.check_channels(
+            self.stats,
+            self.runner.feature_shape[-1],
+            f"the run's config.encoder ({encoder.backbone})",
+            "the run directory is inconsistent.",
+        )
         feature_shape = tuple(self.runner.feature_shape)
         self.grid_shape = feature_shape[:-1]
-        inference = evaluate.restore_inference(
-            self.config, self.workdir, len(self.vocab), feature_shape
-        )
+        inference = run.restore(self.config.model, len(self.vocab), feature_shape)
         self.step = int(inference.step)
         self._params = inference.params
         self._greedy = decode.decode_fn(inference.graphdef, _greedy_config(self.config.decode))

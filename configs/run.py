@@ -4,17 +4,10 @@
         --config.decode.method=beam --config.eval.split=val
 """
 
-import json
-import os
-
 import ml_collections
+
+from captioning.run_dir import RunDir
 
 
 def get_config(workdir: str) -> ml_collections.ConfigDict:
-    path = os.path.join(os.path.expanduser(workdir), "config.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(
-            f"{path} not found: after 'configs/run.py:' give a run directory written by training."
-        )
-    with open(path, encoding="utf-8") as f:
-        return ml_collections.ConfigDict(json.load(f))
+    return RunDir(workdir).config("after 'configs/run.py:' give")

@@ -10,7 +10,7 @@ from PIL import Image
 
 from captioning import caption, cli
 from captioning.data import text
-from captioning.evaluation import evaluate
+from captioning.run_dir import RunDir
 from configs import test as test_config
 
 WORDS = ["red", "blue", "circle", "square", "left", "of"]
@@ -39,7 +39,7 @@ def image_dir(tmp_path_factory):
 
 
 def test_caption_folder_reports_unreadable_image(run_dir, image_dir, capsys):
-    config = evaluate.load_run_config(run_dir)
+    config = RunDir(run_dir).config()
     results = caption.caption_images(config, run_dir, str(image_dir))
     names = [os.path.basename(r["path"]) for r in results]
     assert names == ["a.png", "b.jpg", "broken.jpg", "c.bmp"]  # Sorted; notes.txt ignored.
@@ -62,7 +62,7 @@ def test_caption_folder_reports_unreadable_image(run_dir, image_dir, capsys):
 
 def test_caption_is_deterministic_per_image(run_dir, image_dir, tmp_path):
     """A file alone gets the caption it got in the folder (padding and batching do not leak)."""
-    config = evaluate.load_run_config(run_dir)
+    config = RunDir(run_dir).config()
     in_folder = caption.caption_images(
         config, run_dir, str(image_dir), output=str(tmp_path / "a.json")
     )
@@ -74,7 +74,7 @@ def test_caption_is_deterministic_per_image(run_dir, image_dir, tmp_path):
 
 @pytest.mark.parametrize("method", ["beam", "sample"])
 def test_caption_glob_with_other_methods(run_dir, image_dir, tmp_path, method):
-    config = evaluate.load_run_config(run_dir)
+    config = RunDir(run_dir).config()
     config.decode.method = method
     output = tmp_path / "out" / "captions.json"
     results = caption.caption_images(config, run_dir, str(image_dir / "*.jpg"), output=str(output))
@@ -89,7 +89,7 @@ def test_cli_caption_uses_the_run_config(run_dir, image_dir):
 
 
 def test_no_matching_images_is_a_clear_error(run_dir, tmp_path):
-    config = evaluate.load_run_config(run_dir)
+    config = RunDir(run_dir).config()
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "readme.txt").write_text("no images here")

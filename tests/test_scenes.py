@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from captioning.data.datasets import scene_captions, scenes
-from captioning.data.datasets.base import SPLITS, DataError
+from captioning.data.datasets import registry, scene_captions, scenes
+from captioning.data.datasets.base import SPLITS, DataError, ImageRecord
 from captioning.data.text import clean_caption
+from captioning.evaluation import metrics
 from configs import scenes as scenes_config
 
 NUM_SCENES = 150  # Enough to meet every caption family and object count, fast to make.
@@ -248,6 +249,28 @@ def test_scores_on_references_and_corrupted_references(sample):
             words[first] = absent
             corrupted.append(" ".join(words))
         assert scene_captions.attribute_accuracy(corrupted, metas) == 0.0
+
+
+def test_the_scenes_declare_their_scores_and_evaluation_reports_their_means(sample):
+    """The dataset's own caption scores, through the metric registry: split means equal to
+    `attribute_accuracy` and `relation_accuracy`, on the validation and evaluation reports."""
+    declared = [s.name for s in registry.caption_scores("scenes")]
+    assert declared == ["attribute_accuracy", "relation_accuracy"]
+    assert registry.caption_scores("flickr8k") == ()
+    _, captions, metas = sample
+    records = [
+        ImageRecord(f"s{i}", "", c, "val", m)
+        for i, (c, m) in enumerate(zip(captions, metas, strict=True))
+    ]
+    said = [c[0] if i % 3 else "a red circle left of a blue square" for i, c in enumerate(captions)]
+    split = metrics.SplitCaptions(records, said, meteor=False)
+    for validation in (True, False):
+        scores = metrics.score(split, "scenes", validation=validation)
+        assert scores["attribute_accuracy"] == scene_captions.attribute_accuracy(said, metas)
+        assert scores["relation_accuracy"] == scene_captions.relation_accuracy(said, metas)
+        assert list(scores).index("attribute_accuracy") == list(scores).index("CIDEr") + 1
+    assert 0.0 < scores["attribute_accuracy"] < 1.0  # Some of the replaced captions are wrong.
+    assert "attribute_accuracy" in metrics.logged(scores, "scenes")
 
 
 # ------------------------------------------------------------------------------------- on disk

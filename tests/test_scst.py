@@ -51,7 +51,8 @@ def test_scene_rewards_weigh_each_caption_s_own_attribute_and_relation_scores():
     records = [_scene(("red", "circle", 0.2, 0.5), ("blue", "square", 0.8, 0.5))]
     records.append(_scene(("green", "star", 0.5, 0.5)))
     scorer = rewards.CiderD([list(r.captions) for r in records])
-    reward = scst.reward_function("attribute_accuracy + 0.5*relation_accuracy", scorer, records)
+    spec = "attribute_accuracy + 0.5*relation_accuracy"
+    reward = scst.reward_function(spec, scorer, records, "scenes")
     texts = [
         "a red circle left of a blue square <end>",  # both right: 1 + 0.5
         "a red circle right of a blue square <end>",  # objects right, relation false: 1
@@ -61,15 +62,16 @@ def test_scene_rewards_weigh_each_caption_s_own_attribute_and_relation_scores():
     ]
     got = reward(texts, np.array([0, 0, 0, 1, 1]))
     np.testing.assert_allclose(got, [1.5, 1.0, 0.0, 1.0, 0.0])
-    cider = scst.reward_function("CIDEr", scorer, records)(texts[:2], np.array([0, 0]))
+    cider = scst.reward_function("CIDEr", scorer, records, "scenes")(texts[:2], np.array([0, 0]))
     np.testing.assert_allclose(cider, scorer.scores(texts[:2], np.array([0, 0])))
-    both = scst.reward_function("2*CIDEr + relation_accuracy", scorer, records)
+    both = scst.reward_function("2*CIDEr + relation_accuracy", scorer, records, "scenes")
     np.testing.assert_allclose(both(texts[:2], np.array([0, 0])), 2 * cider + [1.0, 0.0])
     with pytest.raises(ValueError, match="scst.reward.*BLEU"):
-        scst.reward_function("CIDEr + BLEU", scorer, records)
-    with pytest.raises(ValueError, match="need the scenes"):
+        scst.reward_function("CIDEr + BLEU", scorer, records, "scenes")
+    # Only the scenes supply attribute scores: elsewhere the term is refused.
+    with pytest.raises(ValueError, match="attribute_accuracy.*unknown.*dataset 'flickr8k'"):
         plain = [ImageRecord("y", "y.png", ("a dog",), "train")]
-        scst.reward_function("attribute_accuracy", rewards.CiderD([["a dog"]]), plain)
+        scst.reward_function("attribute_accuracy", rewards.CiderD([["a dog"]]), plain, "flickr8k")
 
 
 def test_mask_keeps_words_up_to_and_including_the_first_end():

@@ -23,7 +23,7 @@ from PIL import Image
 from captioning import caption, serve
 from captioning.data import backbone
 from captioning.data.datasets import scenes
-from captioning.evaluation import evaluate
+from captioning.run_dir import RunDir
 from configs import test as test_config
 
 WORDS = ["red", "blue", "circle", "square", "left", "of", "a"]  # Untrained: captions "circle ...".
@@ -82,7 +82,7 @@ def test_api_caption_is_caption_modes(run, client, tmp_path):
     with count_compiles() as compiles:
         greedy, beams, elapsed = _caption(client, images[0])
     assert compiles == []  # Warmed up at start-up.
-    config = evaluate.load_run_config(workdir)
+    config = RunDir(workdir).config()
     expected = caption.caption_images(config, workdir, images[0], output=str(tmp_path / "c.json"))
     assert greedy == expected[0]["caption"] and greedy
     assert len(beams) == config.decode.beam_size  # Every hypothesis, best first.

@@ -2,41 +2,29 @@
 
     report = evaluate(config, workdir, split="test")   # writes eval/<split>_<method>.json, ...
 
-Everything here needs only the run directory (config, vocabulary, feature statistics and the
-`params` item of a checkpoint): no optimizer is built to score or caption.
+Everything here needs only the run directory (`captioning.run_dir.RunDir`: config, vocabulary,
+feature statistics and the `params` item of a checkpoint): no optimizer is built to score or
+caption. Which metrics are computed, logged and tabulated is `captioning.evaluation.metrics`'s
+registry (with the dataset's own caption scores).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import time
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import ml_collections
 from absl import logging
-from flax import nnx
 
-from captioning import checkpoint, models
-from captioning.data import text
-from captioning.data.datasets.base import ImageRecord
 from captioning.data.prepare import PreparedData, prepare_data
 from captioning.decoding import decode
 from captioning.evaluation import metrics
+from captioning.run_dir import Inference, RunDir
 
-SCENE_METRICS = ("attribute_accuracy", "relation_accuracy")
 _TERM = re.compile(r"^\s*(?:([0-9.eE+-]+)\s*\*\s*)?([A-Za-z_][A-Za-z0-9_]*)\s*$")
-
-
-class Inference(NamedTuple):
-    """A run's decoder ready to decode: graph, best parameters, and which checkpoint they are."""
-
-    graphdef: nnx.GraphDef
-    params: Any
-    step: int
-    progress: dict[str, Any]  # The checkpoint's progress: epoch, best_metric, best_epoch, ...
 
 
 def parse_selection(spec: str, field: str = "train.val_metric") -> list[tuple[float, str]]:
@@ -75,72 +63,11 @@ def writes_files() -> bool:
     return jax.process_index() == 0
 
 
-def write_json(path: str, obj: Any) -> None:
-    """Writes `obj` as JSON atomically (a temporary file, then a rename)."""
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
-
-
-def load_run_config(workdir: str) -> ml_collections.ConfigDict:
-    """The resolved config a run was trained with (workdir/config.json)."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(
-            f"{path} not found: --workdir must be a run directory written by training."
-        )
-    with open(path, encoding="utf-8") as f:
-        return ml_collections.ConfigDict(json.load(f))
-
-
-def restore_inference(
-    config: ml_collections.ConfigDict,
-    workdir: str,
-    vocab_size: int,
-    feature_shape: tuple[int, ...],
-    which: str = "best",
-) -> Inference:
-    """The decoder of `config.model` with the run's best (else latest) parameters."""
-    graphdef, params = models.abstract_model(config.model, vocab_size, feature_shape)
-    params, step, progress = checkpoint.restore_params(workdir, params, which)
-    return Inference(graphdef, params, step, progress)
-
-
-def score_split(
-    records: list[ImageRecord],
-    captions: list[str],
-    *,
-    eval_config: ml_collections.ConfigDict,
-    meteor: bool,
-    spice: bool,
-) -> dict[str, Any]:
-    """pycocoevalcap scores of generated captions against the records' references."""
-    references = {r.image_id: list(r.captions) for r in records}
-    hypotheses = {r.image_id: c for r, c in zip(records, captions, strict=True)}
-    return metrics.score_captions(
-        references, hypotheses, tokenizer=eval_config.tokenizer, meteor=meteor, spice=spice
-    )
-
-
-def attribute_scores(records: list[ImageRecord], captions: list[str]) -> dict[str, float]:
-    """Scenes only: attribute and spatial-relation accuracy of the generated captions."""
-    if not records or not records[0].meta or "objects" not in records[0].meta:
-        return {}
-    from captioning.data.datasets import scene_captions
-
-    metas = [r.meta for r in records]
-    return {
-        "attribute_accuracy": scene_captions.attribute_accuracy(captions, metas),
-        "relation_accuracy": scene_captions.relation_accuracy(captions, metas),
-    }
-
-
 def validate(
     decode_greedy: decode.DecodeFn, params: Any, data: PreparedData, config
 ) -> dict[str, float]:
-    """Greedy captions of the val split, scored without Java (no METEOR/SPICE) -> every metric
-    (BLEU, ROUGE-L, CIDEr, and on the scenes attribute and relation accuracy)."""
+    """Greedy captions of the val split -> every metric marked for validation (`metrics.Metric`:
+    those of pycocoevalcap that need no Java, and the dataset's own scores)."""
     decoded = decode.decode_split(
         decode_greedy,
         params,
@@ -149,9 +76,10 @@ def validate(
         batch_size=config.decode.batch_size,
     )
     captions = data.vocab.decode_batch(decoded.tokens)
-    records = data.splits["val"]
-    scores = score_split(records, captions, eval_config=config.eval, meteor=False, spice=False)
-    return {**scores["scores"], **attribute_scores(records, captions)}
+    split = metrics.SplitCaptions(
+        data.splits["val"], captions, tokenizer=config.eval.tokenizer, meteor=False, spice=False
+    )
+    return metrics.score(split, config.data.dataset, validation=True)
 
 
 def evaluate(
@@ -170,15 +98,16 @@ def evaluate(
     splits share one restored `inference` and the jitted `decoders` ({method: fn}, filled as
     needed) so the second split compiles nothing.
     """
-    workdir = os.path.abspath(workdir)
-    vocab = text.Vocabulary.load(os.path.join(workdir, "vocab.json"))
+    run = RunDir(workdir)
+    workdir = run.path
+    vocab = run.vocab()
     if data is None:
         data = prepare_data(config, workdir, vocab=vocab)
     if split not in data.splits or not data.splits[split]:
         present = [s for s, records in data.splits.items() if records]
         raise ValueError(f"Split {split!r} has no images; use one of {present}.")
     if inference is None:
-        inference = restore_inference(config, workdir, len(vocab), data.features.shape[1:])
+        inference = run.restore(config.model, len(vocab), data.features.shape[1:])
     graphdef, params, step, progress = inference
     decoders = {} if decoders is None else decoders
     records = data.splits[split]
@@ -195,13 +124,15 @@ def evaluate(
     )
     decode_seconds = time.perf_counter() - start
     captions = vocab.decode_batch(decoded.tokens)
-    scored = score_split(
+    split_captions = metrics.SplitCaptions(
         records,
         captions,
-        eval_config=config.eval,
+        tokenizer=config.eval.tokenizer,
         meteor=config.eval.meteor,
         spice=config.eval.spice,
     )
+    scores = metrics.score(split_captions, config.data.dataset)
+    scored = split_captions.pycocoevalcap  # Per-image scores and skipped metrics.
     report = {
         "split": split,
         "step": int(step),
@@ -213,11 +144,7 @@ def evaluate(
         },
         "decode": config.decode.to_dict(),
         "tokenizer": scored.get("tokenizer", config.eval.tokenizer),
-        "metrics": {
-            **scored["scores"],
-            **attribute_scores(records, captions),
-            **metrics.caption_stats(captions),
-        },
+        "metrics": scores,
         "skipped_metrics": scored.get("skipped", {}),
         "decode_seconds": decode_seconds,
         "captions": [
@@ -232,10 +159,8 @@ def evaluate(
     }
     if not writes_files():  # Every process decodes alike; the first one reports.
         return report
-    eval_dir = os.path.join(workdir, "eval")
-    os.makedirs(eval_dir, exist_ok=True)
     name = report_name(config.decode)
-    write_json(os.path.join(eval_dir, f"{split}_{name}.json"), report)
+    run.write_json(os.path.join("eval", f"{split}_{name}.json"), report)
     row = {
         "training": "scst" if config.scst.init_from else "xe",
         "method": name,
@@ -244,9 +169,8 @@ def evaluate(
         "step": int(step),
         **report["metrics"],
     }
-    columns = ["training", "method", "beam_size", "split", "step", *metrics.METRIC_NAMES]
-    columns += [k for k in SCENE_METRICS if k in row] + ["repeated_pair_share"]
-    metrics.append_results_row(os.path.join(workdir, "results.md"), row, columns)
+    columns = ["training", "method", "beam_size", "split", "step"]
+    run.append_results_row(row, columns + metrics.columns(config.data.dataset))
     shown = ", ".join(f"{k} {v:.4f}" for k, v in report["metrics"].items())
     logging.info(
         "Evaluated %s (%s, step %d, epoch %s chosen by %s = %s): %s",

@@ -1,4 +1,16 @@
-"""Caption metrics with pycocoevalcap: BLEU-1..4, METEOR, ROUGE-L, CIDEr-D and (optionally) SPICE.
+"""Caption metrics: one registry of every metric a run reports, and pycocoevalcap's BLEU-1..4,
+METEOR, ROUGE-L, CIDEr-D and (optionally) SPICE.
+
+    split = SplitCaptions(records, captions, tokenizer="simple", meteor=True)
+    score(split, config.data.dataset)      # {name: value}: every metric of the run, report order
+    register(Metric("caption_length", caption_score=caption_length, logged=True))   # a new one
+
+A `Metric` says how a split is scored (`split_score`, or the mean of a per-caption
+`caption_score`), whether each caption has its own score (then `scst.reward` may weigh it),
+whether validation computes and logs it, and whether results.md and the grid table show it. A
+dataset adds its own scores (`captioning.data.datasets.registry.CAPTION_SCORES`: the scenes'
+attribute and relation accuracy). Evaluation, validation, the SCST reward and the tables show
+whatever `metrics_for(dataset)` lists; nothing else names metrics.
 
     result = score_captions(references, hypotheses, tokenizer="simple", meteor=True)
     result["scores"]["CIDEr"], result["per_image"][image_id], result["skipped"]
@@ -27,23 +39,26 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import dataclasses
+import functools
 import logging
-import math
-import numbers
 import os
 import shutil
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
+import numpy as np
 from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.meteor.meteor import Meteor
 from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.spice import spice as _spice_module
 
+from captioning.data.datasets import registry as datasets_registry
+from captioning.data.datasets.base import CaptionScore, ImageRecord
 from captioning.data.text import clean_caption
 
-METRIC_NAMES = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
 TOKENIZERS = ("simple", "ptb")
 EMPTY_PLACEHOLDER = "emptyhypothesis"  # One word that matches no reference.
 
@@ -52,7 +67,6 @@ SPICE_JARS = ("stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar")
 _SPICE_LIB_DIR = os.path.join(os.path.dirname(os.path.abspath(_spice_module.__file__)), "lib")
 _METEOR_TIMEOUT_BASE_S = 120.0  # METEOR is killed (and reported skipped) after this
 _METEOR_TIMEOUT_PER_IMAGE_S = 0.05  # plus this per image: it hangs on malformed input.
-_MISSING = "–"
 
 _log = logging.getLogger(__name__)
 
@@ -351,36 +365,196 @@ def caption_stats(captions: Sequence[str]) -> dict[str, float]:
     }
 
 
-def _format_cell(value: object) -> str:
-    """Markdown cell: floats to 4 decimals, None as a dash, '|' escaped."""
-    if value is None:
-        return _MISSING
-    if isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral):
-        value = float(value)
-        return "nan" if math.isnan(value) else f"{value:.4f}"
-    return " ".join(str(value).split()).replace("|", "\\|") or _MISSING
+# ---------------------------------------------------------------------------------------------
+# The metric registry: every metric a run reports, in one place
+# ---------------------------------------------------------------------------------------------
 
 
-def append_results_row(path: str, row: Mapping[str, object], columns: Sequence[str]) -> None:
-    """Appends `row` (keys not in `columns` ignored) to a markdown table; writes the header once.
+class SplitCaptions:
+    """A split's generated captions, one per record, as the metrics score them.
 
-    Missing columns and None show as a dash. Raises ValueError when the file already holds a
-    table with other columns.
+    Metrics that share one pass read it through `once(fn)`, which computes `fn(self)` on first
+    use: `pycocoevalcap` (BLEU, METEOR, ROUGE-L, CIDEr-D and SPICE together, with the split's
+    `tokenizer`; METEOR and SPICE only when `meteor` / `spice`) and `caption_stats`.
     """
-    header = "| " + " | ".join(_format_cell(c) for c in columns) + " |"
-    is_new = not os.path.exists(path) or os.path.getsize(path) == 0
-    if not is_new:
-        with open(path, encoding="utf-8") as f:
-            first = f.readline().rstrip("\n")
-        if first != header:
-            raise ValueError(
-                f"{path} holds a table with other columns ({first!r}, expected {header!r}); "
-                "write to a new file or use the same columns."
-            )
-    else:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    cells = [_format_cell(row.get(c)) for c in columns]
-    with open(path, "a", encoding="utf-8") as f:
-        if is_new:
-            f.write(header + "\n|" + "|".join("---" for _ in columns) + "|\n")
-        f.write("| " + " | ".join(cells) + " |\n")
+
+    def __init__(
+        self,
+        records: Sequence[ImageRecord],
+        captions: Sequence[str],
+        *,
+        tokenizer: str = "simple",
+        meteor: bool = True,
+        spice: bool = False,
+    ):
+        if len(records) != len(captions):
+            raise ValueError(f"{len(captions)} captions for {len(records)} images; give one each.")
+        self.records, self.captions = list(records), list(captions)
+        self.tokenizer, self.meteor, self.spice = tokenizer, meteor, spice
+        self._done: dict[Callable, Any] = {}
+
+    def once(self, fn: Callable[[SplitCaptions], Any]) -> Any:
+        """fn(self), computed once per split."""
+        if fn not in self._done:
+            self._done[fn] = fn(self)
+        return self._done[fn]
+
+    @property
+    def pycocoevalcap(self) -> dict:
+        """`score_captions` of the captions against the records' references: scores, per_image,
+        skipped, tokenizer, num_empty."""
+        return self.once(_score_references)
+
+
+def _score_references(split: SplitCaptions) -> dict:
+    references = {r.image_id: list(r.captions) for r in split.records}
+    hypotheses = {r.image_id: c for r, c in zip(split.records, split.captions, strict=True)}
+    return score_captions(
+        references, hypotheses, tokenizer=split.tokenizer, meteor=split.meteor, spice=split.spice
+    )
+
+
+def _caption_stats(split: SplitCaptions) -> dict[str, float]:
+    return caption_stats(split.captions)
+
+
+@dataclasses.dataclass(frozen=True)
+class Metric:
+    """One metric: how a split is scored, and where the value shows.
+
+    Attributes:
+      name: its key in reports, validation scores, `train.val_metric` and `scst.reward`.
+      split_score: SplitCaptions -> the split's value, or None when it cannot be computed here
+        (METEOR without Java). Default: the mean of `caption_score` over the captions it judges
+        (0.0 when it judges none).
+      caption_score: (caption, its image's record) -> the caption's own score, or None when it
+        cannot be judged. A metric that has one is an SCST reward term (`scst.reward`).
+      references: scored against the reference captions. Reports list these first, then the
+        dataset's own scores, then the others, each group in registration order.
+      validation: computed by the per-epoch validation (so `train.val_metric` may name it).
+      logged: written each epoch as `eval_<name>` (log line, TensorBoard, history.json).
+      column: a column of results.md and of the grid table.
+    """
+
+    name: str
+    split_score: Callable[[SplitCaptions], float | None] | None = None
+    caption_score: Callable[[str, ImageRecord], float | None] | None = None
+    references: bool = False
+    validation: bool = True
+    logged: bool = False
+    column: bool = False
+
+    def __post_init__(self):
+        if self.split_score is None and self.caption_score is None:
+            raise ValueError(f"Metric {self.name!r} needs a split_score or a caption_score.")
+
+    def value(self, split: SplitCaptions) -> float | None:
+        """The metric of one split (None: not computed here)."""
+        if self.split_score is not None:
+            return self.split_score(split)
+        scores = [
+            self.caption_score(c, r) for c, r in zip(split.captions, split.records, strict=True)
+        ]
+        scores = [s for s in scores if s is not None]
+        return float(np.mean(scores)) if scores else 0.0
+
+
+_REGISTRY: dict[str, Metric] = {}
+
+
+def register(metric: Metric) -> Metric:
+    """Adds `metric` to every evaluation, validation and table (and to the SCST reward terms when
+    it has a `caption_score`). Raises ValueError when its name is taken."""
+    if metric.name in _REGISTRY:
+        raise ValueError(f"A metric named {metric.name!r} is already registered.")
+    _REGISTRY[metric.name] = metric
+    return metric
+
+
+def unregister(name: str) -> None:
+    """Removes the metric `name` (a test's, or a plugin's) from the registry."""
+    del _REGISTRY[name]
+
+
+def _reference_score(name: str, split: SplitCaptions) -> float | None:
+    return split.pycocoevalcap["scores"].get(name)
+
+
+def _stat(name: str, split: SplitCaptions) -> float:
+    return split.once(_caption_stats)[name]
+
+
+def _pycocoevalcap(name: str, **flags) -> Metric:
+    return Metric(name, functools.partial(_reference_score, name), references=True, **flags)
+
+
+def _caption_stat(name: str, **flags) -> Metric:
+    return Metric(name, functools.partial(_stat, name), validation=False, **flags)
+
+
+# Corpus-level metrics against the references (pycocoevalcap, `score_captions`); METEOR and SPICE
+# need Java, so validation skips them.
+register(_pycocoevalcap("Bleu_1", column=True))
+register(_pycocoevalcap("Bleu_2", column=True))
+register(_pycocoevalcap("Bleu_3", column=True))
+register(_pycocoevalcap("Bleu_4", column=True, logged=True))
+register(_pycocoevalcap("METEOR", column=True, validation=False))
+register(_pycocoevalcap("ROUGE_L", column=True))
+register(_pycocoevalcap("CIDEr", column=True, logged=True))
+register(_pycocoevalcap("SPICE", column=True, validation=False))
+# How the captions read (`caption_stats`), in final evaluations only.
+register(_caption_stat("repeated_pair_share", column=True))
+register(_caption_stat("longest_word_run"))
+register(_caption_stat("bad_ending_share"))
+register(_caption_stat("mean_length"))
+register(_caption_stat("vocabulary_used"))
+
+
+def _dataset_metric(score: CaptionScore) -> Metric:
+    """A dataset's own caption score as a metric: validated, logged and tabulated."""
+    return Metric(score.name, caption_score=score.score, logged=True, column=True)
+
+
+def metrics_for(dataset: str | None) -> list[Metric]:
+    """Every metric of a run on `dataset` (`config.data.dataset`; None: with the scores of every
+    dataset), in report order: the reference metrics, the dataset's own scores, the others."""
+    names = [dataset] if dataset is not None else list(datasets_registry.CAPTION_SCORES)
+    own = [_dataset_metric(s) for name in names for s in datasets_registry.caption_scores(name)]
+    clash = sorted({m.name for m in own} & set(_REGISTRY))
+    if clash:
+        raise ValueError(
+            f"Dataset {dataset!r} supplies scores named as registered metrics {clash}."
+        )
+    registered = list(_REGISTRY.values())
+    return (
+        [m for m in registered if m.references] + own + [m for m in registered if not m.references]
+    )
+
+
+def score(split: SplitCaptions, dataset: str, *, validation: bool = False) -> dict[str, float]:
+    """{name: value} of every metric of `dataset` computed on `split`, in report order (with
+    `validation`, only those marked for it). Metrics without a value here are left out."""
+    scores = {}
+    for metric in metrics_for(dataset):
+        if validation and not metric.validation:
+            continue
+        value = metric.value(split)
+        if value is not None:
+            scores[metric.name] = value
+    return scores
+
+
+def logged(scores: Mapping[str, float], dataset: str) -> dict[str, float]:
+    """The validation `scores` written each epoch (the metrics marked `logged`)."""
+    names = {m.name for m in metrics_for(dataset) if m.logged}
+    return {name: value for name, value in scores.items() if name in names}
+
+
+def columns(dataset: str | None = None) -> list[str]:
+    """The metric columns of results.md (for `dataset`) and of the grid table (None: any)."""
+    return [m.name for m in metrics_for(dataset) if m.column]
+
+
+def caption_scores(dataset: str) -> dict[str, Callable[[str, ImageRecord], float | None]]:
+    """{name: caption_score} of the metrics of `dataset` that score single captions."""
+    return {m.name: m.caption_score for m in metrics_for(dataset) if m.caption_score is not None}

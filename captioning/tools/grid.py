@@ -23,9 +23,10 @@ the same encoder settings share one feature store (`data.cache_dir`); the store 
 the clock starts, so `train_s` (wall-clock of `train_and_evaluate`) compares decoders, not who
 exported first.
 
-`--workdir/grid.md` gets one row per (cell, method, split) with every metric of the evaluation
-reports, the epoch the validation metric chose, the epochs trained, train_s and decode_s; it is
-rewritten after every cell, so a long grid shows its progress. A cell that fails is a row with its
+`--workdir/grid.md` gets one row per (cell, method, split) with the evaluation reports' metrics
+that results.md shows (`metrics.columns()`, of any dataset), the epoch the validation metric
+chose, the epochs trained, train_s and decode_s; it is rewritten after every cell, so a long grid
+shows its progress. A cell that fails is a row with its
 error (the traceback is in `<cell>/error.txt`); the other cells still run. A finished cell records
 itself in `<cell>/grid_cell.json` and is not retrained when the grid is run again with the same
 config; `--cells` runs a subset and the table still lists every cell the workdir holds.
@@ -50,21 +51,11 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from captioning.evaluation import metrics
+
 CELL_FILE = "grid_cell.json"
 TABLE_FILE = "grid.md"
 SUMMARY_FILE = "seeds.json"  # Mean, std, min, max and values over seeds of every metric.
-METRIC_COLUMNS = (
-    "Bleu_1",
-    "Bleu_2",
-    "Bleu_3",
-    "Bleu_4",
-    "METEOR",
-    "ROUGE_L",
-    "CIDEr",
-    "SPICE",
-    "attribute_accuracy",
-    "relation_accuracy",
-)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -202,19 +193,12 @@ def _error_text(error: BaseException) -> str:
     return text if len(text) <= 160 else text[:157] + "..."
 
 
-def _epochs_trained(cell_dir: str) -> int | None:
-    path = os.path.join(cell_dir, "history.json")
-    if not os.path.exists(path):
+def _epochs_trained(run) -> int | None:
+    """Epochs in the cell's history.json (None: none written)."""
+    if not run.has("history.json"):
         return None
-    with open(path, encoding="utf-8") as f:
-        history = json.load(f)
+    history = run.read_json("history.json")
     return int(history[-1]["epoch"]) if history else 0
-
-
-def _has_checkpoint(cell_dir: str) -> bool:
-    """Whether an earlier attempt of this cell saved a checkpoint (training will resume)."""
-    latest = os.path.join(cell_dir, "checkpoints", "latest")
-    return os.path.isdir(latest) and any(name.isdigit() for name in os.listdir(latest))
 
 
 def _row(cell: Cell, label: str, split: str = "-", **fields) -> dict[str, Any]:
@@ -243,9 +227,11 @@ def run_cell(base_config: ml_collections.ConfigDict, cell: Cell, workdir: str) -
     # JAX, TF: imported when a grid actually runs.
     from captioning.data import prepare as data
     from captioning.evaluation import evaluate
+    from captioning.run_dir import RunDir
     from captioning.training import train
 
     cell_dir = os.path.join(workdir, cell.name)
+    run = RunDir(cell_dir)
     where = f"grid cell {cell.name!r}"
     configs = [
         apply_overrides(apply_overrides(base_config, cell.overrides, where), method, where)
@@ -261,7 +247,7 @@ def run_cell(base_config: ml_collections.ConfigDict, cell: Cell, workdir: str) -
             return record["rows"]
     os.makedirs(cell_dir, exist_ok=True)
 
-    resumed = _has_checkpoint(cell_dir)
+    resumed = run.has_checkpoint("latest")  # An earlier attempt saved one: training resumes.
     rows: list[dict] = []
     try:
         # Export (or find) the feature store before the clock starts; it is shared by cells.
@@ -277,14 +263,9 @@ def run_cell(base_config: ml_collections.ConfigDict, cell: Cell, workdir: str) -
         return [_row(cell, label, status=status) for label in labels]
     # The splits scored besides eval.split that training scored too (e.g. test_perturbed).
     first = evaluate.report_name(configs[0].decode)
-    extra = [
-        s
-        for s in _extra_splits(configs[0])
-        if os.path.exists(os.path.join(cell_dir, "eval", f"{s}_{first}.json"))
-    ]
-
+    extra = [s for s in _extra_splits(configs[0]) if run.has(f"eval/{s}_{first}.json")]
     common = {
-        "epochs": _epochs_trained(cell_dir),
+        "epochs": _epochs_trained(run),
         # A resumed cell's clock only saw the rest of its training.
         "train_s": None if resumed else train_seconds,
     }
@@ -298,9 +279,7 @@ def run_cell(base_config: ml_collections.ConfigDict, cell: Cell, workdir: str) -
 
     rows.append(ok_row(labels[0], report))
     for split in extra:
-        path = os.path.join(cell_dir, "eval", f"{split}_{first}.json")
-        with open(path, encoding="utf-8") as f:
-            rows.append(ok_row(labels[0], json.load(f)))
+        rows.append(ok_row(labels[0], run.read_json(f"eval/{split}_{first}.json")))
     for config, label in zip(configs[1:], labels[1:], strict=True):
         for split in [config.eval.split, *extra]:
             try:
@@ -431,7 +410,7 @@ def summarize_seeds(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     for (cell, method, split), members in groups.items():
         out: dict[str, Any] = {"cell": cell, "method": method, "split": split}
         out["seeds"] = len(members)
-        for column in (*METRIC_COLUMNS, "best_epoch", "train_s"):
+        for column in (*metrics.columns(), "best_epoch", "train_s"):
             values = [float(r[column]) for r in members if r.get(column) is not None]
             if values:
                 out[column] = {
@@ -467,13 +446,13 @@ def write_table(
             rows += rows_by_cell[cell.name]
         else:
             rows.append({"cell": cell.name, "method": "-", "status": "not run"})
-    metrics = [m for m in METRIC_COLUMNS if any(m in r for r in rows)]
-    columns = ["cell", "method", "split", *metrics, "best_epoch", "epochs", "train_s", "decode_s"]
+    shown = [m for m in metrics.columns() if any(m in r for r in rows)]
+    columns = ["cell", "method", "split", *shown, "best_epoch", "epochs", "train_s", "decode_s"]
     columns.append("status")
     lines = [header.rstrip() + "\n"] if header else []
     summary = summarize_seeds(rows)
     if summary:
-        summary_columns = ["cell", "method", "split", "seeds", *metrics, "best_epoch", "train_s"]
+        summary_columns = ["cell", "method", "split", "seeds", *shown, "best_epoch", "train_s"]
         lines += ["Mean ± std over seeds:", "", *_markdown(summary_columns, summary), ""]
     lines += _markdown(columns, rows)
     lines += [

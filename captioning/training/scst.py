@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from collections.abc import Callable
 from typing import Any
@@ -47,17 +46,15 @@ from absl import logging
 from clu import metric_writers, periodic_actions
 from flax import nnx, traverse_util
 
-from captioning import checkpoint, models
+from captioning import checkpoint
 from captioning.data import text
-from captioning.data.prepare import STATS_FILE, PreparedData, prepare_data
+from captioning.data.prepare import PreparedData, prepare_data
 from captioning.decoding import search
-from captioning.evaluation import evaluate
+from captioning.evaluation import evaluate, metrics
+from captioning.run_dir import RunDir
 from captioning.training import rewards, train
 
 BASELINES = ("mean", "greedy")
-# What `scst.reward` may weigh: CIDEr-D, and on the scenes each caption's own attribute score
-# (1 when it names exactly the true objects) and relation score (share of its relations true).
-REWARD_TERMS = ("CIDEr", "attribute_accuracy", "relation_accuracy")
 END_WORD = "<end>"
 # Sections that must agree with the run SCST starts from (what it learned and what it reads).
 MATCHING = ("data", "encoder", "model")
@@ -98,36 +95,40 @@ def reference_texts(data: PreparedData, split: str, min_word_len: int) -> list[l
     ]
 
 
-def reward_function(spec: str, scorer: rewards.CiderD, records) -> Callable:
+def reward_function(spec: str, scorer: rewards.CiderD, records, dataset: str) -> Callable:
     """`scst.reward` -> rewards(texts [N], image_rows [N]) -> [N] float64 (a weighted sum).
 
-    `texts` are `caption_texts` strings, `image_rows` index `records` (the training images, whose
-    `meta['objects']` the scene terms read).
+    Its terms: "CIDEr" (CIDEr-D of each caption, `scorer`) and every metric of `dataset` with a
+    per-caption score (`metrics.caption_scores`: on the scenes each caption's attribute score,
+    1 when it names exactly the true objects, and relation score, the share of its relations
+    true; a caption a metric cannot judge earns 0). `texts` are `caption_texts` strings,
+    `image_rows` index `records` (the training images).
     """
     terms = evaluate.parse_selection(spec, "scst.reward")
-    unknown = [name for _, name in terms if name not in REWARD_TERMS]
+    caption_scores = metrics.caption_scores(dataset)
+    known = ["CIDEr", *caption_scores]
+    unknown = [name for _, name in terms if name not in known]
     if unknown:
-        raise ValueError(f"config.scst.reward={spec!r}: {unknown} unknown; use {REWARD_TERMS}.")
-    scene_terms = [(w, name) for w, name in terms if name != "CIDEr"]
-    if scene_terms and not (records and "objects" in (records[0].meta or {})):
         raise ValueError(
-            f"config.scst.reward={spec!r}: attribute and relation rewards need the scenes "
-            "dataset (images whose objects are known)."
+            f"config.scst.reward={spec!r}: {unknown} unknown; on dataset {dataset!r} use "
+            f"{known} (CIDEr-D and the metrics with a per-caption score)."
         )
+    caption_terms = [(w, name) for w, name in terms if name != "CIDEr"]
     cider_weight = sum(w for w, name in terms if name == "CIDEr")
 
     def reward(texts: list[str], image_rows: np.ndarray) -> np.ndarray:
         total = cider_weight * scorer.scores(texts, image_rows) if cider_weight else 0.0
-        if scene_terms:
-            from captioning.data.datasets import scene_captions
-
-            scores = np.zeros((len(texts), 2))
-            for i, (caption, row) in enumerate(zip(texts, image_rows, strict=True)):
-                words = caption.removesuffix(END_WORD)
-                attribute, relation = scene_captions.caption_scores(words, records[row].meta)
-                scores[i] = attribute, relation or 0.0
-            for weight, name in scene_terms:
-                total = total + weight * scores[:, REWARD_TERMS.index(name) - 1]
+        if caption_terms:
+            pairs = [
+                (caption.removesuffix(END_WORD), records[row])
+                for caption, row in zip(texts, image_rows, strict=True)
+            ]
+            scores = {
+                name: np.array([caption_scores[name](*pair) or 0.0 for pair in pairs])
+                for name in dict.fromkeys(name for _, name in caption_terms)
+            }
+            for weight, name in caption_terms:
+                total = total + weight * scores[name]
         return np.broadcast_to(total, (len(texts),)).astype(np.float64)
 
     return reward
@@ -210,7 +211,8 @@ def check_init_run(config: ml_collections.ConfigDict, init_dir: str) -> ml_colle
             "config.scst.init_from is empty: give the workdir of a finished cross-entropy run, "
             "e.g. --config.scst.init_from=runs/scenes."
         )
-    saved = evaluate.load_run_config(init_dir)
+    init_run = RunDir(init_dir)
+    saved = init_run.config("config.scst.init_from must be")
     if saved.scst.init_from:
         raise ValueError(f"{init_dir} is itself an SCST run; start from a cross-entropy run.")
     mine = traverse_util.flatten_dict(json.loads(config.to_json()), sep=".")
@@ -228,9 +230,9 @@ def check_init_run(config: ml_collections.ConfigDict, init_dir: str) -> ml_colle
             "same vocabulary, features and decoder. Use the run's own config "
             f"(--config=configs/run.py:{init_dir} plus the scst fields) or another run."
         )
-    for name in ("vocab.json", STATS_FILE):
-        if not os.path.exists(os.path.join(init_dir, name)):
-            raise FileNotFoundError(f"{init_dir}/{name} is missing: train the run to its end.")
+    missing = init_run.missing_inputs()
+    if missing:
+        raise FileNotFoundError(f"{init_dir}/{missing[0]} is missing: train the run to its end.")
     return saved
 
 
@@ -256,19 +258,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     check_init_run(config, init_dir)
     os.makedirs(workdir, exist_ok=True)
     train.check_resumable_config(config, workdir)
-    evaluate.write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json()))
+    run, init_run = RunDir(workdir), RunDir(init_dir)
+    run.write_config(config)
     # The run directory stands alone: evaluation, caption mode and the demo read these here.
-    for name in ("vocab.json", STATS_FILE):
-        shutil.copyfile(os.path.join(init_dir, name), os.path.join(workdir, name))
-    vocab = text.Vocabulary.load(os.path.join(workdir, "vocab.json"))
+    run.copy_inputs_from(init_run)
+    vocab = run.vocab()
     data = prepare_data(config, workdir, vocab=vocab)
     train_rows = data.rows("train")
     references = reference_texts(data, "train", config.data.min_word_len)
     scorer = rewards.CiderD(references)  # Frequencies from every training image, once.
-    reward_fn = reward_function(scst.reward, scorer, data.splits["train"])
+    reward_fn = reward_function(scst.reward, scorer, data.splits["train"], config.data.dataset)
 
-    graphdef, params = models.abstract_model(config.model, len(vocab), data.features.shape[1:])
-    params, init_step, _ = checkpoint.restore_params(init_dir, params)
+    feature_shape = data.features.shape[1:]
+    graphdef, params, init_step, _ = init_run.restore(config.model, len(vocab), feature_shape)
     tx = optax.chain(
         optax.clip_by_global_norm(config.train.grad_clip), optax.adam(scst.learning_rate)
     )
@@ -306,7 +308,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         # Epoch 0 is the starting point: SCST must beat it to be chosen.
         scores = evaluate.validate(greedy_fn, params, data, config)
         best_metric = evaluate.selection_value(selection, scores)
-        start_metrics = {f"eval_{k}": scores[k] for k in train.VALIDATION_LOGGED if k in scores}
+        logged = metrics.logged(scores, config.data.dataset)
+        start_metrics = {f"eval_{k}": v for k, v in logged.items()}
         history.append({"epoch": 0, "step": 0, **start_metrics, "eval_selection": best_metric})
         progress = train.progress_state(0, best_metric, 0, 0)
         if best_mgr.latest_step() is None:  # (A rerun killed in epoch 1 has it already.)
@@ -357,7 +360,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 "train_baseline": sums[1] / steps,
                 "train_loss": sums[2] / steps,
                 "train_reward_share": sums[3] / max(train_seconds, 1e-9),
-                **{f"eval_{k}": scores[k] for k in train.VALIDATION_LOGGED if k in scores},
+                **{f"eval_{k}": v for k, v in metrics.logged(scores, config.data.dataset).items()},
                 "eval_selection": val_metric,
             }
             improved = val_metric > best_metric

@@ -33,6 +33,7 @@ from captioning import checkpoint, models, parallel
 from captioning.data import input_pipeline, text
 from captioning.data.prepare import PreparedData, prepare_data
 from captioning.evaluation import evaluate, metrics
+from captioning.run_dir import CONFIG_FILE, VOCAB_FILE, RunDir
 from captioning.training import losses
 
 Array = jax.Array
@@ -50,10 +51,6 @@ RESUMABLE_CHANGES = {
     ("eval",),
     ("decode",),
 }
-
-
-# Validation metrics written to the log, TensorBoard and history.json each epoch (those computed).
-VALIDATION_LOGGED = ("CIDEr", "Bleu_4", "attribute_accuracy", "relation_accuracy")
 
 
 # --------------------------------------------------------------------------------------------
@@ -230,11 +227,11 @@ def init_train_state(
 
 def check_resumable_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     """Refuses to continue a run whose saved config differs in anything but run length."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
+    run = RunDir(workdir)
+    saved = run.saved_config()
+    if saved is None:
         return
-    with open(path, encoding="utf-8") as f:
-        saved = traverse_util.flatten_dict(json.load(f))
+    saved = traverse_util.flatten_dict(saved)
     current = traverse_util.flatten_dict(json.loads(config.to_json()))
     diffs = [
         ".".join(key)
@@ -246,7 +243,7 @@ def check_resumable_config(config: ml_collections.ConfigDict, workdir: str) -> N
     if diffs:
         raise ValueError(
             f"{workdir} holds a run with a different config ({', '.join(diffs)} differ from "
-            f"{path}). Use a new --workdir, or the same config to resume."
+            f"{run.file(CONFIG_FILE)}). Use a new --workdir, or the same config to resume."
         )
 
 
@@ -305,14 +302,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
     check_resumable_config(config, workdir)
+    run = RunDir(workdir)
     if evaluate.writes_files():
-        evaluate.write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json()))
+        run.write_config(config)
 
-    vocab_path = os.path.join(workdir, "vocab.json")
-    existing_vocab = text.Vocabulary.load(vocab_path) if os.path.exists(vocab_path) else None
+    existing_vocab = run.vocab() if run.has(VOCAB_FILE) else None
     data = prepare_data(config, workdir, vocab=existing_vocab)
     if evaluate.writes_files():
-        data.vocab.save(vocab_path)
+        run.write_vocab(data.vocab)
     logging.info(
         "Data: %s; vocabulary %d; features %s from %s.",
         ", ".join(f"{s} {len(records)} images" for s, records in data.splits.items()),
@@ -438,7 +435,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             epoch_metrics = {
                 "train_loss": epoch_sums[0] / max(epoch_sums[1], 1.0),
                 "eval_loss": val_sums[0] / max(val_sums[1], 1.0),
-                **{f"eval_{k}": scores[k] for k in VALIDATION_LOGGED if k in scores},
+                **{f"eval_{k}": v for k, v in metrics.logged(scores, config.data.dataset).items()},
                 "eval_selection": val_metric,
             }
             improved = val_metric > best_metric
@@ -503,7 +500,7 @@ def end_epoch(
     writer.write_scalars(step, epoch_metrics)
     history.append({"epoch": epochs[0], "step": step, **epoch_metrics})
     if evaluate.writes_files():
-        evaluate.write_json(os.path.join(workdir, HISTORY_FILE), history)
+        RunDir(workdir).write_json(HISTORY_FILE, history)
     latest_mgr, best_mgr = managers
     checkpoint.save(latest_mgr, step, **state)
     if improved:
@@ -541,9 +538,7 @@ def finish(
         metrics.start_meteor()
     if evaluate.writes_files():
         visualize.plot_curves(os.path.join(workdir, "curves.png"), history, curves)
-    inference = evaluate.restore_inference(
-        config, workdir, len(data.vocab), data.features.shape[1:]
-    )
+    inference = RunDir(workdir).restore(config.model, len(data.vocab), data.features.shape[1:])
     shared = {"data": data, "inference": inference, "decoders": decoders or {}}
     report = evaluate.evaluate(config, workdir, split=config.eval.split, **shared)
     for split in filter(None, (s.strip() for s in config.eval.extra_splits.split(","))):

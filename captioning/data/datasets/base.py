@@ -2,12 +2,15 @@
 
 Every reader (scenes, Flickr8k, Kaggle, Karpathy JSON) returns `DatasetSplits`, a mapping from the
 split names `train`, `val` and `test` to lists of `ImageRecord`. Everything downstream (feature
-export, vocabulary, input pipeline, evaluation) only sees these records.
+export, vocabulary, input pipeline, evaluation) only sees these records. A dataset that knows more
+about its images than their captions may also score generated captions itself (`CaptionScore`,
+declared in `registry.CAPTION_SCORES`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 SPLITS = ("train", "val", "test")
@@ -37,3 +40,18 @@ class ImageRecord:
 
 
 DatasetSplits = dict[str, list[ImageRecord]]
+
+
+@dataclasses.dataclass(frozen=True)
+class CaptionScore:
+    """A score a dataset gives one generated caption from what it knows of the image, such as the
+    scenes' attribute accuracy (`ImageRecord.meta` holds the true objects).
+
+    Attributes:
+      name: the metric's name in reports, `train.val_metric` and `scst.reward`.
+      score: (caption, its image's record) -> the caption's score, or None when this caption
+        cannot be judged (it is then left out of the split's mean and earns 0 as a reward).
+    """
+
+    name: str
+    score: Callable[[str, ImageRecord], float | None]

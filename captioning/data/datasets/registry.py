@@ -12,15 +12,27 @@
 
 Images skipped with `skip_bad_images=True` are logged by the readers and appended as
 `(image_id, reason)` to `skipped` when given, so the caller can write them to the workdir.
+
+A dataset that can score generated captions itself (the scenes know every image's objects)
+declares its `CaptionScore`s in `CAPTION_SCORES`; evaluation, validation, the SCST reward and the
+tables then show them beside the reference metrics (`captioning.evaluation.metrics`).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from captioning.data.datasets.base import DataError, DatasetSplits
+from captioning.data.datasets import scene_captions
+from captioning.data.datasets.base import CaptionScore, DataError, DatasetSplits
 
 DATASETS = ("scenes", "flickr8k", "flickr8k_kaggle", "karpathy", "coco_tfds")
+# Dataset name -> the scores it gives each generated caption (datasets not named: none).
+CAPTION_SCORES: dict[str, tuple[CaptionScore, ...]] = {"scenes": scene_captions.CAPTION_SCORES}
+
+
+def caption_scores(name: str) -> tuple[CaptionScore, ...]:
+    """The caption scores dataset `name` supplies (empty for a dataset of captions alone)."""
+    return CAPTION_SCORES.get(name, ())
 
 
 def load_records(data_config: Any, seed: int, skipped: list | None = None) -> DatasetSplits:

@@ -8,7 +8,8 @@
   1-object captions state the position in the image ("in the top left").
 * `parse_objects` / `parse_relations` read generated captions back, so that `attribute_accuracy`
   (are colour and shape of every object right?) and `relation_accuracy` (are the stated spatial
-  relations true?) score them against the true objects.
+  relations true?) score them against the true objects. `CAPTION_SCORES` declares both per
+  caption (`caption_scores`), so evaluation reports them and SCST may reward them.
 
 Coordinates: object centres `x`, `y` are fractions of the image side in [0, 1], y points down.
 `captioning.data.datasets.scenes` draws and renders the scenes.
@@ -22,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from captioning.data.datasets.base import CaptionScore, ImageRecord
 from captioning.data.text import clean_caption
 
 NUM_CAPTIONS = 5
@@ -382,6 +384,24 @@ def caption_scores(caption: str, meta: Mapping[str, Any]) -> tuple[float, float 
     stated = [(x, r, y) for x, r, y in parse_relations(caption) if x in truth and y in truth]
     correct = [spatial_relation(truth[x], truth[y]) == r for x, r, y in stated]
     return attribute, float(np.mean(correct)) if correct else 0.0
+
+
+def attribute_score(caption: str, record: ImageRecord) -> float:
+    """1.0 when `caption` names exactly the true (colour, shape) pairs of `record`'s scene."""
+    return caption_scores(caption, record.meta)[0]
+
+
+def relation_score(caption: str, record: ImageRecord) -> float | None:
+    """The share of `caption`'s stated relations that are true (None: not eligible)."""
+    return caption_scores(caption, record.meta)[1]
+
+
+# The scenes' own caption scores; their split means are `attribute_accuracy` and
+# `relation_accuracy` below.
+CAPTION_SCORES = (
+    CaptionScore("attribute_accuracy", attribute_score),
+    CaptionScore("relation_accuracy", relation_score),
+)
 
 
 def attribute_accuracy(captions: Sequence[str], metas: Sequence[Mapping[str, Any]]) -> float:
