@@ -132,3 +132,12 @@ def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array
         return jax.make_array_from_process_local_data(sharding, mine, x.shape)
 
     return jax.tree.map(put, batch)
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """The whole of a (data-sharded) array as a numpy array, on every process."""
+    if jax.process_count() == 1 or x.is_fully_addressable:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))

@@ -37,7 +37,7 @@ from flax import nnx  # noqa: E402
 
 from captioning import checkpoint, host, models
 from captioning.data import backbone, text
-from captioning.training import train  # noqa: E402
+from captioning.training import loop  # noqa: E402
 
 host.keep_freed_memory()  # As main.py does: the tests' steps allocate as the users' do.
 jax.config.update("jax_default_matmul_precision", "highest")  # Also if JAX came in before us.
@@ -140,7 +140,7 @@ def make_run_dir(workdir, config, words, *, mean=0.0, std=1.0, step=7) -> str:
     )
     model = models.create_model(config.model, len(vocab), feature_shape, rngs=nnx.Rngs(0))
     latest, best = checkpoint.managers(workdir, keep=1)
-    progress = train.progress_state(epoch=1, best_metric=0.0, best_epoch=1, epochs_since_best=0)
+    progress = loop.progress_state(epoch=1, best_metric=0.0, best_epoch=1, epochs_since_best=0)
     checkpoint.save(best, step, params=nnx.split(model)[1], progress=progress)
     for manager in (latest, best):
         manager.wait_until_finished()

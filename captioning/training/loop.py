@@ -31,7 +31,8 @@ from flax import traverse_util
 
 from captioning import checkpoint
 from captioning.data.prepare import PreparedData
-from captioning.evaluation import evaluate
+from captioning.evaluation import evaluate, metrics
+from captioning.run_dir import CONFIG_FILE, RunDir
 
 HISTORY_FILE = "history.json"
 # Fields that only change how long, how loudly or how a run is scored, not what it learns: a
@@ -46,8 +47,6 @@ RESUMABLE_CHANGES = {
     ("eval",),
     ("decode",),
 }
-# Validation metrics written to the log, TensorBoard and history.json each epoch (those computed).
-VALIDATION_LOGGED = ("CIDEr", "Bleu_4", "attribute_accuracy", "relation_accuracy")
 
 
 class StepStats:
@@ -140,11 +139,11 @@ def progress_state(
 
 def check_resumable_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     """Refuses to continue a run whose saved config differs in anything but run length."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
+    run = RunDir(workdir)
+    saved = run.saved_config()
+    if saved is None:
         return
-    with open(path, encoding="utf-8") as f:
-        saved = traverse_util.flatten_dict(json.load(f))
+    saved = traverse_util.flatten_dict(saved)
     current = traverse_util.flatten_dict(json.loads(config.to_json()))
     diffs = [
         ".".join(key)
@@ -156,7 +155,7 @@ def check_resumable_config(config: ml_collections.ConfigDict, workdir: str) -> N
     if diffs:
         raise ValueError(
             f"{workdir} holds a run with a different config ({', '.join(diffs)} differ from "
-            f"{path}). Use a new --workdir, or the same config to resume."
+            f"{run.file(CONFIG_FILE)}). Use a new --workdir, or the same config to resume."
         )
 
 
@@ -222,7 +221,7 @@ def run(phase: Phase, run_: Run, state: dict[str, Any]) -> dict[str, Any]:
 
     def validate(params) -> tuple[dict[str, float], float]:
         scores = evaluate.validate(run_.decode_greedy, run_.local(params), data, config)
-        logged = {f"eval_{k}": scores[k] for k in VALIDATION_LOGGED if k in scores}
+        logged = {f"eval_{k}": v for k, v in metrics.logged(scores, config.data.dataset).items()}
         return logged, evaluate.selection_value(selection, scores)
 
     if phase.validate_start and start_epoch == 0:
@@ -317,7 +316,7 @@ def end_epoch(
     writer.write_scalars(step, epoch_metrics)
     history.append({"epoch": epochs[0], "step": step, **epoch_metrics})
     if evaluate.writes_files():
-        evaluate.write_json(os.path.join(workdir, HISTORY_FILE), history)
+        RunDir(workdir).write_json(HISTORY_FILE, history)
     latest_mgr, best_mgr = managers
     checkpoint.save(latest_mgr, step, **state)
     if improved:
@@ -349,15 +348,13 @@ def finish(
     """curves.png of the `curves` history keys, then the best checkpoint scored on `eval.split`
     (the returned report) and on every split of `eval.extra_splits` the data has, with the
     jitted `decoders` ({method: fn}) the run has already compiled."""
-    from captioning.evaluation import metrics, visualize
+    from captioning.evaluation import visualize
 
     if config.eval.meteor:  # Its JVM starts up on the other core while the split decodes.
         metrics.start_meteor()
     if evaluate.writes_files():
         visualize.plot_curves(os.path.join(workdir, "curves.png"), history, curves)
-    inference = evaluate.restore_inference(
-        config, workdir, len(data.vocab), data.features.shape[1:]
-    )
+    inference = RunDir(workdir).restore(config.model, len(data.vocab), data.features.shape[1:])
     shared = {"data": data, "inference": inference, "decoders": decoders or {}}
     report = evaluate.evaluate(config, workdir, split=config.eval.split, **shared)
     for split in filter(None, (s.strip() for s in config.eval.extra_splits.split(","))):

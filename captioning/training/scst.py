@@ -31,6 +31,7 @@ baseline), and the final evaluation (`results.md` rows say `scst`).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -43,16 +44,15 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from clu import metric_writers, periodic_actions
 from flax import nnx, traverse_util
 
-from captioning import checkpoint
+from captioning import parallel
 from captioning.data import text
 from captioning.data.prepare import PreparedData, prepare_data
 from captioning.decoding import search
 from captioning.evaluation import evaluate, metrics
 from captioning.run_dir import RunDir
-from captioning.training import rewards, train
+from captioning.training import loop, rewards
 
 BASELINES = ("mean", "greedy")
 END_WORD = "<end>"
@@ -247,6 +247,115 @@ def _image_batches(num_images: int, batch_size: int, seed: int, epoch: int):
     return batches
 
 
+@dataclasses.dataclass
+class ScstStats(loop.StepStats):
+    """Sums over steps of the images' mean sampled reward and baseline, the policy loss, and the
+    seconds spent computing rewards on the host."""
+
+    reward: float = 0.0
+    baseline: float = 0.0
+    loss: float = 0.0
+    reward_seconds: float = 0.0
+    steps: int = 0
+
+    def add(self, stats: dict[str, Any]) -> None:
+        self.reward += stats["reward"]
+        self.baseline += stats["baseline"]
+        self.loss += float(stats["loss"])
+        self.reward_seconds += stats["reward_seconds"]
+        self.steps += 1
+
+    def window(self, seconds: float) -> dict[str, float]:
+        steps = max(self.steps, 1)
+        return {"train_reward": self.reward / steps, "train_loss": self.loss / steps}
+
+    def epoch(self, seconds: float) -> dict[str, float]:
+        steps = max(self.steps, 1)
+        return {
+            "train_reward": self.reward / steps,
+            "train_baseline": self.baseline / steps,
+            "train_loss": self.loss / steps,
+            "train_reward_share": self.reward_seconds / max(seconds, 1e-9),
+        }
+
+
+class ScstPhase(loop.Phase):
+    """Self-critical steps over the training images, data parallel over the device mesh: sample
+    on the devices, score on the host, update on the devices. The starting checkpoint is
+    validated as epoch 0, which SCST must beat to be chosen."""
+
+    name = "scst"
+    curves = ("eval_selection", "eval_CIDEr", "train_reward", "train_baseline")
+    validate_start = True
+
+    def __init__(self, config, data: PreparedData, graphdef, tx, reward_fn, greedy_fn):
+        scst = config.scst
+        self.config, self.data, self.reward_fn, self.greedy_fn = config, data, reward_fn, greedy_fn
+        self.num_samples, self.baseline = int(scst.num_samples), scst.baseline
+        self.num_epochs = scst.num_epochs
+        self.train_rows = data.rows("train")
+        self.steps_per_epoch = len(self.batches(0))
+        self.mesh = parallel.make_mesh()
+        parallel.check_batch_size(scst.batch_size, self.mesh, "config.scst.batch_size")
+        sample_fn, update_fn = make_steps(
+            graphdef, tx, scst, int(config.decode.max_len), data.stats
+        )
+        self.sample_fn = jax.jit(sample_fn)
+        self.update_fn = jax.jit(update_fn, donate_argnums=(0, 1))
+        self.base_key = jax.random.key(config.seed)
+
+    def place(self, tree):
+        return parallel.replicate(tree, self.mesh)
+
+    def batches(self, epoch: int):
+        return _image_batches(
+            len(self.train_rows), self.config.scst.batch_size, self.config.seed, epoch
+        )
+
+    def new_stats(self) -> ScstStats:
+        return ScstStats()
+
+    def learning_rate(self, step: int) -> float:
+        return float(self.config.scst.learning_rate)
+
+    def step(self, params, opt_state, batch, step: int):
+        batch_rows, valid = batch
+        vocab = self.data.vocab
+        # The images' rows, gathered wherever they live (device, host or disk residency).
+        shard = lambda x: parallel.shard_batch({"x": x}, self.mesh)["x"]
+        features = shard(np.asarray(self.data.features[self.train_rows[batch_rows]]))
+        key = jax.random.fold_in(self.base_key, step)
+        tokens = parallel.to_host(self.sample_fn(params, features, key))
+        reward_start = time.perf_counter()
+        sample_images = np.repeat(batch_rows, self.num_samples)
+        sample_rewards = self.reward_fn(caption_texts(tokens, vocab), sample_images)
+        sample_rewards = sample_rewards.reshape(-1, self.num_samples)
+        greedy_rewards = None
+        if self.baseline == "greedy":
+            greedy = parallel.to_host(self.greedy_fn(params, features, key).tokens)
+            greedy_rewards = self.reward_fn(caption_texts(greedy, vocab), batch_rows)
+        advantage, baseline = advantages(sample_rewards, self.baseline, greedy_rewards)
+        advantage[valid:] = 0.0  # Batch filler images teach nothing.
+        reward_seconds = time.perf_counter() - reward_start
+        params, opt_state, stats = self.update_fn(
+            params,
+            opt_state,
+            features,
+            shard(tokens),
+            shard(advantage.reshape(-1).astype(np.float32)),
+        )
+        return (
+            params,
+            opt_state,
+            {
+                "reward": float(sample_rewards[:valid].mean()),
+                "baseline": float(baseline[:valid].mean()),
+                "loss": stats["loss"],
+                "reward_seconds": reward_seconds,
+            },
+        )
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Fine-tunes the run `config.scst.init_from` with SCST (resuming if the workdir has
     checkpoints), then scores the best checkpoint like a cross-entropy run."""
@@ -257,129 +366,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         raise ValueError(f"config.scst.baseline={scst.baseline!r}: use one of {BASELINES}.")
     check_init_run(config, init_dir)
     os.makedirs(workdir, exist_ok=True)
-    train.check_resumable_config(config, workdir)
+    loop.check_resumable_config(config, workdir)
     run, init_run = RunDir(workdir), RunDir(init_dir)
     run.write_config(config)
     # The run directory stands alone: evaluation, caption mode and the demo read these here.
     run.copy_inputs_from(init_run)
-    vocab = run.vocab()
-    data = prepare_data(config, workdir, vocab=vocab)
-    train_rows = data.rows("train")
+    data = prepare_data(config, workdir, vocab=run.vocab())
     references = reference_texts(data, "train", config.data.min_word_len)
     scorer = rewards.CiderD(references)  # Frequencies from every training image, once.
     reward_fn = reward_function(scst.reward, scorer, data.splits["train"], config.data.dataset)
 
     feature_shape = data.features.shape[1:]
-    graphdef, params, init_step, _ = init_run.restore(config.model, len(vocab), feature_shape)
+    graphdef, params, init_step, _ = init_run.restore(config.model, len(data.vocab), feature_shape)
+    if not run.has_checkpoint("latest"):
+        logging.info("SCST from %s (its checkpoint of step %d).", init_dir, init_step)
     tx = optax.chain(
         optax.clip_by_global_norm(config.train.grad_clip), optax.adam(scst.learning_rate)
     )
     state = {
         "params": params,
         "opt_state": tx.init(params),
-        "progress": train.progress_state(0, -np.inf, 0, 0),
+        "progress": loop.progress_state(0, -np.inf, 0, 0),
     }
-    latest_mgr, best_mgr = checkpoint.managers(workdir, config.train.keep_checkpoints)
-    state, history = train.resume(latest_mgr, state, workdir)
-    params, opt_state, progress = state["params"], state["opt_state"], state["progress"]
-    start_epoch = int(progress["epoch"])
-    if not start_epoch:
-        logging.info("SCST from %s (its checkpoint of step %d).", init_dir, init_step)
-    best_metric, best_epoch = float(progress["best_metric"]), int(progress["best_epoch"])
-
-    max_len = int(config.decode.max_len)
-    sample_fn, update_fn = make_steps(graphdef, tx, scst, max_len, data.stats)
-    sample_fn = jax.jit(sample_fn)
-    update_fn = jax.jit(update_fn, donate_argnums=(0, 1))
     decoders = {}  # Validation's greedy decoder serves the final evaluation too.
     greedy_fn = evaluate.method_decoder(decoders, graphdef, config.decode, "greedy", data.stats)
-    batches_per_epoch = len(_image_batches(len(train_rows), scst.batch_size, config.seed, 0))
-    total_steps = batches_per_epoch * scst.num_epochs
-    selection = evaluate.parse_selection(config.train.val_metric)
-    writer = metric_writers.create_default_writer(
-        workdir, just_logging=jax.process_index() > 0, asynchronous=False
-    )
-    report_progress = periodic_actions.ReportProgress(
-        num_train_steps=total_steps, every_steps=config.train.log_every, every_secs=None
-    )
-    base_key = jax.random.key(config.seed)
-    step = start_epoch * batches_per_epoch
-    if not start_epoch:
-        # Epoch 0 is the starting point: SCST must beat it to be chosen.
-        scores = evaluate.validate(greedy_fn, params, data, config)
-        best_metric = evaluate.selection_value(selection, scores)
-        logged = metrics.logged(scores, config.data.dataset)
-        start_metrics = {f"eval_{k}": v for k, v in logged.items()}
-        history.append({"epoch": 0, "step": 0, **start_metrics, "eval_selection": best_metric})
-        progress = train.progress_state(0, best_metric, 0, 0)
-        if best_mgr.latest_step() is None:  # (A rerun killed in epoch 1 has it already.)
-            checkpoint.save(best_mgr, 0, params=params, opt_state=opt_state, progress=progress)
-    try:
-        for epoch in range(start_epoch, scst.num_epochs):
-            epoch_start = time.perf_counter()
-            sums = np.zeros(4)  # reward, baseline, loss, reward seconds (sums over steps)
-            for batch_rows, valid in _image_batches(
-                len(train_rows), scst.batch_size, config.seed, epoch
-            ):
-                # The images' rows, gathered wherever they live (device, host or disk residency).
-                features = jnp.asarray(data.features[train_rows[batch_rows]])
-                key = jax.random.fold_in(base_key, step)
-                tokens = np.asarray(sample_fn(params, features, key))
-                reward_start = time.perf_counter()
-                sample_images = np.repeat(batch_rows, scst.num_samples)
-                sample_rewards = reward_fn(caption_texts(tokens, vocab), sample_images)
-                sample_rewards = sample_rewards.reshape(-1, scst.num_samples)
-                greedy_rewards = None
-                if scst.baseline == "greedy":
-                    greedy = np.asarray(greedy_fn(params, features, key).tokens)
-                    greedy_rewards = reward_fn(caption_texts(greedy, vocab), batch_rows)
-                advantage, baseline = advantages(sample_rewards, scst.baseline, greedy_rewards)
-                advantage[valid:] = 0.0  # Batch filler images teach nothing.
-                reward_seconds = time.perf_counter() - reward_start
-                params, opt_state, stats = update_fn(
-                    params,
-                    opt_state,
-                    features,
-                    jnp.asarray(tokens),
-                    jnp.asarray(advantage.reshape(-1), jnp.float32),
-                )
-                sums += (
-                    sample_rewards[:valid].mean(),
-                    baseline[:valid].mean(),
-                    float(stats["loss"]),
-                    reward_seconds,
-                )
-                step += 1
-                report_progress(step)
-            steps = max(batches_per_epoch, 1)
-            train_seconds = time.perf_counter() - epoch_start
-            scores = evaluate.validate(greedy_fn, params, data, config)
-            val_metric = evaluate.selection_value(selection, scores)
-            epoch_metrics = {
-                "train_reward": sums[0] / steps,
-                "train_baseline": sums[1] / steps,
-                "train_loss": sums[2] / steps,
-                "train_reward_share": sums[3] / max(train_seconds, 1e-9),
-                **{f"eval_{k}": v for k, v in metrics.logged(scores, config.data.dataset).items()},
-                "eval_selection": val_metric,
-            }
-            improved = val_metric > best_metric
-            if improved:
-                best_metric, best_epoch = val_metric, epoch + 1
-            progress = train.progress_state(epoch + 1, best_metric, best_epoch, 0)
-            train.end_epoch(
-                writer,
-                (latest_mgr, best_mgr),
-                history,
-                workdir,
-                step,
-                (epoch + 1, scst.num_epochs),
-                epoch_metrics,
-                {"params": params, "opt_state": opt_state, "progress": progress},
-                improved,
-                (time.perf_counter() - epoch_start, train_seconds),
-            )
-    finally:
-        train.close(writer, latest_mgr, best_mgr)
-    curves = ("eval_selection", "eval_CIDEr", "train_reward", "train_baseline")
-    return train.finish(config, workdir, data, history, curves, decoders)
+    phase = ScstPhase(config, data, graphdef, tx, reward_fn, greedy_fn)
+    run_ = loop.Run(config, workdir, data, greedy_fn, decoders, phase.place, parallel.local)
+    return loop.run(phase, run_, state)

@@ -1,20 +1,17 @@
-"""Training loop: `train_and_evaluate(config, workdir)`.
+"""Cross-entropy training: `train_and_evaluate(config, workdir)`, the first phase of every run.
 
-The loop owns everything stateful about training: the optimizer, the jitted optax step (one compiled
-executable per length bucket, built before step 1, so nothing compiles afterwards), per-epoch
-validation (loss and greedy-decoded metrics, `captioning.evaluation.evaluate.validate`), Orbax
-checkpoints (latest N and the best by the validation metric), automatic resume, TensorBoard events
-and progress lines with ETA (clu). Data comes from `captioning.data.prepare.prepare_data`; the final
-scoring is `captioning.evaluation.evaluate.evaluate`.
-
-Resume is exact: the data order of an epoch depends only on (seed, epoch), dropout keys only on
-(seed, step), and checkpoints are written at epoch ends, so a run killed at any point and restarted
-with the same command ends with the same parameters as one that was never interrupted.
+What this phase supplies to the one loop (`training.loop`): the optimizer (Adam(W), warm-up and
+cosine decay, clipping; frozen word embeddings where the decoder declares them), the jitted
+teacher-forced step (`make_steps`: one compiled executable per length bucket, built before step
+1, so nothing compiles afterwards; the output layer fused with its loss, `training.losses`; the
+decoder's own terms, `Decoder.aux_loss`), data parallel over the device mesh, its statistics
+(`CrossEntropyStats`) and the validation loss. Everything else (resume, validation, selection,
+checkpoints, writers, the final scoring) is the loop's.
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -26,32 +23,16 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from clu import metric_writers, periodic_actions
-from flax import nnx, traverse_util
+from flax import nnx
 
-from captioning import checkpoint, models, parallel
+from captioning import models, parallel
 from captioning.data import input_pipeline, text
 from captioning.data.prepare import PreparedData, prepare_data
-from captioning.evaluation import evaluate, metrics
-from captioning.run_dir import CONFIG_FILE, VOCAB_FILE, RunDir
-from captioning.training import losses
+from captioning.evaluation import evaluate
+from captioning.run_dir import VOCAB_FILE, RunDir
+from captioning.training import loop, losses
 
 Array = jax.Array
-
-# Fields that only change how long, how loudly or how a run is scored, not what it learns: a
-# rerun may change them and still resume.
-HISTORY_FILE = "history.json"
-RESUMABLE_CHANGES = {
-    ("train", "num_epochs"),
-    ("train", "patience"),
-    ("train", "log_every"),
-    ("train", "keep_checkpoints"),
-    ("data", "cache_dir"),
-    ("data", "skip_bad_images"),  # Retrying after a bad image was named.
-    ("eval",),
-    ("decode",),
-}
-
 
 # --------------------------------------------------------------------------------------------
 # Optimizer and the jitted steps
@@ -179,20 +160,6 @@ def compile_for_buckets(fn: Callable, make_args: Callable[[dict], tuple], batche
     }
 
 
-def progress_state(
-    epoch: int, best_metric: float, best_epoch: int, epochs_since_best: int
-) -> dict[str, Any]:
-    """The checkpoint's `progress` item: what a rerun needs besides parameters and optimizer
-    (epochs done, the best validation value so far, the epoch that reached it, and the epochs
-    since, for early stopping)."""
-    return {
-        "epoch": np.array(epoch, np.int32),
-        "best_metric": np.array(best_metric, np.float32),
-        "best_epoch": np.array(best_epoch, np.int32),
-        "epochs_since_best": np.array(epochs_since_best, np.int32),
-    }
-
-
 def init_train_state(
     config: ml_collections.ConfigDict,
     model: nnx.Module,
@@ -215,7 +182,7 @@ def init_train_state(
     train_state = {
         "params": params,
         "opt_state": tx.init(params),
-        "progress": progress_state(0, -np.inf, 0, 0),
+        "progress": loop.progress_state(0, -np.inf, 0, 0),
     }
     return graphdef, train_state, tx, schedule
 
@@ -223,28 +190,6 @@ def init_train_state(
 # --------------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------------
-
-
-def check_resumable_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-    """Refuses to continue a run whose saved config differs in anything but run length."""
-    run = RunDir(workdir)
-    saved = run.saved_config()
-    if saved is None:
-        return
-    saved = traverse_util.flatten_dict(saved)
-    current = traverse_util.flatten_dict(json.loads(config.to_json()))
-    diffs = [
-        ".".join(key)
-        for key in sorted(current)
-        if key[:1] not in RESUMABLE_CHANGES
-        and key[:2] not in RESUMABLE_CHANGES
-        and saved.get(key) != current.get(key)
-    ]
-    if diffs:
-        raise ValueError(
-            f"{workdir} holds a run with a different config ({', '.join(diffs)} differ from "
-            f"{run.file(CONFIG_FILE)}). Use a new --workdir, or the same config to resume."
-        )
 
 
 def _caption_batches(
@@ -289,9 +234,114 @@ def _create_model(config: ml_collections.ConfigDict, data: PreparedData) -> nnx.
     return model
 
 
-def _hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    flat = traverse_util.flatten_dict(config.to_dict(), sep=".")
-    return {k: v for k, v in flat.items() if isinstance(v, int | float | str | bool)}
+@dataclasses.dataclass
+class CrossEntropyStats(loop.StepStats):
+    """Sums over steps: the loss and its divisor (the word weights' sum), target words, gradient
+    norms."""
+
+    loss_sum: float = 0.0
+    count: float = 0.0
+    targets: float = 0.0
+    grad_norm: float = 0.0
+    steps: int = 0
+
+    def add(self, stats: Mapping[str, Any]) -> None:
+        self.loss_sum += float(stats["loss_sum"])
+        self.count += float(stats["count"])
+        self.targets += float(stats["targets"])
+        self.grad_norm += float(stats["grad_norm"])
+        self.steps += 1
+
+    def window(self, seconds: float) -> dict[str, float]:
+        return {
+            "train_loss": self.loss_sum / max(self.count, 1.0),
+            "train_grad_norm": self.grad_norm / max(self.steps, 1),
+            # Words, not their weights' sum (`train.word_weights`).
+            "train_targets_per_s": self.targets / max(seconds, 1e-9),
+        }
+
+    def epoch(self, seconds: float) -> dict[str, float]:
+        return {"train_loss": self.loss_sum / max(self.count, 1.0)}
+
+
+class CrossEntropyPhase(loop.Phase):
+    """Teacher-forced training on the captions: one compiled step per length bucket, built
+    before step 1, and the validation loss besides the captions' metrics."""
+
+    name = "xe"
+
+    def __init__(
+        self, config, data: PreparedData, train_batches, graphdef, tx, schedule, params, opt_state
+    ):
+        self.num_epochs = config.train.num_epochs
+        self.patience = config.train.patience
+        self.schedule = schedule
+        self.train_batches = train_batches
+        self.val_batches = _caption_batches(config, data, "val", shuffle=False)
+        self.steps_per_epoch = self.train_batches.num_batches
+        self.mesh = parallel.make_mesh()
+        parallel.check_batch_size(config.train.batch_size, self.mesh, "config.train.batch_size")
+        # Device residency: the store (as stored, float16 stays float16) on the device(s) for
+        # the whole run, steps gather their rows from it. Otherwise the batches bring their rows.
+        self.features = None
+        if data.residency == "device":
+            # From the host array as it is: on a CPU the device array is that memory (no copy).
+            self.features = parallel.replicate(data.features, self.mesh)
+        self.base_key = jax.random.key(config.seed)
+        # Runs written before the field existed weigh every word the same.
+        word_weights = losses.word_weights_array(config.train.get("word_weights", ""), data.vocab)
+        train_step, eval_step = make_steps(
+            graphdef, tx, config.model, stats=data.stats, word_weights=word_weights
+        )
+        train_step = jax.jit(train_step, donate_argnums=(0, 1))
+        eval_step = jax.jit(eval_step)
+        params, opt_state = self.place(params), self.place(opt_state)
+        compile_start = time.perf_counter()
+        self.compiled_train = compile_for_buckets(
+            train_step,
+            lambda b: (params, opt_state, self.features, self.shard(b), self.base_key, 0),
+            self.train_batches,
+        )
+        self.compiled_eval = compile_for_buckets(
+            eval_step, lambda b: (params, self.features, self.shard(b)), self.val_batches
+        )
+        logging.info(
+            "Compiled %d train and %d eval steps in %.1fs (bucket lengths %s).",
+            len(self.compiled_train),
+            len(self.compiled_eval),
+            time.perf_counter() - compile_start,
+            self.train_batches.lengths,
+        )
+
+    def place(self, tree):
+        return parallel.replicate(tree, self.mesh)
+
+    def shard(self, batch):
+        return parallel.shard_batch(batch, self.mesh)
+
+    def batches(self, epoch: int):
+        return self.train_batches.epoch(epoch)
+
+    def step(self, params, opt_state, batch, step: int):
+        return self.compiled_train[batch["inputs"].shape[1]](
+            params, opt_state, self.features, self.shard(batch), self.base_key, step
+        )
+
+    def new_stats(self) -> CrossEntropyStats:
+        return CrossEntropyStats()
+
+    def validation(self, params) -> dict[str, float]:
+        loss_sum, count = 0.0, 0.0
+        for batch in self.val_batches.epoch(0):
+            out = self.compiled_eval[batch["inputs"].shape[1]](
+                params, self.features, self.shard(batch)
+            )
+            loss_sum += float(out["loss_sum"])
+            count += float(out["count"])
+        return {"eval_loss": loss_sum / max(count, 1.0)}
+
+    def learning_rate(self, step: int) -> float:
+        return float(self.schedule(step))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -301,11 +351,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     """
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
-    check_resumable_config(config, workdir)
+    loop.check_resumable_config(config, workdir)
     run = RunDir(workdir)
     if evaluate.writes_files():
         run.write_config(config)
-
     existing_vocab = run.vocab() if run.has(VOCAB_FILE) else None
     data = prepare_data(config, workdir, vocab=existing_vocab)
     if evaluate.writes_files():
@@ -318,250 +367,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         data.feature_metadata.get("backbone"),
     )
     train_batches = _caption_batches(config, data, "train", shuffle=True)
-    val_batches = _caption_batches(config, data, "val", shuffle=False)
     steps_per_epoch = train_batches.num_batches
-    total_steps = steps_per_epoch * config.train.num_epochs
-
     # Model and optimizer as pure pytrees: nnx.split once, jit pure functions (no graph
     # traversal per step).
-    graphdef, train_state, tx, schedule = init_train_state(
-        config, _create_model(config, data), total_steps
+    graphdef, state, tx, schedule = init_train_state(
+        config, _create_model(config, data), steps_per_epoch * config.train.num_epochs
     )
-    num_params = sum(x.size for x in jax.tree.leaves(train_state["params"]))
+    num_params = sum(x.size for x in jax.tree.leaves(state["params"]))
     logging.info("Model %s: %d parameters.", config.model.decoder, num_params)
-
-    mesh = parallel.make_mesh()
-    parallel.check_batch_size(config.train.batch_size, mesh, "config.train.batch_size")
-    # Device residency: the store (as stored, float16 stays float16) on the device(s) for the
-    # whole run, steps gather their rows from it. Otherwise the batches bring their rows.
-    features = None
-    if data.residency == "device":
-        # From the host array as it is: on a CPU the device array is that memory (no copy).
-        features = parallel.replicate(data.features, mesh)
-    base_key = jax.random.key(config.seed)
-
-    latest_mgr, best_mgr = checkpoint.managers(workdir, config.train.keep_checkpoints)
-    train_state, history = resume(latest_mgr, train_state, workdir)
-    params = parallel.replicate(train_state["params"], mesh)
-    opt_state = parallel.replicate(train_state["opt_state"], mesh)
-    progress = train_state["progress"]
-    start_epoch = int(progress["epoch"])
-    best_metric = float(progress["best_metric"])
-    best_epoch = int(progress["best_epoch"])
-    epochs_since_best = int(progress["epochs_since_best"])
-
-    # Runs written before the field existed weigh every word the same.
-    word_weights = losses.word_weights_array(config.train.get("word_weights", ""), data.vocab)
-    train_step, eval_step = make_steps(
-        graphdef, tx, config.model, stats=data.stats, word_weights=word_weights
-    )
-    train_step = jax.jit(train_step, donate_argnums=(0, 1))
-    eval_step = jax.jit(eval_step)
-    compile_start = time.perf_counter()
-    compiled_train = compile_for_buckets(
-        train_step,
-        lambda b: (params, opt_state, features, parallel.shard_batch(b, mesh), base_key, 0),
-        train_batches,
-    )
-    compiled_eval = compile_for_buckets(
-        eval_step, lambda b: (params, features, parallel.shard_batch(b, mesh)), val_batches
+    phase = CrossEntropyPhase(
+        config, data, train_batches, graphdef, tx, schedule, state["params"], state["opt_state"]
     )
     decoders = {}  # Validation's greedy decoder serves the final evaluation too.
     decode_greedy = evaluate.method_decoder(decoders, graphdef, config.decode, "greedy", data.stats)
-    logging.info(
-        "Compiled %d train and %d eval steps in %.1fs (bucket lengths %s).",
-        len(compiled_train),
-        len(compiled_eval),
-        time.perf_counter() - compile_start,
-        train_batches.lengths,
-    )
-
-    writer = metric_writers.create_default_writer(
-        workdir, just_logging=jax.process_index() > 0, asynchronous=False
-    )
-    if start_epoch == 0:
-        writer.write_hparams(_hparams(config))
-    # Logs steps/s, percent done and ETA every `log_every` steps.
-    report_progress = periodic_actions.ReportProgress(
-        num_train_steps=total_steps, every_steps=config.train.log_every, every_secs=None
-    )
-    val_metric_name = config.train.val_metric
-    selection = evaluate.parse_selection(val_metric_name)  # Bad syntax fails before training.
-    step = start_epoch * steps_per_epoch
-    # Pending (asynchronous) checkpoint writes finish even when training is interrupted by an
-    # exception, so a rerun resumes from the newest finished epoch.
-    try:
-        for epoch in range(start_epoch, config.train.num_epochs):
-            if config.train.patience and epochs_since_best >= config.train.patience:
-                logging.info(
-                    "Early stop: no better %s for %d epochs.", val_metric_name, epochs_since_best
-                )
-                break
-            epoch_start = time.perf_counter()
-            epoch_sums = np.zeros(2)  # loss_sum, count
-            window = np.zeros(5)  # loss_sum, count, targets, grad_norm, steps since the last log
-            window_start = time.perf_counter()
-            pending = None  # Metrics are read back one step late: the host never waits.
-            for batch in train_batches.epoch(epoch):
-                params, opt_state, stats = compiled_train[batch["inputs"].shape[1]](
-                    params, opt_state, features, parallel.shard_batch(batch, mesh), base_key, step
-                )
-                if pending is not None:
-                    window += _window_row(pending)
-                pending = stats
-                step += 1
-                report_progress(step)
-                if step % config.train.log_every == 0:
-                    window += _window_row(jax.device_get(pending))
-                    pending = None
-                    epoch_sums += window[:2]
-                    _write_train_scalars(writer, step, window, window_start, schedule(step))
-                    window, window_start = np.zeros(5), time.perf_counter()
-            if pending is not None:
-                window += _window_row(jax.device_get(pending))
-            epoch_sums += window[:2]
-
-            # ---- validation -----------------------------------------------------------------
-            train_seconds = time.perf_counter() - epoch_start
-            val_sums = np.zeros(2)
-            for batch in val_batches.epoch(0):
-                out = compiled_eval[batch["inputs"].shape[1]](
-                    params, features, parallel.shard_batch(batch, mesh)
-                )
-                val_sums += (float(out["loss_sum"]), float(out["count"]))
-            # Each process decodes the validation images with its own copy of the parameters.
-            scores = evaluate.validate(decode_greedy, parallel.local(params), data, config)
-            val_metric = evaluate.selection_value(selection, scores)
-            epoch_metrics = {
-                "train_loss": epoch_sums[0] / max(epoch_sums[1], 1.0),
-                "eval_loss": val_sums[0] / max(val_sums[1], 1.0),
-                **{f"eval_{k}": v for k, v in metrics.logged(scores, config.data.dataset).items()},
-                "eval_selection": val_metric,
-            }
-            improved = val_metric > best_metric
-            if improved:
-                best_metric, best_epoch, epochs_since_best = val_metric, epoch + 1, 0
-            else:
-                epochs_since_best += 1
-            progress = progress_state(epoch + 1, best_metric, best_epoch, epochs_since_best)
-            end_epoch(
-                writer,
-                (latest_mgr, best_mgr),
-                history,
-                workdir,
-                step,
-                (epoch + 1, config.train.num_epochs),
-                epoch_metrics,
-                {"params": params, "opt_state": opt_state, "progress": progress},
-                improved,
-                (time.perf_counter() - epoch_start, train_seconds),
-            )
-    finally:
-        close(writer, latest_mgr, best_mgr)
-    return finish(config, workdir, data, history, ("eval_selection",), decoders)
-
-
-# --------------------------------------------------------------------------------------------
-# What every training phase (cross-entropy, SCST) does around its steps
-# --------------------------------------------------------------------------------------------
-
-
-def resume(latest_mgr, state: dict[str, Any], workdir: str) -> tuple[dict[str, Any], list[dict]]:
-    """-> (state restored from the newest checkpoint, or as given when there is none; the
-    history of the epochs it holds)."""
-    step = latest_mgr.latest_step()
-    if step is None:
-        return state, []
-    state = checkpoint.restore(latest_mgr, step, **state)
-    epoch = int(state["progress"]["epoch"])
-    history = []
-    path = os.path.join(workdir, HISTORY_FILE)
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            history = [h for h in json.load(f) if h["epoch"] <= epoch]
-    logging.info("Resumed from %s at step %d (epoch %d).", workdir, step, epoch)
-    return state, history
-
-
-def end_epoch(
-    writer,
-    managers,
-    history: list[dict],
-    workdir: str,
-    step: int,
-    epochs: tuple[int, int],
-    epoch_metrics: dict[str, float],
-    state: dict[str, Any],
-    improved: bool,
-    seconds: tuple[float, float],
-) -> None:
-    """Writes an epoch's metrics (TensorBoard, history.json, log line) and its checkpoints:
-    latest always, best when `improved`. epochs: (done, total); seconds: (epoch, training)."""
-    writer.write_scalars(step, epoch_metrics)
-    history.append({"epoch": epochs[0], "step": step, **epoch_metrics})
-    if evaluate.writes_files():
-        RunDir(workdir).write_json(HISTORY_FILE, history)
-    latest_mgr, best_mgr = managers
-    checkpoint.save(latest_mgr, step, **state)
-    if improved:
-        checkpoint.save(best_mgr, step, **state)
-    logging.info(
-        "Epoch %d/%d (step %d) in %.1fs (train %.1fs, validation %.1fs): %s%s",
-        *epochs,
-        step,
-        seconds[0],
-        seconds[1],
-        seconds[0] - seconds[1],
-        ", ".join(f"{k} {v:.4f}" for k, v in epoch_metrics.items()),
-        " (best)" if improved else "",
-    )
-
-
-def close(writer, *managers) -> None:
-    """Finishes pending (asynchronous) checkpoint writes and events, also after an exception,
-    so a rerun resumes from the newest finished epoch."""
-    for manager in managers:
-        manager.wait_until_finished()
-        manager.close()
-    writer.flush()
-
-
-def finish(
-    config, workdir: str, data: PreparedData, history, curves, decoders: dict | None = None
-) -> dict[str, Any]:
-    """curves.png of the `curves` history keys, then the best checkpoint scored on `eval.split`
-    (the returned report) and on every split of `eval.extra_splits` the data has, with the
-    jitted `decoders` ({method: fn}) the run has already compiled."""
-    from captioning.evaluation import visualize
-
-    if config.eval.meteor:  # Its JVM starts up on the other core while the split decodes.
-        metrics.start_meteor()
-    if evaluate.writes_files():
-        visualize.plot_curves(os.path.join(workdir, "curves.png"), history, curves)
-    inference = RunDir(workdir).restore(config.model, len(data.vocab), data.features.shape[1:])
-    shared = {"data": data, "inference": inference, "decoders": decoders or {}}
-    report = evaluate.evaluate(config, workdir, split=config.eval.split, **shared)
-    for split in filter(None, (s.strip() for s in config.eval.extra_splits.split(","))):
-        if data.splits.get(split) and split != config.eval.split:
-            evaluate.evaluate(config, workdir, split=split, **shared)
-    return report
-
-
-def _window_row(stats: Mapping[str, Any]) -> np.ndarray:
-    """One step's statistics as a log-window row: (loss_sum, count, targets, grad_norm, 1)."""
-    keys = ("loss_sum", "count", "targets", "grad_norm")
-    return np.array([float(stats[k]) for k in keys] + [1.0])
-
-
-def _write_train_scalars(writer, step: int, window: np.ndarray, since: float, lr) -> None:
-    loss_sum, count, targets, grad_norm, steps = window
-    writer.write_scalars(
-        step,
-        {
-            "train_loss": loss_sum / max(count, 1.0),
-            "train_grad_norm": grad_norm / max(steps, 1),
-            # Words, not their weights' sum (`train.word_weights`).
-            "train_targets_per_s": targets / max(time.perf_counter() - since, 1e-9),
-            "train_learning_rate": float(lr),
-        },
-    )
+    run_ = loop.Run(config, workdir, data, decode_greedy, decoders, phase.place, parallel.local)
+    return loop.run(phase, run_, state)
