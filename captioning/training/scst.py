@@ -288,14 +288,14 @@ class ScstPhase(loop.Phase):
     curves = ("eval_selection", "eval_CIDEr", "train_reward", "train_baseline")
     validate_start = True
 
-    def __init__(self, config, data: PreparedData, graphdef, tx, reward_fn, greedy_fn):
+    def __init__(self, config, data: PreparedData, graphdef, tx, reward_fn, greedy_fn, mesh=None):
         scst = config.scst
         self.config, self.data, self.reward_fn, self.greedy_fn = config, data, reward_fn, greedy_fn
         self.num_samples, self.baseline = int(scst.num_samples), scst.baseline
         self.num_epochs = scst.num_epochs
         self.train_rows = data.rows("train")
         self.steps_per_epoch = len(self.batches(0))
-        self.mesh = parallel.make_mesh()
+        self.mesh = parallel.make_mesh() if mesh is None else mesh
         parallel.check_batch_size(scst.batch_size, self.mesh, "config.scst.batch_size")
         sample_fn, update_fn = make_steps(
             graphdef, tx, scst, int(config.decode.max_len), data.stats
