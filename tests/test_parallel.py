@@ -64,21 +64,26 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def test_eight_devices_train_like_one():
+def _run_on_eight_devices(script: str) -> subprocess.CompletedProcess:
+    """Runs `script` in a process that sees 8 simulated CPU devices."""
     env = dict(
         os.environ,
         XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8",
         JAX_PLATFORMS="cpu",
         PYTHONPATH=REPO,
     )
-    result = subprocess.run(
-        [sys.executable, "-c", SCRIPT],
+    return subprocess.run(
+        [sys.executable, "-c", script],
         cwd=REPO,
         env=env,
         capture_output=True,
         text=True,
         timeout=300,
     )
+
+
+def test_eight_devices_train_like_one():
+    result = _run_on_eight_devices(SCRIPT)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "SAME" in result.stdout
 
@@ -136,19 +141,6 @@ SCST_SCRIPT = textwrap.dedent(
 
 
 def test_scst_on_eight_devices_trains_like_one():
-    env = dict(
-        os.environ,
-        XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8",
-        JAX_PLATFORMS="cpu",
-        PYTHONPATH=REPO,
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", SCST_SCRIPT],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = _run_on_eight_devices(SCST_SCRIPT)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "SAME" in result.stdout

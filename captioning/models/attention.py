@@ -1,16 +1,20 @@
 """Attention pieces the spatial decoders share: the features as locations (with positions),
-additive attention (scores and weights), the attended context, and Show-Attend-Tell's doubly
-stochastic regulariser (used by every decoder that returns attention maps, `model.attention_reg`).
+additive attention (scores and weights), the attended context, Show-Attend-Tell's doubly
+stochastic regulariser, and `GridAttentionDecoder`, the contract's common part for decoders that
+attend over the feature grid (built from `model.attention_*`, maps over every location, the
+regulariser as their auxiliary loss).
 """
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+import math
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from captioning.data import text
+from captioning.models.base import Decoder, common_kwargs
 from captioning.models.layers import matmul
 
 Array = jax.Array
@@ -115,3 +119,37 @@ def attention_regularizer(attention: Array, targets: Array, weight: float) -> Ar
     total = jnp.sum(attention * mask, axis=1)  # [B, L]
     penalty = jnp.sum((1.0 - total) ** 2)
     return weight * penalty / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+class GridAttentionDecoder(Decoder):
+    """What every decoder that attends over the feature grid shares: it is spatial, built with
+    `model.attention_dim`, `attention_positions` and `attention_reg` (plus `extra_kwargs`), its
+    attention maps cover every location, and its auxiliary loss is the doubly stochastic
+    regulariser (weight `model.attention_reg`)."""
+
+    spatial: ClassVar[bool] = True
+
+    @classmethod
+    def extra_kwargs(cls, model_config) -> dict[str, Any]:
+        """Constructor arguments from the decoder's own options."""
+        return {}
+
+    @classmethod
+    def from_config(cls, model_config, vocab_size, feature_shape, *, rngs):
+        return cls(
+            vocab_size,
+            feature_shape[-1],
+            attention_dim=int(model_config.attention_dim or model_config.hidden_size),
+            positions=bool(model_config.attention_positions),
+            attention_reg=float(model_config.attention_reg),
+            **cls.extra_kwargs(model_config),
+            **common_kwargs(model_config, rngs),
+        )
+
+    @classmethod
+    def attention_locations(cls, feature_shape) -> int:
+        """Every location of the [H, W] (or [L]) grid."""
+        return int(math.prod(feature_shape[:-1]))
+
+    def aux_loss(self, aux, batch):
+        return attention_regularizer(aux["attention"], batch["targets"], self.attention_reg)

@@ -10,7 +10,6 @@ pass.
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any, ClassVar, NamedTuple
 
 import jax
@@ -19,13 +18,13 @@ from flax import nnx
 
 from captioning.models.attention import (
     AttentionContext,
+    GridAttentionDecoder,
     additive_attention,
     attention_mlp,
-    attention_regularizer,
     spatial_input,
     weighted_sum,
 )
-from captioning.models.base import Decoder, common_kwargs, register
+from captioning.models.base import register
 from captioning.models.layers import Dense, dropout, matmul, param
 from captioning.models.lstm import LSTM, lstm_activate, lstm_activate_backward
 
@@ -142,7 +141,7 @@ fed_recurrence.defvjp(_fed_fwd, _fed_bwd)
 
 
 @register("merge_attention")
-class MergeAttentionDecoder(Decoder):
+class MergeAttentionDecoder(GridAttentionDecoder):
     """The merge decoder with spatial attention at its output (Lu et al. 2017, "Knowing When to
     Look", section 2.2): what is added to the LSTM's output h_t is no longer one pooled vector but
     a context looked up *with h_t itself*.
@@ -172,29 +171,11 @@ class MergeAttentionDecoder(Decoder):
     vocabulary the largest input product of the step shrinks to a few rows.
     """
 
-    spatial: ClassVar[bool] = True
     own_options: ClassVar[dict[str, Any]] = {"feed_dim": 0}
 
     @classmethod
-    def from_config(cls, model_config, vocab_size, feature_shape, *, rngs):
-        return cls(
-            vocab_size,
-            feature_shape[-1],
-            attention_dim=int(model_config.attention_dim or model_config.hidden_size),
-            positions=bool(model_config.attention_positions),
-            attention_reg=float(model_config.attention_reg),
-            feed_dim=int(model_config.feed_dim),
-            **common_kwargs(model_config, rngs),
-        )
-
-    @classmethod
-    def attention_locations(cls, feature_shape) -> int:
-        """Every location of the [H, W] (or [L]) grid."""
-        return int(math.prod(feature_shape[:-1]))
-
-    def aux_loss(self, aux, batch):
-        """Show-Attend-Tell's doubly stochastic regulariser (weight `model.attention_reg`)."""
-        return attention_regularizer(aux["attention"], batch["targets"], self.attention_reg)
+    def extra_kwargs(cls, model_config) -> dict[str, Any]:
+        return {"feed_dim": int(model_config.feed_dim)}
 
     def __init__(
         self,

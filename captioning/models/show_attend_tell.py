@@ -43,8 +43,7 @@ and accumulates its gradient every step: slower, configs/notes/flickr8k.md.)
 from __future__ import annotations
 
 import functools
-import math
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -52,11 +51,11 @@ from flax import nnx
 
 from captioning.models.attention import (
     AttentionContext,
+    GridAttentionDecoder,
     attention_mlp,
-    attention_regularizer,
     spatial_input,
 )
-from captioning.models.base import Decoder, common_kwargs, register
+from captioning.models.base import register
 from captioning.models.layers import (
     Dense,
     dropout,
@@ -232,30 +231,8 @@ attention_recurrence.defvjp(_attention_fwd, _attention_bwd)
 
 
 @register("attention")
-class AttentionDecoder(Decoder):
+class AttentionDecoder(GridAttentionDecoder):
     """Show, Attend and Tell soft-attention LSTM over [B, H, W, C] (or [B, L, C]) features."""
-
-    spatial: ClassVar[bool] = True
-
-    @classmethod
-    def from_config(cls, model_config, vocab_size, feature_shape, *, rngs):
-        return cls(
-            vocab_size,
-            feature_shape[-1],
-            attention_dim=int(model_config.attention_dim or model_config.hidden_size),
-            positions=bool(model_config.attention_positions),
-            attention_reg=float(model_config.attention_reg),
-            **common_kwargs(model_config, rngs),
-        )
-
-    @classmethod
-    def attention_locations(cls, feature_shape) -> int:
-        """Every location of the [H, W] (or [L]) grid."""
-        return int(math.prod(feature_shape[:-1]))
-
-    def aux_loss(self, aux, batch):
-        """Show-Attend-Tell's doubly stochastic regulariser (weight `model.attention_reg`)."""
-        return attention_regularizer(aux["attention"], batch["targets"], self.attention_reg)
 
     def __init__(
         self,
