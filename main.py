@@ -43,8 +43,12 @@ def _quiet_library_logs():
     """Keeps the log readable: Orbax and TF info lines are dropped, warnings kept."""
     import logging as py_logging
 
+    from captioning import faults
+
     def keep(record):
         noisy = "/orbax/" in record.pathname or "/tensorflow/" in record.pathname
+        if noisy and record.exc_info and faults.is_disk_full(record.exc_info[1]):
+            return False  # Said in one line (faults.DiskFull) when the run stops.
         return record.levelno >= py_logging.WARNING or not noisy
 
     logging.get_absl_handler().addFilter(keep)
@@ -70,16 +74,22 @@ def main(argv):
     from captioning import cli, parallel
 
     parallel.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-    cli.run(
-        FLAGS.mode,
-        FLAGS.config,
-        FLAGS.workdir,
-        images=FLAGS.images,
-        output=FLAGS.output,
-        host=FLAGS.host,
-        port=FLAGS.port,
-        max_upload_mb=FLAGS.max_upload_mb,
-    )
+    from captioning import faults
+
+    try:
+        cli.run(
+            FLAGS.mode,
+            FLAGS.config,
+            FLAGS.workdir,
+            images=FLAGS.images,
+            output=FLAGS.output,
+            host=FLAGS.host,
+            port=FLAGS.port,
+            max_upload_mb=FLAGS.max_upload_mb,
+        )
+    except faults.Fault as e:  # An expected fault: its message says what to do, no traceback.
+        logging.error("%s: %s", type(e).__name__, e)
+        raise SystemExit(1) from None
     logging.info("Done: %s", FLAGS.workdir)
 
 

@@ -115,7 +115,8 @@ def caption_images(
             f"config.encoder ({config.encoder.backbone})",
             "caption with the run's own config (omit --config).",
         )
-        graphdef, params, step, _ = run.restore(config.model, len(vocab), raw.shape[1:])
+        which = config.eval.get("checkpoint", "best")
+        graphdef, params, step, _ = run.restore(config.model, len(vocab), raw.shape[1:], which)
         decoded = decode.decode_split(
             decode.decode_fn(graphdef, config.decode, stats),
             params,

@@ -70,9 +70,16 @@ def run(
         config = _config_or_run_config(config, workdir)
         return caption.caption_images(config, workdir, images, output=output)
     if mode == "serve":
+        checkpoint = None
         if config is not None:
-            logging.warning("--mode=serve uses the run's own config.json; --config is ignored.")
+            logging.warning(
+                "--mode=serve uses the run's own config.json; of --config only "
+                "eval.checkpoint counts."
+            )
+            checkpoint = str(config.eval.get("checkpoint", "best"))
         from captioning import serve  # Gradio: imported only by this mode.
 
-        return serve.serve(workdir, host=host, port=port, max_upload_mb=max_upload_mb)
+        return serve.serve(
+            workdir, host=host, port=port, max_upload_mb=max_upload_mb, checkpoint=checkpoint
+        )
     raise ValueError(f"Unknown --mode={mode!r}; use one of {MODES}.")

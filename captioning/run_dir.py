@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 import ml_collections
 from flax import nnx
 
-from captioning import checkpoint, models
+from captioning import checkpoint, faults, models
 from captioning.data import text
 from captioning.data.prepare import STATS_FILE, FeatureStats
 
@@ -128,11 +128,13 @@ class RunDir:
         vocab_size: int,
         feature_shape: tuple[int, ...],
         which: str = "best",
+        field: str = "config.eval.checkpoint",
     ) -> Inference:
-        """The decoder of `model_config` with the run's `which` (else latest) parameters; no
-        optimizer is built."""
+        """The decoder of `model_config` with the run's `which` parameters (best, else latest;
+        latest; or a step number); no optimizer is built. A damaged checkpoint raises
+        `faults.DamagedCheckpoint` naming the intact ones, to choose with the config `field`."""
         graphdef, params = models.abstract_model(model_config, vocab_size, feature_shape)
-        params, step, progress = checkpoint.restore_params(self.path, params, which)
+        params, step, progress = checkpoint.restore_params(self.path, params, which, field)
         return Inference(graphdef, params, step, progress)
 
     # ---- reports ---------------------------------------------------------------------------
@@ -144,13 +146,15 @@ class RunDir:
 
     def write_json(self, name: str, obj: Any) -> str:
         """Writes `obj` as JSON to `name` in the folder atomically (a temporary file, then a
-        rename), creating its folder -> the path."""
+        rename), creating its folder -> the path. A full disk raises `faults.DiskFull`."""
         path = self.file(name)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2)
-        os.replace(tmp, path)
+        data = json.dumps(obj, indent=2).encode("utf-8")
+        with faults.writing(path, len(data), tmp):  # A full disk: one line, no *.tmp left.
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
         return path
 
     def append_results_row(self, row: Mapping[str, object], columns: Sequence[str]) -> None:

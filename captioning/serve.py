@@ -237,7 +237,7 @@ class Captioner:
     (warm-up excluded) and `images` the images they captioned.
     """
 
-    def __init__(self, workdir: str, *, batch_size: int = 16):
+    def __init__(self, workdir: str, *, batch_size: int = 16, checkpoint: str | None = None):
         run = RunDir(workdir)
         self.workdir = run.path
         self.config = run.config()
@@ -253,7 +253,8 @@ class Captioner:
         )
         feature_shape = tuple(self.runner.feature_shape)
         self.grid_shape = feature_shape[:-1]
-        inference = run.restore(self.config.model, len(self.vocab), feature_shape)
+        which = checkpoint or self.config.eval.get("checkpoint", "best")
+        inference = run.restore(self.config.model, len(self.vocab), feature_shape, which)
         self.step = int(inference.step)
         self._params = inference.params
         self._greedy = decode.decode_fn(inference.graphdef, _greedy_config(self.config.decode))
@@ -526,9 +527,16 @@ def launch_settings(host: str, port: int, max_upload_mb: float) -> dict[str, Any
     }
 
 
-def serve(workdir: str, host: str = "127.0.0.1", port: int = 7860, max_upload_mb: float = 10):
-    """Loads the run, warms up and serves the app until interrupted (Ctrl-C)."""
-    captioner = Captioner(workdir)
+def serve(
+    workdir: str,
+    host: str = "127.0.0.1",
+    port: int = 7860,
+    max_upload_mb: float = 10,
+    checkpoint: str | None = None,
+):
+    """Loads the run (its `checkpoint`: best, latest or a step; default the run's
+    config.eval.checkpoint), warms up and serves the app until interrupted (Ctrl-C)."""
+    captioner = Captioner(workdir, checkpoint=checkpoint)
     app = build_app(workdir, max_upload_mb=max_upload_mb, captioner=captioner)
     logging.info("Serving %s on http://%s:%d/ (Ctrl-C stops).", captioner.workdir, host, port)
     try:

@@ -100,6 +100,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.num_buckets = 4  # Length buckets (one compiled step each); 1 = pad to max.
     config.train.log_every = 50  # Steps between training log lines.
     config.train.keep_checkpoints = 2  # Latest checkpoints kept (the best one is kept as well).
+    config.train.checkpoint_every_steps = 0  # Also checkpoint mid-epoch every N steps (0 = off).
     # Validation metric, or a weighted sum of them, that picks the best checkpoint: CIDEr is flat
     # late in training and blind to whether the objects are right, so the accuracies lead.
     config.train.val_metric = "attribute_accuracy + relation_accuracy + 0.1*CIDEr"
@@ -116,6 +117,7 @@ def get_config() -> ml_collections.ConfigDict:
     # finished cross-entropy run on CIDEr-D (configs/scenes_scst.py).
     config.scst = ml_collections.ConfigDict()
     config.scst.init_from = ""  # Workdir of the cross-entropy run to start from ('' = no SCST).
+    config.scst.init_checkpoint = "best"  # Its checkpoint to start from: best | latest | <step>.
     config.scst.num_samples = 5  # Captions sampled per image.
     # Reward: CIDEr-D, or a weighted sum with the scenes' per-caption attribute_accuracy (1 when
     # it names exactly the true objects) and relation_accuracy (share of its relations true).
@@ -144,4 +146,5 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval.spice = False  # SPICE needs Java and Stanford CoreNLP jars; skipped if absent.
     config.eval.num_samples = 12  # Images drawn in samples.png.
     config.eval.attention_maps = False  # Attention decoder: also draw per-word attention PNGs.
+    config.eval.checkpoint = "best"  # Checkpoint scored, captioning, served: best|latest|<step>.
     return config

@@ -4,7 +4,9 @@
 * `export_features` writes `shard_00000.npz`, ... (arrays `features`, `ids`, `skipped_ids`,
   `skipped_reasons`) and `metadata.json`. Shards are written atomically (temporary file, then
   rename), so an interrupted export resumes where it stopped; a store made with other settings is
-  refused.
+  refused; a full disk raises `faults.DiskFull` naming the file. The metadata records each
+  shard's size, time and CRC-32 (`shards`): every export (so every run) checks the sizes, and the
+  checksum of a shard whose size or time changed, and exports a damaged shard again.
 * `load_feature_store` reads a store back: `features` is [N, D] (pooled) or [N, H, W, C] (pooling
   'none'), rows in the order of `ids`.
 """
@@ -20,12 +22,14 @@ import struct
 import sys
 import time
 import zipfile
+import zlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
+from captioning import faults
 from captioning.data import backbone
 from captioning.data.datasets.base import DataError, ImageRecord
 
@@ -187,11 +191,12 @@ def _shard_path(store_dir: str, shard: int) -> str:
     return os.path.join(store_dir, f"shard_{shard:05d}.npz")
 
 
-def _atomic_write(path: str, write: Callable[[Any], None]) -> None:
-    """Writes via a temporary file and a rename, so `path` is either complete or absent."""
+def _atomic_write(path: str, write: Callable[[Any], None], needed: int | None = None) -> None:
+    """Writes via a temporary file and a rename, so `path` is either complete or absent; a full
+    disk raises `faults.DiskFull` naming `path` and the `needed` bytes."""
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
-        with open(tmp, "wb") as f:
+        with faults.writing(path, needed), open(tmp, "wb") as f:
             write(f)
         os.replace(tmp, path)
     finally:
@@ -200,7 +205,46 @@ def _atomic_write(path: str, write: Callable[[Any], None]) -> None:
 
 
 def _write_json(path: str, data: dict[str, Any]) -> None:
-    _atomic_write(path, lambda f: f.write(json.dumps(data, indent=2).encode()))
+    encoded = json.dumps(data, indent=2).encode()
+    _atomic_write(path, lambda f: f.write(encoded), len(encoded))
+
+
+def _checksum(path: str) -> str:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            crc = zlib.crc32(chunk, crc)
+    return f"{crc:08x}"
+
+
+def _shard_record(path: str, old: dict[str, Any] | None) -> dict[str, Any]:
+    """{size, mtime_ns, crc32} of a shard file; `old` again when size and time are unchanged."""
+    stat = os.stat(path)
+    if old and old.get("size") == stat.st_size and old.get("mtime_ns") == stat.st_mtime_ns:
+        return old
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "crc32": _checksum(path)}
+
+
+def shard_damage(path: str, record: dict[str, Any] | None) -> str | None:
+    """What is wrong with a shard against its export `record` (None: nothing found). Its size
+    is always compared; its checksum when its size or time changed."""
+    if not record or not os.path.isfile(path):
+        return None
+    stat = os.stat(path)
+    if stat.st_size != record["size"]:
+        return f"{stat.st_size} bytes, {record['size']} when exported"
+    if stat.st_mtime_ns != record["mtime_ns"] and _checksum(path) != record["crc32"]:
+        return "its CRC-32 differs from the one recorded at export"
+    return None
+
+
+def _recorded_shards(store_dir: str) -> dict[str, Any]:
+    """The shard records of the store's metadata.json ({} when there are none)."""
+    try:
+        with open(os.path.join(store_dir, METADATA_FILE)) as f:
+            return json.load(f).get("shards", {})
+    except (OSError, ValueError):
+        return {}
 
 
 def _write_shard(
@@ -217,7 +261,7 @@ def _write_shard(
             skipped_reasons=np.array([s[1] for s in skipped], dtype=str),
         )
 
-    _atomic_write(path, write)
+    _atomic_write(path, write, features.nbytes + 256 * (len(ids) + len(skipped)) + 4096)
 
 
 def _read_shard_index(path: str) -> tuple[list[str], list[tuple[str, str]]] | None:
@@ -230,7 +274,7 @@ def _read_shard_index(path: str) -> tuple[list[str], list[tuple[str, str]]] | No
             skipped = list(
                 zip(shard["skipped_ids"].tolist(), shard["skipped_reasons"].tolist(), strict=True)
             )
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
         return None
     return ids, skipped
 
@@ -329,6 +373,7 @@ def export_features(
     barrier = barrier or (lambda name: None)
     old_metadata = _check_store_settings(store_dir, settings) if first else None
     barrier("feature store checked")  # Process 0 has refused a mismatched store, or not.
+    recorded = _recorded_shards(store_dir)
 
     shard_size = min(shard_size, max(1, -(-len(ids) // process_count)))
     num_shards = -(-len(ids) // shard_size)
@@ -340,7 +385,13 @@ def export_features(
         if shard % process_count != process_index:
             continue  # Another process's share.
         lo, hi = shard * shard_size, min((shard + 1) * shard_size, len(ids))
-        done = _read_shard_index(_shard_path(store_dir, shard))
+        path = _shard_path(store_dir, shard)
+        problem = shard_damage(path, recorded.get(os.path.basename(path)))
+        if problem is None and os.path.isfile(path) and _read_shard_index(path) is None:
+            problem = "unreadable"
+        if problem:
+            logger.warning("Feature shard %s is damaged (%s): exporting it again.", path, problem)
+        done = None if problem else _read_shard_index(path)
         if done is not None:
             done_ids, done_skipped = done
             complete = sorted(done_ids + [s[0] for s in done_skipped]) == ids[lo:hi]
@@ -374,6 +425,7 @@ def export_features(
         "shard_size": shard_size,
         "versions": _library_versions(),
         "complete": False,
+        "shards": recorded,
     }
     if old_metadata and old_metadata.get("versions") != metadata["versions"]:
         logger.warning(
@@ -400,6 +452,10 @@ def export_features(
         skipped += shard_skipped
     metadata.update(num_images=num_images, skipped=skipped, complete=True)
     if first:
+        names = [os.path.basename(_shard_path(store_dir, shard)) for shard in range(num_shards)]
+        metadata["shards"] = {
+            name: _shard_record(os.path.join(store_dir, name), recorded.get(name)) for name in names
+        }
         _write_json(os.path.join(store_dir, METADATA_FILE), metadata)
     barrier("feature store complete")
     rate = len(work_ids) / seconds if seconds > 0 else 0.0
@@ -481,6 +537,14 @@ def load_feature_store(store_dir: str, *, on_disk: bool = False) -> FeatureStore
             f"export again, it resumes where it stopped."
         )
     names = sorted(name for name in os.listdir(store_dir) if SHARD_PATTERN.match(name))
+    for name in names:  # Sizes only: the export checks checksums.
+        path = os.path.join(store_dir, name)
+        record = metadata.get("shards", {}).get(name)
+        if record and os.path.getsize(path) != record["size"]:
+            raise FeatureStoreError(
+                f"{path} is damaged ({shard_damage(path, record)}): run the export again (any "
+                "run does), it exports that shard again from the images."
+            )
     ids: list[str] = []
     chunks: list[np.ndarray] = []
     for name in names:

@@ -107,7 +107,9 @@ def evaluate(
         present = [s for s, records in data.splits.items() if records]
         raise ValueError(f"Split {split!r} has no images; use one of {present}.")
     if inference is None:
-        inference = run.restore(config.model, len(vocab), data.features.shape[1:])
+        inference = run.restore(
+            config.model, len(vocab), data.features.shape[1:], config.eval.get("checkpoint", "best")
+        )
     graphdef, params, step, progress = inference
     decoders = {} if decoders is None else decoders
     records = data.splits[split]

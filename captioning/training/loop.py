@@ -9,14 +9,22 @@ of the best checkpoint. A `Phase` supplies what differs: its batches, its jitted
 statistics it accumulates (a `StepStats` dataclass), and any extra validation figure.
 
 Resume is exact: the data order of an epoch depends only on (seed, epoch), keys only on (seed,
-step), and checkpoints are written at epoch ends, so a run killed at any point and restarted with
-the same command ends with the same parameters as one that was never interrupted.
+step), and checkpoints are written at epoch ends (and every `train.checkpoint_every_steps`, their
+progress saying how many of the epoch's batches are done, which a resumed run skips), so a run
+killed at any point and restarted with the same command ends with the same parameters as one that
+was never interrupted. The faults it survives (`captioning.faults`, README "What survives what"):
+SIGTERM or SIGINT (the current step finishes, a checkpoint is written, the process exits with
+128 + the signal's number, saying how to resume), a damaged checkpoint (moved aside, the newest
+intact one resumes), a full disk (one line naming the file), a non-finite loss or gradient norm
+(stops at that step; no checkpoint holds it).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
+import math
 import os
 import time
 from collections.abc import Iterable
@@ -29,7 +37,7 @@ from absl import logging
 from clu import metric_writers, periodic_actions
 from flax import traverse_util
 
-from captioning import checkpoint
+from captioning import checkpoint, faults
 from captioning.data.prepare import PreparedData
 from captioning.evaluation import evaluate, metrics
 from captioning.run_dir import CONFIG_FILE, RunDir
@@ -42,6 +50,7 @@ RESUMABLE_CHANGES = {
     ("train", "patience"),
     ("train", "log_every"),
     ("train", "keep_checkpoints"),
+    ("train", "checkpoint_every_steps"),
     ("data", "cache_dir"),
     ("data", "skip_bad_images"),  # Retrying after a bad image was named.
     ("eval",),
@@ -73,10 +82,14 @@ class Phase:
 
     Attributes set by subclasses: `name` ('xe' | 'scst'), `num_epochs`, `steps_per_epoch`,
     `patience` (0: none), `curves` (history keys drawn in curves.png), `validate_start` (score
-    the starting parameters as epoch 0, which the phase must beat to be chosen).
+    the starting parameters as epoch 0, which the phase must beat to be chosen), `finite` (the
+    step statistics that must stay finite) and `remedies` (the config fields to change when
+    they do not).
     """
 
     name = ""
+    finite: tuple[str, ...] = ("grad_norm",)
+    remedies: tuple[str, ...] = ("train.learning_rate", "train.grad_clip")
     num_epochs = 0
     steps_per_epoch = 0
     patience = 0
@@ -105,15 +118,17 @@ class Phase:
 @dataclasses.dataclass
 class Progress:
     """The checkpoint's `progress` item: epochs done, the best validation value so far, the epoch
-    that reached it, and the epochs since (early stopping)."""
+    that reached it, the epochs since (early stopping), and the steps of the next epoch already
+    done (a mid-epoch checkpoint; 0 at epoch ends)."""
 
     epoch: int = 0
     best_metric: float = -np.inf
     best_epoch: int = 0
     epochs_since_best: int = 0
+    step_in_epoch: int = 0
 
     def state(self) -> dict[str, np.ndarray]:
-        return progress_state(self.epoch, self.best_metric, self.best_epoch, self.epochs_since_best)
+        return progress_state(*dataclasses.astuple(self))
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> Progress:
@@ -122,11 +137,12 @@ class Progress:
             float(state["best_metric"]),
             int(state["best_epoch"]),
             int(state["epochs_since_best"]),
+            int(state.get("step_in_epoch", 0)),  # Checkpoints from before it was recorded: 0.
         )
 
 
 def progress_state(
-    epoch: int, best_metric: float, best_epoch: int, epochs_since_best: int
+    epoch: int, best_metric: float, best_epoch: int, epochs_since_best: int, step_in_epoch: int = 0
 ) -> dict[str, Any]:
     """`Progress` as the arrays a checkpoint stores."""
     return {
@@ -134,6 +150,7 @@ def progress_state(
         "best_metric": np.array(best_metric, np.float32),
         "best_epoch": np.array(best_epoch, np.int32),
         "epochs_since_best": np.array(epochs_since_best, np.int32),
+        "step_in_epoch": np.array(step_in_epoch, np.int32),
     }
 
 
@@ -160,12 +177,13 @@ def check_resumable_config(config: ml_collections.ConfigDict, workdir: str) -> N
 
 
 def resume(latest_mgr, state: dict[str, Any], workdir: str) -> tuple[dict[str, Any], list[dict]]:
-    """-> (state restored from the newest checkpoint, or as given when there is none; the
-    history of the epochs it holds)."""
-    step = latest_mgr.latest_step()
+    """-> (state restored from the newest intact checkpoint, or as given when there is none; the
+    history of the epochs it holds). Damaged newer checkpoints are moved aside (logged)."""
+    # The progress item as saved: checkpoints written before a field was added still resume.
+    step, restored = checkpoint.restore_newest_intact(latest_mgr, **{**state, "progress": None})
     if step is None:
         return state, []
-    state = checkpoint.restore(latest_mgr, step, **state)
+    state = {**restored, "progress": Progress.from_state(restored["progress"]).state()}
     epoch = int(state["progress"]["epoch"])
     history = []
     path = os.path.join(workdir, HISTORY_FILE)
@@ -198,18 +216,22 @@ class Run:
 
 def run(phase: Phase, run_: Run, state: dict[str, Any]) -> dict[str, Any]:
     """Trains `phase` from `state` ({params, opt_state, progress}), resuming from the workdir's
-    newest checkpoint, then scores the best checkpoint. Returns `eval.split`'s report."""
+    newest intact checkpoint, then scores the best checkpoint. Returns `eval.split`'s report.
+
+    SIGTERM or SIGINT stop it after the current step with a checkpoint (SystemExit 128 + the
+    signal's number); a non-finite loss or gradient norm raises `faults.Diverged`."""
     config, workdir, data = run_.config, run_.workdir, run_.data
     latest_mgr, best_mgr = checkpoint.managers(workdir, config.train.keep_checkpoints)
     state, history = resume(latest_mgr, state, workdir)
     params, opt_state = run_.place(state["params"]), run_.place(state["opt_state"])
     progress = Progress.from_state(state["progress"])
     start_epoch = progress.epoch
+    every = int(config.train.get("checkpoint_every_steps", 0))
 
     writer = metric_writers.create_default_writer(
         workdir, just_logging=jax.process_index() > 0, asynchronous=False
     )
-    if start_epoch == 0:
+    if start_epoch == 0 and progress.step_in_epoch == 0:
         writer.write_hparams(_hparams(config))
     # Logs steps/s, percent done and ETA every `log_every` steps.
     report_progress = periodic_actions.ReportProgress(
@@ -224,79 +246,167 @@ def run(phase: Phase, run_: Run, state: dict[str, Any]) -> dict[str, Any]:
         logged = {f"eval_{k}": v for k, v in metrics.logged(scores, config.data.dataset).items()}
         return logged, evaluate.selection_value(selection, scores)
 
-    if phase.validate_start and start_epoch == 0:
+    if phase.validate_start and start_epoch == 0 and progress.step_in_epoch == 0:
         # Epoch 0 is the starting point: the phase must beat it to be chosen.
         logged, value = validate(params)
         history.append({"epoch": 0, "step": 0, **logged, "eval_selection": value})
+        if evaluate.writes_files():  # A mid-epoch checkpoint of epoch 1 resumes after it.
+            RunDir(workdir).write_json(HISTORY_FILE, history)
         progress = Progress(0, value, 0, 0)
         if best_mgr.latest_step() is None:  # (A rerun killed in epoch 1 has it already.)
             checkpoint.save(
                 best_mgr, 0, params=params, opt_state=opt_state, progress=progress.state()
             )
-    step = start_epoch * phase.steps_per_epoch
+    guard = Guard(phase, config, latest_mgr)
+    step = start_epoch * phase.steps_per_epoch + progress.step_in_epoch
+    stop = faults.StopSignals()
     # Pending (asynchronous) checkpoint writes finish even when training is interrupted by an
-    # exception, so a rerun resumes from the newest finished epoch.
+    # exception, so a rerun resumes from the newest finished checkpoint.
     try:
-        for epoch in range(start_epoch, phase.num_epochs):
-            if phase.patience and progress.epochs_since_best >= phase.patience:
-                logging.info(
-                    "Early stop: no better %s for %d epochs.",
-                    config.train.val_metric,
-                    progress.epochs_since_best,
-                )
-                break
-            epoch_start = time.perf_counter()
-            epoch_stats, window = phase.new_stats(), phase.new_stats()
-            window_start = time.perf_counter()
-            pending = None  # Statistics are read back one step late: the host never waits.
-            for batch in phase.batches(epoch):
-                params, opt_state, stats = phase.step(params, opt_state, batch, step)
+        with stop:
+            for epoch in range(start_epoch, phase.num_epochs):
+                if phase.patience and progress.epochs_since_best >= phase.patience:
+                    logging.info(
+                        "Early stop: no better %s for %d epochs.",
+                        config.train.val_metric,
+                        progress.epochs_since_best,
+                    )
+                    break
+                epoch_start = time.perf_counter()
+                epoch_stats, window = phase.new_stats(), phase.new_stats()
+                window_start = time.perf_counter()
+                pending = None  # Statistics are read back one step late: the host never waits.
+                # A mid-epoch checkpoint's batches are done: skipped, in the same order.
+                done = progress.step_in_epoch if epoch == start_epoch else 0
+                for batch in itertools.islice(phase.batches(epoch), done, None):
+                    params, opt_state, stats = phase.step(params, opt_state, batch, step)
+                    if pending is not None:
+                        window.add(guard.checked(pending, step))
+                    pending = stats
+                    step += 1
+                    done += 1
+                    report_progress(step)
+                    if step % config.train.log_every == 0:
+                        window.add(guard.checked(jax.device_get(pending), step))
+                        pending = None
+                        epoch_stats.merge(window)
+                        scalars = window.window(time.perf_counter() - window_start)
+                        if scalars:
+                            rate = phase.learning_rate(step)
+                            extra = {} if rate is None else {"train_learning_rate": float(rate)}
+                            writer.write_scalars(step, {**scalars, **extra})
+                        window, window_start = phase.new_stats(), time.perf_counter()
+                    if done == phase.steps_per_epoch:
+                        break  # The epoch's end saves it.
+                    stopping = stop_agreed(stop, step, config.train.log_every)
+                    if stopping or (every and step % every == 0):
+                        if pending is not None:  # No checkpoint after a non-finite step.
+                            window.add(guard.checked(jax.device_get(pending), step))
+                            pending = None
+                        progress = dataclasses.replace(progress, step_in_epoch=done)
+                        state = {"params": params, "opt_state": opt_state}
+                        checkpoint.save(latest_mgr, step, **state, progress=progress.state())
+                    if stopping:
+                        break
+                if done < phase.steps_per_epoch:  # Stopped by a signal.
+                    break
                 if pending is not None:
-                    window.add(pending)
-                pending = stats
-                step += 1
-                report_progress(step)
-                if step % config.train.log_every == 0:
-                    window.add(jax.device_get(pending))
-                    pending = None
-                    epoch_stats.merge(window)
-                    scalars = window.window(time.perf_counter() - window_start)
-                    if scalars:
-                        rate = phase.learning_rate(step)
-                        extra = {} if rate is None else {"train_learning_rate": float(rate)}
-                        writer.write_scalars(step, {**scalars, **extra})
-                    window, window_start = phase.new_stats(), time.perf_counter()
-            if pending is not None:
-                window.add(jax.device_get(pending))
-            epoch_stats.merge(window)
-            train_seconds = time.perf_counter() - epoch_start
+                    window.add(guard.checked(jax.device_get(pending), step))
+                epoch_stats.merge(window)
+                train_seconds = time.perf_counter() - epoch_start
 
-            # ---- validation and selection ----------------------------------------------------
-            epoch_metrics = {**epoch_stats.epoch(train_seconds), **phase.validation(params)}
-            logged, value = validate(params)
-            epoch_metrics.update({**logged, "eval_selection": value})
-            improved = value > progress.best_metric
-            if improved:
-                progress = Progress(epoch + 1, value, epoch + 1, 0)
-            else:
-                progress = dataclasses.replace(
-                    progress, epoch=epoch + 1, epochs_since_best=progress.epochs_since_best + 1
+                # ---- validation and selection ------------------------------------------------
+                epoch_metrics = {**epoch_stats.epoch(train_seconds), **phase.validation(params)}
+                logged, value = validate(params)
+                epoch_metrics.update({**logged, "eval_selection": value})
+                improved = value > progress.best_metric
+                if improved:
+                    progress = Progress(epoch + 1, value, epoch + 1, 0)
+                else:
+                    progress = dataclasses.replace(
+                        progress,
+                        epoch=epoch + 1,
+                        epochs_since_best=progress.epochs_since_best + 1,
+                        step_in_epoch=0,
+                    )
+                end_epoch(
+                    writer,
+                    (latest_mgr, best_mgr),
+                    history,
+                    workdir,
+                    step,
+                    (epoch + 1, phase.num_epochs),
+                    epoch_metrics,
+                    {"params": params, "opt_state": opt_state, "progress": progress.state()},
+                    improved,
+                    (time.perf_counter() - epoch_start, train_seconds),
                 )
-            end_epoch(
-                writer,
-                (latest_mgr, best_mgr),
-                history,
-                workdir,
-                step,
-                (epoch + 1, phase.num_epochs),
-                epoch_metrics,
-                {"params": params, "opt_state": opt_state, "progress": progress.state()},
-                improved,
-                (time.perf_counter() - epoch_start, train_seconds),
-            )
+                if epoch + 1 < phase.num_epochs and stop_agreed(stop, step, 1):
+                    break
     finally:
         close(writer, latest_mgr, best_mgr)
+    if stop.signum and latest_mgr.latest_step() == step:
+        logging.warning(
+            "Stopped by %s after step %d (epoch %d, %d of its %d steps done); checkpoint %s is "
+            "written. To resume, run the same command: %s",
+            stop.name,
+            step,
+            progress.epoch + (progress.step_in_epoch > 0),
+            progress.step_in_epoch or phase.steps_per_epoch,
+            phase.steps_per_epoch,
+            checkpoint.step_path(latest_mgr, step),
+            faults.resume_command(),
+        )
+        raise SystemExit(128 + stop.signum)
     return finish(config, workdir, data, history, phase.curves, run_.decoders)
+
+
+def stop_agreed(stop: faults.StopSignals, step: int, every: int) -> bool:
+    """Whether to stop after `step`: a signal arrived. With several processes they agree (any
+    process's signal stops all) every `every` steps, so that all save the same step."""
+    if jax.process_count() == 1:
+        return bool(stop.signum)
+    if step % every:
+        return False
+    from jax.experimental import multihost_utils
+
+    signums = multihost_utils.process_allgather(np.array(stop.signum, np.int32))
+    stop.signum = int(np.max(signums))
+    return bool(stop.signum)
+
+
+class Guard:
+    """Stops a diverging run: `checked(stats, step)` raises `faults.Diverged` when one of the
+    phase's `finite` statistics is NaN or infinite, naming the step, the last good checkpoint
+    and the settings to change. Every read-back is checked, so every checkpoint's last step."""
+
+    def __init__(self, phase: Phase, config, latest_mgr):
+        self.phase, self.config, self.latest_mgr = phase, config, latest_mgr
+
+    def checked(self, stats: dict[str, Any], step: int) -> dict[str, Any]:
+        """stats: one step's (host values), of step number `step` or the one before."""
+        bad = {}
+        for key in self.phase.finite:
+            if key in stats and not math.isfinite(float(stats[key])):
+                bad[key] = float(stats[key])
+        if not bad:
+            return stats
+        checkpoint.wait(self.latest_mgr)
+        good = self.latest_mgr.latest_step()
+        where = (
+            f"the last good checkpoint is {checkpoint.step_path(self.latest_mgr, good)}"
+            if good is not None
+            else "no checkpoint was written yet"
+        )
+        values = ", ".join(f"{k} {v}" for k, v in bad.items())
+        settings = " or ".join(
+            f"--config.{name} (now {self.config[name.split('.')[0]][name.split('.')[1]]})"
+            for name in self.phase.remedies
+        )
+        raise faults.Diverged(
+            f"Training diverged at step {step} ({values}): stopped; {where} (no checkpoint holds "
+            f"non-finite values). Try a lower {settings}, in a new --workdir."
+        )
 
 
 def end_epoch(
@@ -335,11 +445,18 @@ def end_epoch(
 
 def close(writer, *managers) -> None:
     """Finishes pending (asynchronous) checkpoint writes and events, also after an exception,
-    so a rerun resumes from the newest finished epoch."""
+    so a rerun resumes from the newest finished checkpoint. A write that found the disk full
+    raises `faults.DiskFull` once every manager is closed."""
+    full = None
     for manager in managers:
-        manager.wait_until_finished()
+        try:
+            checkpoint.wait(manager)
+        except faults.DiskFull as e:
+            full = full or e
         manager.close()
     writer.flush()
+    if full is not None:
+        raise full
 
 
 def finish(
@@ -354,7 +471,12 @@ def finish(
         metrics.start_meteor()
     if evaluate.writes_files():
         visualize.plot_curves(os.path.join(workdir, "curves.png"), history, curves)
-    inference = RunDir(workdir).restore(config.model, len(data.vocab), data.features.shape[1:])
+    inference = RunDir(workdir).restore(
+        config.model,
+        len(data.vocab),
+        data.features.shape[1:],
+        config.eval.get("checkpoint", "best"),
+    )
     shared = {"data": data, "inference": inference, "decoders": decoders or {}}
     report = evaluate.evaluate(config, workdir, split=config.eval.split, **shared)
     for split in filter(None, (s.strip() for s in config.eval.extra_splits.split(","))):

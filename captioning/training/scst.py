@@ -287,6 +287,8 @@ class ScstPhase(loop.Phase):
     name = "scst"
     curves = ("eval_selection", "eval_CIDEr", "train_reward", "train_baseline")
     validate_start = True
+    finite = ("loss", "grad_norm")
+    remedies = ("scst.learning_rate", "train.grad_clip")
 
     def __init__(self, config, data: PreparedData, graphdef, tx, reward_fn, greedy_fn, mesh=None):
         scst = config.scst
@@ -351,6 +353,7 @@ class ScstPhase(loop.Phase):
                 "reward": float(sample_rewards[:valid].mean()),
                 "baseline": float(baseline[:valid].mean()),
                 "loss": stats["loss"],
+                "grad_norm": stats["grad_norm"],
                 "reward_seconds": reward_seconds,
             },
         )
@@ -377,7 +380,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     reward_fn = reward_function(scst.reward, scorer, data.splits["train"], config.data.dataset)
 
     feature_shape = data.features.shape[1:]
-    graphdef, params, init_step, _ = init_run.restore(config.model, len(data.vocab), feature_shape)
+    graphdef, params, init_step, _ = init_run.restore(
+        config.model,
+        len(data.vocab),
+        feature_shape,
+        str(scst.get("init_checkpoint", "best")),
+        "config.scst.init_checkpoint",
+    )
     if not run.has_checkpoint("latest"):
         logging.info("SCST from %s (its checkpoint of step %d).", init_dir, init_step)
     tx = optax.chain(

@@ -269,6 +269,7 @@ class CrossEntropyPhase(loop.Phase):
     before step 1, and the validation loss besides the captions' metrics."""
 
     name = "xe"
+    finite = ("loss_sum", "grad_norm")
 
     def __init__(
         self, config, data: PreparedData, train_batches, graphdef, tx, schedule, params, opt_state
