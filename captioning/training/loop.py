@@ -19,7 +19,7 @@ import dataclasses
 import json
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import jax
@@ -233,6 +233,7 @@ def run(phase: Phase, run_: Run, state: dict[str, Any]) -> dict[str, Any]:
             checkpoint.save(
                 best_mgr, 0, params=params, opt_state=opt_state, progress=progress.state()
             )
+
     step = start_epoch * phase.steps_per_epoch
     # Pending (asynchronous) checkpoint writes finish even when training is interrupted by an
     # exception, so a rerun resumes from the newest finished epoch.
@@ -246,29 +247,16 @@ def run(phase: Phase, run_: Run, state: dict[str, Any]) -> dict[str, Any]:
                 )
                 break
             epoch_start = time.perf_counter()
-            epoch_stats, window = phase.new_stats(), phase.new_stats()
-            window_start = time.perf_counter()
-            pending = None  # Statistics are read back one step late: the host never waits.
-            for batch in phase.batches(epoch):
-                params, opt_state, stats = phase.step(params, opt_state, batch, step)
-                if pending is not None:
-                    window.add(pending)
-                pending = stats
-                step += 1
-                report_progress(step)
-                if step % config.train.log_every == 0:
-                    window.add(jax.device_get(pending))
-                    pending = None
-                    epoch_stats.merge(window)
-                    scalars = window.window(time.perf_counter() - window_start)
-                    if scalars:
-                        rate = phase.learning_rate(step)
-                        extra = {} if rate is None else {"train_learning_rate": float(rate)}
-                        writer.write_scalars(step, {**scalars, **extra})
-                    window, window_start = phase.new_stats(), time.perf_counter()
-            if pending is not None:
-                window.add(jax.device_get(pending))
-            epoch_stats.merge(window)
+            params, opt_state, step, epoch_stats = train_steps(
+                phase,
+                params,
+                opt_state,
+                epoch,
+                step,
+                config.train.log_every,
+                window_writer(phase, writer),
+                report_progress,
+            )
             train_seconds = time.perf_counter() - epoch_start
 
             # ---- validation and selection ----------------------------------------------------
@@ -297,6 +285,64 @@ def run(phase: Phase, run_: Run, state: dict[str, Any]) -> dict[str, Any]:
     finally:
         close(writer, latest_mgr, best_mgr)
     return finish(config, workdir, data, history, phase.curves, run_.decoders)
+
+
+def window_writer(phase: Phase, writer) -> Callable[[int, StepStats, float], bool]:
+    """`train_steps`' `on_window` of a run: logs the window's scalars (`train_targets_per_s`, ...)
+    and the learning rate to `writer`, and never ends the epoch early."""
+
+    def write(step: int, window: StepStats, seconds: float) -> bool:
+        scalars = window.window(seconds)
+        if scalars:
+            rate = phase.learning_rate(step)
+            extra = {} if rate is None else {"train_learning_rate": float(rate)}
+            writer.write_scalars(step, {**scalars, **extra})
+        return False
+
+    return write
+
+
+def train_steps(
+    phase: Phase,
+    params,
+    opt_state,
+    epoch: int,
+    step: int,
+    log_every: int,
+    on_window: Callable[[int, StepStats, float], bool],
+    on_step: Callable[[int], Any] | None = None,
+) -> tuple[Any, Any, int, StepStats]:
+    """One epoch's steps from global `step`, as every run trains (and the benchmark times).
+
+    Each step's statistics are read back one step late (the host never waits for the device),
+    except every `log_every` steps, where the window's are read back and `on_window(step,
+    window, seconds)` is called (seconds: the window's wall time); it returns True to end the
+    epoch there. `on_step(step)` runs after each step. -> (params, opt_state, step, the epoch's
+    statistics so far).
+    """
+    epoch_stats, window = phase.new_stats(), phase.new_stats()
+    window_start = time.perf_counter()
+    pending = None  # Statistics are read back one step late: the host never waits.
+    for batch in phase.batches(epoch):
+        params, opt_state, stats = phase.step(params, opt_state, batch, step)
+        if pending is not None:
+            window.add(pending)
+        pending = stats
+        step += 1
+        if on_step is not None:
+            on_step(step)
+        if step % log_every == 0:
+            window.add(jax.device_get(pending))
+            pending = None
+            epoch_stats.merge(window)
+            stop = on_window(step, window, time.perf_counter() - window_start)
+            window, window_start = phase.new_stats(), time.perf_counter()
+            if stop:
+                break
+    if pending is not None:
+        window.add(jax.device_get(pending))
+    epoch_stats.merge(window)
+    return params, opt_state, step, epoch_stats
 
 
 def end_epoch(
