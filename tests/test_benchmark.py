@@ -3,11 +3,15 @@ trained word and the measured matmul peak."""
 
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from captioning.data import text
 from captioning.tools import benchmark
+from captioning.tools import benchmark_training as bt
+from captioning.training import train
 
 SHARED_TOKENS = (
     Path(__file__).resolve().parents[2] / "shared" / "data" / "flickr8k_text" / "Flickr8k.token.txt"
@@ -44,8 +48,9 @@ def test_real_token_file_gives_the_same_distribution():
     assert len(text.Vocabulary.build(tokenized, 10)) == 1653
 
 
-def test_matmul_peak_is_a_positive_rate():
-    assert benchmark.matmul_peak_gflops(size=256, repeats=2) > 0.1
+def test_matmul_peak_is_a_positive_rate_in_either_dtype():
+    for dtype in ("float32", "bfloat16"):
+        assert bt.matmul_peak_gflops(dtype, size=256, repeats=2) > 0.1
 
 
 def test_attention_work_counts_every_product_and_the_spatial_store_reads_back(tmp_path):
@@ -63,3 +68,76 @@ def test_attention_work_counts_every_product_and_the_spatial_store_reads_back(tm
     )
     assert store.features.shape == (5, 8, 8, 2048) and store.features.dtype == np.float16
     assert np.isfinite(store.features[[4, 0]].astype(np.float32)).all()
+
+
+def _tiny_row_config(**train):
+    model = {**benchmark.SEED_MODEL, "embed_dim": 8, "hidden_size": 16, "train_embeddings": True}
+    return bt.config_for(
+        model, benchmark.SEED_TRAIN, **{"batch_size": 32, "num_buckets": 2, "log_every": 2, **train}
+    )
+
+
+def test_timed_row_trains_through_the_run_loop_without_recompiling(tmp_path):
+    tokenized = benchmark.flickr8k_captions("")[0][:400]
+    features = np.random.default_rng(0).normal(size=(80, 32)).astype(np.float32)
+    data = bt.prepared_data(tokenized, features)
+    figures, phase, state = bt.timed_row(_tiny_row_config(), data, 0.5, logdir=str(tmp_path))
+    assert figures["train_targets_per_s"] > 0 and figures["train_window_rates"]
+    assert figures["recompiles_after_warmup"] == 0
+    assert figures["xla_mflop_per_target"] > figures["xla_mflop_per_position"] > 0
+    assert phase.steps_per_epoch == 13 and "params" in state
+    assert list(tmp_path.glob("events.out.tfevents.*")), "the windows are logged as a run logs them"
+
+
+def test_compile_counter_fires_on_a_new_shape():
+    double = jax.jit(lambda x: 2 * x + 1)
+    with bt.count_compiles() as events:
+        double(jnp.ones(3)).block_until_ready()
+        first = len(events)
+        double(jnp.ones(3)).block_until_ready()
+        assert len(events) == first >= 1
+        double(jnp.ones(5)).block_until_ready()
+        assert len(events) == first + 1
+
+
+def test_xla_flops_per_word_match_the_hand_count(tmp_path):
+    """The hand count (every matmul's forward and two backward products) against XLA's cost
+    analysis of the compiled step at the seed sizes, per position computed (padding included).
+    XLA skips the frozen embeddings' input gradient (2 x E x 4H per word) and adds what the hand
+    count leaves out: the image projection (once per caption), the LSTM's gates, the softmax and
+    the optimizer; together within 10 %."""
+    tokenized = benchmark.flickr8k_captions("")[0]
+    vocab, _ = benchmark.caption_records(tokenized)
+    features = np.zeros((len(tokenized) // 5, 2048), np.float32)
+    data = bt.prepared_data(tokenized, features, vocab=vocab)
+    config = bt.config_for(benchmark.SEED_MODEL, benchmark.SEED_TRAIN, batch_size=64, num_buckets=1)
+    config.train.num_epochs = 1
+    config.model.train_embeddings = False
+    config.model.glove_path = bt.write_glove(str(tmp_path / "glove.6B.200d.txt"), vocab.words, 200)
+
+    phase, _, _ = train.make_phase(config, data)
+    _, per_position = bt.xla_mflop_per_target(phase)
+    hand = benchmark.train_mflop_per_target(config.model, len(vocab))
+    skipped = 2 * config.model.embed_dim * 4 * config.model.hidden_size / 1e6
+    assert abs(per_position / hand - 1) < 0.10, (per_position, hand, skipped)
+
+
+def test_evicted_shards_leave_the_page_cache(tmp_path):
+    store = benchmark.spatial_store(str(tmp_path / "kept"), 3, evict=False)
+    kept = sorted(Path(store).glob("shard_*.npz"))
+    assert bt.cached_share(kept) > 0.9  # Just written: in the cache.
+    bt.evict(kept)
+    assert bt.cached_share(kept) < 0.1
+    store = benchmark.spatial_store(str(tmp_path / "evicted"), 3)
+    assert bt.cached_share(sorted(Path(store).glob("shard_*.npz"))) < 0.1
+
+
+def test_disk_row_on_a_tiny_store_reads_what_the_cache_lacks():
+    tokenized = benchmark.flickr8k_captions("")[0][:300]
+    config = benchmark.disk_config("float32", 2, batch_size=16, num_buckets=1)
+    config.model.update(hidden_size=16, embed_dim=8, attention_dim=8)
+    figures = benchmark.benchmark_disk(config, tokenized, 0.3, 40, "coco_disk", device_images=20)
+    assert figures["coco_disk_train_targets_per_s"] > 0
+    assert figures["coco_disk_device_train_targets_per_s"] > 0
+    assert figures["coco_disk_cached_share"] < 0.2  # Evicted when the timing started.
+    assert figures["coco_disk_vs_device"] > 0 and figures["coco_disk_store_gb"] > 0

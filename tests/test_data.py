@@ -2,6 +2,9 @@
 (device, host or disk residency give the same training, bit for bit)."""
 
 import json
+import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -67,3 +70,44 @@ def test_host_and_disk_residency_train_exactly_like_device(runs, residency):
     for a, b in zip(jax.tree.leaves(device_params), jax.tree.leaves(other_params), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert reports[residency]["captions"] == reports["device"]["captions"]
+
+
+# Trains the tiny config with device and disk residency in one process (argv[1]: the folder).
+_RESIDENCY_SCRIPT = """
+import sys
+from captioning.training import train
+from configs import test as test_config
+for residency in ("device", "disk"):
+    config = test_config.get_config()
+    config.data.cache_dir = sys.argv[1] + "/cache"
+    config.data.feature_residency = residency
+    config.encoder.dtype = "float16"
+    config.train.num_epochs = 1
+    config.train.num_buckets = 1
+    config.eval.extra_splits = ""
+    config.eval.meteor = False
+    train.train_and_evaluate(config, sys.argv[1] + "/" + residency)
+"""
+
+
+def test_disk_residency_trains_like_device_at_xla_default_optimisation(tmp_path):
+    """As above, in a process without the suite's --xla_backend_optimization_level=0: XLA's
+    optimisations (fusion, reassociation) must not make the two residencies' steps differ."""
+    env = dict(os.environ)
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if "optimization_level" not in f]
+    env["XLA_FLAGS"] = " ".join(flags)
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)  # Executables of the default level only.
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run(
+        [sys.executable, "-c", _RESIDENCY_SCRIPT, str(tmp_path)],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    _, device_params = saved_params(tmp_path / "device")
+    _, disk_params = saved_params(tmp_path / "disk")
+    for a, b in zip(jax.tree.leaves(device_params), jax.tree.leaves(disk_params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

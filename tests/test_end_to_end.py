@@ -112,9 +112,18 @@ def test_sigkill_mid_run_then_same_command_resumes_and_finishes(tmp_path, cache_
     steps_per_epoch = history[0]["step"]
     report = json.loads((workdir / "eval" / "test_greedy.json").read_text())
     assert history[-1]["step"] == 20 * steps_per_epoch
-    step, _ = saved_params(str(workdir))
+    step, params = saved_params(str(workdir))
     assert step == 20 * steps_per_epoch
     assert report["step"] <= step
+    # The killed and resumed run ends where an uninterrupted one ends, parameter for parameter.
+    whole = tmp_path / "uninterrupted"
+    command_whole = [*command[:3], f"--workdir={whole}", *command[4:]]
+    result = subprocess.run(command_whole, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    step_whole, params_whole = saved_params(str(whole))
+    assert step_whole == step
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params_whole), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
     for name in ["config.json", "vocab.json", "history.json", "samples.png", "curves.png"]:
         assert (workdir / name).exists(), name

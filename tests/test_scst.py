@@ -190,3 +190,25 @@ def test_sigkill_mid_scst_then_same_command_resumes_and_finishes(xe_run, tmp_pat
     step, _ = saved_params(str(workdir))
     assert step == history[-1]["step"] == 30 * 3  # 48 training images, 16 a step.
     assert "| scst |" in (workdir / "results.md").read_text()
+
+
+def test_greedy_baseline_trains_against_the_greedy_captions_reward(xe_run):
+    xe_config, xe_dir, root = xe_run
+    config = _scst_config(xe_config, xe_dir, epochs=1)
+    config.scst.baseline = "greedy"
+    scst.train_and_evaluate(config, str(root / "greedy_baseline"))
+    history = json.loads((root / "greedy_baseline" / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [0, 1]
+    baseline, reward = history[1]["train_baseline"], history[1]["train_reward"]
+    assert np.isfinite(baseline) and baseline >= 0 and np.isfinite(reward)
+    assert baseline != reward  # The greedy captions' reward, not the samples' own mean.
+
+
+def test_a_tiny_scst_run_raises_its_mean_reward(xe_run):
+    xe_config, xe_dir, root = xe_run
+    config = _scst_config(xe_config, xe_dir, epochs=8)
+    config.scst.learning_rate = 3e-3
+    scst.train_and_evaluate(config, str(root / "rising"))
+    history = json.loads((root / "rising" / "history.json").read_text())
+    rewards_by_epoch = [h["train_reward"] for h in history[1:]]
+    assert np.mean(rewards_by_epoch[-2:]) > rewards_by_epoch[0], rewards_by_epoch

@@ -9,23 +9,33 @@ cleaning) over a vocabulary of the same size (1,649 words besides the markers);
 `--captions=PATH/Flickr8k.token.txt` trains on the real ones instead (the train split when
 `Flickr_8k.trainImages.txt` lies beside it). Figures:
 
-  train_targets_per_s          non-pad target words trained per second, steady state
+  train_targets_per_s          target words per second as a run's log gives them: the merge row
+                               trained by `training.loop.train_steps` on `train.make_phase`'s phase
+                               (tools/benchmark_training.py), timed after its first epoch
   greedy_captions_per_s        greedy captions per second (decoder trained briefly, so it ends)
   beam_captions_per_s          beam search (size 3) captions per second
   export_images_per_s          feature export (tf.data decode + resize + backbone) images/s
   backbone_images_per_s        the bare Keras backbone on the same batches, images/s
-  first_step_compile_s         compiling every bucket's train step before step 1
-  recompiles_after_first_step  XLA compilations during the timed training steps (must be 0)
+  first_step_compile_s         building the phase: every bucket's train and eval step compiled
+  recompiles_after_first_epoch XLA executables made while timed (jit cache misses; must be 0)
   peak_rss_mb                  peak resident memory of the process
   device                       what JAX ran on
-  matmul_peak_gflops           float32 2048^3 matmul rate, measured before and after the timed
-                               training (a shared machine's speed drifts)
-  train_mflop_per_target       the decoder's matmul work per trained word (forward + backward)
-  train_fraction_of_peak       train_targets_per_s x that work / the mean measured peak: the
-                               code's efficiency, comparable across slow and fast spells
+  matmul_peak_gflops_<dtype>   {row: [before, after]}: the 2048^3 matmul rate in the row's dtype,
+                               measured around that row (a shared machine's speed drifts)
+  train_mflop_per_target       hand count: the decoder's matmul work per trained word
+  train_xla_mflop_per_target   XLA's cost analysis of the compiled steps over an epoch's batches,
+                               per trained word (padding, elementwise work and skipped gradients
+                               included)
+  train_fraction_of_<f32|bf16>_peak   targets/s x the XLA work / the row's mean peak in its dtype
+  attention_…, attention_bf16_…       the same for Show-Attend-Tell in float32 and bfloat16
+  disk_… / coco_disk_…         training from a store on disk (each shard evicted from the page
+                               cache when written, the store again when the timing starts;
+                               disk_cached_share: the store's share still cached then) against a
+                               store on the device
 
 Flags: --captions, --train_seconds, --batch_size, --num_buckets, --train_embeddings, --dtype,
---decode_images, --export_images, --backbone, --image_size.
+--log_every, --disk_images, --coco_disk (--coco_images), --decode_images, --export_images,
+--backbone, --image_size.
 """
 
 from __future__ import annotations
@@ -36,7 +46,7 @@ from captioning import host
 # thread other than the main one first allocates (captioning/host.py).
 host.keep_freed_memory()
 
-import dataclasses
+import glob
 import json
 import os
 import platform
@@ -46,17 +56,13 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import app, flags, logging
-from flax import nnx
 
-from captioning import models
-from captioning.data import input_pipeline, text
-from captioning.data.datasets.base import ImageRecord
+from captioning.data import feature_store, text
 from captioning.tools import benchmark_inference
-from captioning.training import train
+from captioning.tools import benchmark_training as bt
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string(
@@ -64,14 +70,15 @@ flags.DEFINE_string(
     "",
     "Flickr8k.token.txt to train on (default: synthetic captions with its length distribution).",
 )
-flags.DEFINE_float("train_seconds", 25.0, "Seconds of timed, steady-state training.")
+flags.DEFINE_float("train_seconds", 25.0, "Seconds of timed training after the first epoch.")
 flags.DEFINE_integer("batch_size", 512, "Captions per training step.")
 flags.DEFINE_integer("num_buckets", 10, "Caption-length buckets (one compiled step each).")
+flags.DEFINE_integer("log_every", 10, "Steps per logged window (config.train.log_every).")
 flags.DEFINE_integer("decode_images", 1024, "Images decoded for the greedy/beam figures.")
 flags.DEFINE_integer("export_images", 128, "Images for the export vs bare backbone figures.")
 flags.DEFINE_string("backbone", "inception_v3", "Backbone for the export figures.")
 flags.DEFINE_integer("image_size", 299, "Backbone input side for the export figures.")
-flags.DEFINE_string("dtype", "float32", "Matmul dtype: float32 | bfloat16.")
+flags.DEFINE_string("dtype", "float32", "Matmul dtype of the merge row: float32 | bfloat16.")
 flags.DEFINE_float(
     "spatial_seconds",
     20.0,
@@ -83,6 +90,13 @@ flags.DEFINE_integer(
     "Also train from a store of this many random 8x8x2048 float16 images on disk against the same "
     "store on the device (30000: 7.9 GB; 0: skip).",
 )
+flags.DEFINE_bool(
+    "coco_disk",
+    False,
+    "Also train from a COCO-size store on disk (--coco_images of 8x8x2048 float16: 32 GB, more "
+    "than the RAM of a 24 GiB machine) against a store that fits on the device; deleted after.",
+)
+flags.DEFINE_integer("coco_images", 123287, "Images of the --coco_disk store (COCO's).")
 flags.DEFINE_float("scst_seconds", 15.0, "Seconds of timed SCST steps (0: skip).")
 flags.DEFINE_string(
     "serve_workdir", "", "A trained run to load-test the web demo with (64 requests, 16 threads)."
@@ -170,19 +184,6 @@ def seed_config(dtype: str) -> ml_collections.ConfigDict:
     )
 
 
-def matmul_peak_gflops(size: int = 2048, repeats: int = 5) -> float:
-    """Best-of-`repeats` float32 [size, size] x [size, size] matmul rate on the default device."""
-    a = jnp.ones((size, size), jnp.float32)
-    product = jax.jit(lambda x, y: x @ y)
-    product(a, a).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        product(a, a).block_until_ready()
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best / 1e9
-
-
 def train_mflop_per_target(model_config, vocab_size: int) -> float:
     """Matmul MFLOP per trained word of the merge decoder: every weight matrix's forward product
     and its two backward products (2 FLOP per multiply-add x 3), as in the issue's 5.7 MFLOP."""
@@ -195,116 +196,47 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-class _CompileCounter:
-    def __init__(self):
-        self.count = 0
-        self.active = False
-        jax.monitoring.register_event_duration_secs_listener(self)
-
-    def __call__(self, name, *_, **__):
-        if self.active and name == "/jax/core/compile/backend_compile_duration":
-            self.count += 1
+def caption_records(tokenized):
+    """Train records of 5 captions per image (Flickr8k's) -> (vocabulary, records)."""
+    records = bt.records_for(tokenized, len(tokenized) // 5, "train")
+    return text.Vocabulary.build(tokenized, 10), records  # The Keras notebook's min count.
 
 
-def caption_batches(tokenized, batch_size: int, num_buckets: int):
-    """Synthetic train records of 5 captions per image -> (vocab, CaptionData, batches, records)."""
-    vocab = text.Vocabulary.build(tokenized, 10)  # The Keras notebook's min count.
-    num_images = len(tokenized) // 5
-    records = [
-        ImageRecord(
-            f"img{i}", "", tuple(" ".join(w) for w in tokenized[5 * i : 5 * i + 5]), "train"
-        )
-        for i in range(num_images)
-    ]
-    rows = {r.image_id: i for i, r in enumerate(records)}
-    data = input_pipeline.build_caption_data(
-        records, rows, vocab, max_len=MAX_CAPTION_LEN, min_word_len=2
+def merge_row_config(glove_path: str, dtype: str, batch_size: int, num_buckets: int, log_every):
+    """configs/flickr8k.py with the Keras notebook's model and optimizer (`SEED_MODEL`,
+    `SEED_TRAIN`) and the benchmark's batch: what `benchmark_main.py` also gives main.py."""
+    model = {**SEED_MODEL, "dtype": dtype, "glove_path": glove_path}
+    return bt.config_for(
+        model, SEED_TRAIN, batch_size=batch_size, num_buckets=num_buckets, log_every=log_every
     )
-    return vocab, data, records
 
 
-def timed_training(config, vocab, batches, features, seconds, *, freeze, stats=None, shape=None):
-    """Trains `config.model` on `batches` for `seconds` after every bucket ran twice.
-
-    features: the store on the device ([N, ...], rows gathered by the step), or None when the
-    batches carry their rows (host or disk residency; `shape` is then a row's shape).
-    -> (figures, graphdef, params).
-    """
-    shape = features.shape[1:] if features is not None else shape
-    model = models.create_model(config.model, len(vocab), shape, rngs=nnx.Rngs(0))
-    graphdef, state, tx, _ = train.init_train_state(
-        config, model, total_steps=10_000, freeze_embeddings=freeze
+def benchmark_training(tokenized, tmp: str, *, seconds: float, train_embeddings: bool = False):
+    """The Keras notebook's merge decoder on pooled [2048] random features, random GloVe-format
+    vectors for its (frozen) embeddings -> (figures, {graphdef, params}, vocab)."""
+    vocab, _ = caption_records(tokenized)
+    features = np.random.default_rng(0).normal(size=(len(tokenized) // 5, 2048))
+    data = bt.prepared_data(tokenized, features.astype(np.float32), vocab=vocab)
+    glove = bt.write_glove(
+        os.path.join(tmp, f"glove.6B.{SEED_MODEL['embed_dim']}d.txt"),
+        vocab.words,
+        SEED_MODEL["embed_dim"],
     )
-    train_step, _ = train.make_steps(
-        graphdef, tx, config.model, stats=stats, freeze_embeddings=freeze
+    config = merge_row_config(
+        glove, FLAGS.dtype, FLAGS.batch_size, FLAGS.num_buckets, FLAGS.log_every
     )
-    train_step = jax.jit(train_step, donate_argnums=(0, 1))
-    params, opt_state = state["params"], state["opt_state"]
-    key = jax.random.key(0)
-
-    start = time.perf_counter()
-    compiled = train.compile_for_buckets(
-        train_step, lambda b: (params, opt_state, features, b, key, 0), batches
-    )
-    compile_s = time.perf_counter() - start
-
-    counter = _CompileCounter()
-    step, timed_start, timed_targets = 0, None, 0
-    warmup_steps = 2 * len(compiled)  # Every bucket runs at least once before timing.
-    epoch = 0
-    while True:
-        for batch in batches.epoch(epoch):
-            params, opt_state, step_stats = compiled[batch["inputs"].shape[1]](
-                params, opt_state, features, batch, key, step
-            )
-            real = int((batch["targets"] != text.PAD_ID).sum())  # Host-side: no device sync.
-            step += 1
-            if step == warmup_steps:
-                jax.block_until_ready(params)
-                timed_start, timed_targets = time.perf_counter(), 0
-                counter.active = True
-            elif timed_start is not None:
-                timed_targets += real
-                if time.perf_counter() - timed_start > seconds:
-                    break
-        else:
-            epoch += 1
-            continue
-        break
-    jax.block_until_ready(params)
-    elapsed = time.perf_counter() - timed_start
-    counter.active = False
-    figures = {
-        "train_targets_per_s": round(timed_targets / elapsed, 1),
-        "train_steps_timed": step - warmup_steps,
-        "train_loss_last": round(float(step_stats["loss_sum"] / step_stats["count"]), 3),
-        "first_step_compile_s": round(compile_s, 2),
-        "recompiles_after_first_step": counter.count,
-    }
-    return figures, graphdef, params
-
-
-def benchmark_training(config, tokenized, batch_size, num_buckets, seconds, train_embeddings):
-    """The Keras notebook's merge decoder on pooled [2048] features -> (figures, graphdef, params,
-    vocab)."""
-    vocab, data, _ = caption_batches(tokenized, batch_size, num_buckets)
-    batches = input_pipeline.CaptionBatches(
-        data, batch_size=batch_size, num_buckets=num_buckets, seed=0, shuffle=True
-    )
-    num_images = len(tokenized) // 5
-    features = jnp.asarray(np.random.default_rng(0).normal(size=(num_images, 2048)), jnp.float32)
-    # Random vectors stand in for the Keras notebook's frozen GloVe matrix.
-    figures, graphdef, params = timed_training(
-        config, vocab, batches, features, seconds, freeze=not train_embeddings
-    )
+    config.model.train_embeddings = train_embeddings
+    figures, phase, state = bt.timed_row(config, data, seconds)
+    figures["recompiles_after_first_epoch"] = figures.pop("recompiles_after_warmup")
     figures.update(
         vocab_size=len(vocab),
-        batch_size=batch_size,
+        batch_size=config.train.batch_size,
         embeddings="trained" if train_embeddings else "frozen (as the seed's GloVe)",
-        bucket_lengths=batches.lengths,
-        mean_targets_per_caption=round(float(data.lengths.mean()), 2),
+        bucket_lengths=phase.train_batches.lengths,
+        steps_per_epoch=phase.steps_per_epoch,
+        mean_targets_per_caption=round(float(phase.train_batches.data.lengths.mean()), 2),
     )
-    return figures, graphdef, params, vocab
+    return figures, state, vocab
 
 
 # Show, Attend and Tell at configs/flickr8k_attention.py's sizes, and the merge decoder with
@@ -317,6 +249,7 @@ ATTENTION_MODEL = {
     "hidden_size": 1000,
     "attention_dim": 512,
     "train_embeddings": True,
+    "glove_path": "",
 }
 MERGE_ATTENTION_MODEL = {**SEED_MODEL, "decoder": "merge_attention", "attention_dim": 256}
 
@@ -332,10 +265,14 @@ def attention_mflop_per_target(model_config, vocab_size: int, locations: int, ch
     return 6 * per_word / 1e6
 
 
-def spatial_store(tmp: str, num_images: int, dtype: str = "float16") -> str:
-    """A feature store of random [8, 8, 2048] rows written as the export writes them."""
-    from captioning.data import feature_store
+SHORT = {"float32": "f32", "bfloat16": "bf16"}
+DEVICE_FIT_IMAGES = 16384  # The --coco_disk row's device-resident store (4.3 GB): it fits.
 
+
+def spatial_store(tmp: str, num_images: int, dtype: str = "float16", evict: bool = True) -> str:
+    """A feature store of random [8, 8, 2048] rows written as the export writes them; each shard
+    evicted from the page cache once written (`evict`), so a store that fits in RAM is read
+    from the disk all the same."""
     store_dir = os.path.join(tmp, "store")
     os.makedirs(store_dir)
     rng = np.random.default_rng(0)
@@ -344,7 +281,10 @@ def spatial_store(tmp: str, num_images: int, dtype: str = "float16") -> str:
         count = min(shard_size, num_images - start)
         rows = rng.standard_normal((count, *SPATIAL_SHAPE), np.float32).astype(dtype)
         ids = [f"img{start + i}" for i in range(count)]
-        feature_store._write_shard(os.path.join(store_dir, f"shard_{shard:05d}.npz"), ids, rows, [])
+        path = os.path.join(store_dir, f"shard_{shard:05d}.npz")
+        feature_store._write_shard(path, ids, rows, [])
+        if evict:
+            bt.evict([path])
     metadata = {"num_images": num_images, "feature_shape": list(SPATIAL_SHAPE), "dtype": dtype}
     feature_store._write_json(
         os.path.join(store_dir, "metadata.json"), {**metadata, "complete": True}
@@ -352,92 +292,120 @@ def spatial_store(tmp: str, num_images: int, dtype: str = "float16") -> str:
     return store_dir
 
 
-def _reset_peak_rss() -> bool:
-    """Restarts the kernel's count of this process's peak RSS (VmHWM); False where not Linux."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            return f.write("5") > 0
-    except OSError:
-        return False
-
-
-def _peak_rss_since_reset_gb() -> float:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1e6
-
-
-def benchmark_spatial(tokenized, seconds: float, disk_images: int) -> dict:
-    """Show-Attend-Tell's training speed at the Flickr8k sizes (float16 device-resident features)
-    in float32 and with bfloat16 matmuls, back to back, and the peak memory of that training;
-    with `disk_images`, the merge decoder with output attention trained from a store of that many
-    random images read from disk against the same store resident on the device."""
-    from captioning.data import feature_store
-
-    figures = {}
-    vocab, data, _ = caption_batches(tokenized, 64, 10)
-    config = seed_config(FLAGS.dtype)
-    config.model.update(ATTENTION_MODEL)
-    batches = input_pipeline.CaptionBatches(
-        data, batch_size=64, num_buckets=10, seed=0, shuffle=True
-    )
-    rss_measured = _reset_peak_rss()
+def random_table(num_images: int) -> np.ndarray:
+    """[num_images, 8, 8, 2048] float16 random rows in one aligned array, as training holds a
+    store (the CPU device uses it in place)."""
     rng = np.random.default_rng(0)
-    # As training holds the store: one aligned host array that the CPU device uses in place.
-    table = feature_store.aligned_empty((len(tokenized) // 5, *SPATIAL_SHAPE), np.float16)
+    table = feature_store.aligned_empty((num_images, *SPATIAL_SHAPE), np.float16)
     for start in range(0, len(table), 1024):
         block = table[start : start + 1024]
         block[...] = rng.standard_normal(block.shape, np.float32)
-    features = jax.device_put(table)
+    return table
+
+
+def with_peak(results: dict, row: str, dtype: str, run):
+    """Runs `run()` between two matmul peak measurements in `dtype`; records them under
+    `matmul_peak_gflops_<dtype>[row]` and returns (run's result, the mean peak)."""
+    before = bt.matmul_peak_gflops(dtype)
+    out = run()
+    after = bt.matmul_peak_gflops(dtype)
+    results.setdefault(f"matmul_peak_gflops_{dtype}", {})[row] = [round(before, 1), round(after, 1)]
+    return out, (before + after) / 2
+
+
+def fraction_of_peak(targets_per_s: float, mflop_per_target: float, peak_gflops: float) -> float:
+    return round(targets_per_s * mflop_per_target / 1e3 / peak_gflops, 3)
+
+
+def benchmark_spatial(tokenized, seconds: float, results: dict) -> dict:
+    """Show-Attend-Tell's training speed at the Flickr8k sizes (float16 device-resident features)
+    in float32 and with bfloat16 matmuls, each between matmul peaks in its dtype, and the peak
+    memory of the float32 training."""
+    figures = {}
+    vocab, _ = caption_records(tokenized)
+    rss_measured = bt.reset_peak_rss()
+    table = random_table(len(tokenized) // 5)
+    data = bt.prepared_data(tokenized, table, vocab=vocab)
     figures["attention_store_gb"] = round(table.nbytes / 1e9, 2)
     for dtype, name in (("float32", "attention"), ("bfloat16", "attention_bf16")):
-        config.model.dtype = dtype
-        sat, _, _ = timed_training(config, vocab, batches, features, seconds, freeze=False)
-        figures[f"{name}_train_targets_per_s"] = sat["train_targets_per_s"]
-        figures[f"{name}_recompiles_after_first_step"] = sat["recompiles_after_first_step"]
+        config = bt.config_for(
+            {**ATTENTION_MODEL, "dtype": dtype}, SEED_TRAIN, batch_size=64, num_buckets=10,
+            log_every=FLAGS.log_every,
+        )  # fmt: skip
+        (row, _, _), peak = with_peak(
+            results, name, dtype, lambda c=config: bt.timed_row(c, data, seconds, warmup_steps=20)
+        )
+        figures[f"{name}_train_targets_per_s"] = row["train_targets_per_s"]
+        figures[f"{name}_recompiles_after_warmup"] = row["recompiles_after_warmup"]
+        figures[f"{name}_xla_mflop_per_target"] = row["xla_mflop_per_target"]
+        figures[f"{name}_fraction_of_{SHORT[dtype]}_peak"] = fraction_of_peak(
+            row["train_targets_per_s"], row["xla_mflop_per_target"], peak
+        )
         if rss_measured and dtype == "float32":
-            figures["attention_peak_rss_gb"] = round(_peak_rss_since_reset_gb(), 2)
-    config.model.dtype = FLAGS.dtype
+            figures["attention_peak_rss_gb"] = round(bt.peak_rss_since_reset_gb(), 2)
     figures["attention_mflop_per_target"] = round(
         attention_mflop_per_target(config.model, len(vocab), 64, 2048), 1
     )
-    del features, table
-    if not disk_images:
-        return figures
-    config.model.update(MERGE_ATTENTION_MODEL)
-    config.model.dtype = FLAGS.dtype
+    return figures
+
+
+def disk_config(dtype: str, log_every: int, **train) -> ml_collections.ConfigDict:
+    """The disk rows' decoder: merge with output attention (configs/flickr8k_merge_attention.py)."""
+    model = {**MERGE_ATTENTION_MODEL, "dtype": dtype}
+    return bt.config_for(
+        model, SEED_TRAIN, **{"batch_size": 64, "num_buckets": 10, **train}, log_every=log_every
+    )
+
+
+def benchmark_disk(
+    config, tokenized, seconds: float, num_images: int, prefix: str, device_images=None
+) -> dict:
+    """The merge decoder with output attention trained from a store of `num_images` random
+    8x8x2048 float16 images on disk (read through the page cache's misses), against a store on
+    the device: the same store read into memory, or, with `device_images`, a random one of that
+    many images (a store that fits). The store is deleted after."""
+    figures = {}
+    vocab = text.Vocabulary.build(tokenized, 10)
     with tempfile.TemporaryDirectory(dir=os.path.expanduser("~")) as tmp:
         start = time.perf_counter()
-        store = feature_store.load_feature_store(spatial_store(tmp, disk_images), on_disk=True)
-        figures["disk_store_gb"] = round(store.nbytes / 1e9, 2)
-        figures["disk_store_write_s"] = round(time.perf_counter() - start, 1)
-        rows = np.arange(len(data)) % disk_images  # Captions spread over the whole store.
-        spread = dataclasses.replace(data, image_index=rows.astype(np.int32))
-        for residency in ("disk", "device"):
-            on_disk = residency == "disk"
-            batches = input_pipeline.CaptionBatches(
-                spread,
-                batch_size=64,
-                num_buckets=10,
-                seed=0,
-                shuffle=True,
-                features=store.features if on_disk else None,
-            )
-            # The device side holds the store once (as training does), not a copy of a copy.
-            table = None if on_disk else jax.device_put(store.features.read_all())
-            result, _, _ = timed_training(
-                config, vocab, batches, table, seconds, freeze=False, shape=SPATIAL_SHAPE
-            )
-            figures[f"{residency}_train_targets_per_s"] = result["train_targets_per_s"]
-            del table
-    figures["disk_vs_device"] = round(
-        figures["disk_train_targets_per_s"] / figures["device_train_targets_per_s"], 3
+        store_dir = spatial_store(tmp, num_images)
+        shards = sorted(glob.glob(os.path.join(store_dir, "shard_*.npz")))
+        store = feature_store.load_feature_store(store_dir, on_disk=True)
+        figures[f"{prefix}_store_gb"] = round(store.nbytes / 1e9, 2)
+        figures[f"{prefix}_store_write_s"] = round(time.perf_counter() - start, 1)
+        data = bt.prepared_data(tokenized, store.features, "disk", images=num_images, vocab=vocab)
+        cached = {}
+
+        def evict_store():  # The warm-up's reads leave the timed ones nothing cached.
+            bt.evict(shards, store.features)
+            cached["start"] = bt.cached_share(shards)
+
+        rss_measured = bt.reset_peak_rss()
+        row, _, _ = bt.timed_row(config, data, seconds, warmup_steps=20, on_timing=evict_store)
+        figures[f"{prefix}_train_targets_per_s"] = row["train_targets_per_s"]
+        figures[f"{prefix}_cached_share"] = round(cached["start"], 4)
+        figures[f"{prefix}_cached_share_end"] = round(bt.cached_share(shards), 4)
+        if rss_measured:
+            figures[f"{prefix}_peak_rss_gb"] = round(bt.peak_rss_since_reset_gb(), 2)
+        del data
+        # A store that fits, or the same one held once in memory, as training holds it.
+        table = random_table(device_images) if device_images else store.features.read_all()
+        device_data = bt.prepared_data(
+            tokenized, table, images=device_images or num_images, vocab=vocab
+        )
+        row, _, _ = bt.timed_row(config, device_data, seconds, warmup_steps=20)
+    device = "device" if prefix == "disk" else f"{prefix}_device"
+    figures[f"{device}_train_targets_per_s"] = row["train_targets_per_s"]
+    if device_images:
+        figures[f"{device}_images"] = device_images
+    figures[f"{prefix}_vs_device"] = round(
+        figures[f"{prefix}_train_targets_per_s"] / row["train_targets_per_s"], 3
     )
     return figures
 
 
 def main(argv):
     del argv
-    config = seed_config(FLAGS.dtype)
     tokenized, source = flickr8k_captions(FLAGS.captions)
     results = {
         "device": f"{jax.devices()[0].device_kind} x{jax.device_count()}",
@@ -451,34 +419,39 @@ def main(argv):
         results.update(figures)
         logging.info("%s", json.dumps(figures))
 
-    peak_before = matmul_peak_gflops()
-    train_figures, graphdef, params, vocab = benchmark_training(
-        config, tokenized, FLAGS.batch_size, FLAGS.num_buckets, FLAGS.train_seconds,
-        FLAGS.train_embeddings,
-    )  # fmt: skip
-    peak_after = matmul_peak_gflops()
+    with tempfile.TemporaryDirectory() as tmp:
+        (train_figures, state, vocab), peak = with_peak(
+            results, "train", FLAGS.dtype,
+            lambda: benchmark_training(
+                tokenized, tmp, seconds=FLAGS.train_seconds,
+                train_embeddings=FLAGS.train_embeddings,
+            ),
+        )  # fmt: skip
     add(train_figures)
-    peak = (peak_before + peak_after) / 2
-
-    def fraction_of_peak(targets_per_s: float, mflop_per_target: float) -> float:
-        return round(targets_per_s * mflop_per_target / 1e3 / peak, 3)  # float32 peak.
-
-    work = train_mflop_per_target(config.model, train_figures["vocab_size"])
-    results["matmul_peak_gflops"] = [round(peak_before, 1), round(peak_after, 1)]
-    results["train_mflop_per_target"] = round(work, 2)
-    results["train_fraction_of_peak"] = fraction_of_peak(train_figures["train_targets_per_s"], work)
+    config = seed_config(FLAGS.dtype)
+    results["train_mflop_per_target"] = round(
+        train_mflop_per_target(config.model, train_figures["vocab_size"]), 2
+    )
+    results["train_xla_mflop_per_target"] = train_figures["xla_mflop_per_target"]
+    results[f"train_fraction_of_{SHORT[FLAGS.dtype]}_peak"] = fraction_of_peak(
+        train_figures["train_targets_per_s"], train_figures["xla_mflop_per_target"], peak
+    )
     if FLAGS.spatial_seconds:
-        spatial = benchmark_spatial(tokenized, FLAGS.spatial_seconds, FLAGS.disk_images)
-        for name in ("attention", "attention_bf16"):
-            spatial[f"{name}_train_fraction_of_peak"] = fraction_of_peak(
-                spatial[f"{name}_train_targets_per_s"], spatial["attention_mflop_per_target"]
-            )
-        add(spatial)
+        add(benchmark_spatial(tokenized, FLAGS.spatial_seconds, results))
+    seconds = FLAGS.spatial_seconds or 20.0
+    if FLAGS.disk_images:
+        config = disk_config(FLAGS.dtype, FLAGS.log_every)
+        add(benchmark_disk(config, tokenized, seconds, FLAGS.disk_images, "disk"))
+    if FLAGS.coco_disk:
+        config = disk_config(FLAGS.dtype, FLAGS.log_every)
+        coco_device = min(FLAGS.coco_images, DEVICE_FIT_IMAGES)
+        add(benchmark_disk(config, tokenized, seconds, FLAGS.coco_images, "coco_disk", coco_device))
+    graphdef, params = state["graphdef"], state["params"]
     if FLAGS.scst_seconds:
-        _, _, records = caption_batches(tokenized, FLAGS.batch_size, FLAGS.num_buckets)
+        _, records = caption_records(tokenized)
         add(
             benchmark_inference.benchmark_scst(
-                seed_config(FLAGS.dtype), graphdef, params, vocab, records, FLAGS.scst_seconds
+                config, graphdef, params, vocab, records, FLAGS.scst_seconds
             )
         )
     add(

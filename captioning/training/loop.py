@@ -27,7 +27,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import jax
@@ -273,46 +273,34 @@ def run(phase: Phase, run_: Run, state: dict[str, Any]) -> dict[str, Any]:
                     )
                     break
                 epoch_start = time.perf_counter()
-                epoch_stats, window = phase.new_stats(), phase.new_stats()
-                window_start = time.perf_counter()
-                pending = None  # Statistics are read back one step late: the host never waits.
-                # A mid-epoch checkpoint's batches are done: skipped, in the same order.
-                done = progress.step_in_epoch if epoch == start_epoch else 0
-                for batch in itertools.islice(phase.batches(epoch), done, None):
-                    params, opt_state, stats = phase.step(params, opt_state, batch, step)
-                    if pending is not None:
-                        window.add(guard.checked(pending, step))
-                    pending = stats
-                    step += 1
-                    done += 1
-                    report_progress(step)
-                    if step % config.train.log_every == 0:
-                        window.add(guard.checked(jax.device_get(pending), step))
-                        pending = None
-                        epoch_stats.merge(window)
-                        scalars = window.window(time.perf_counter() - window_start)
-                        if scalars:
-                            rate = phase.learning_rate(step)
-                            extra = {} if rate is None else {"train_learning_rate": float(rate)}
-                            writer.write_scalars(step, {**scalars, **extra})
-                        window, window_start = phase.new_stats(), time.perf_counter()
-                    if done == phase.steps_per_epoch:
-                        break  # The epoch's end saves it.
+
+                def after_step(step, done, params, opt_state, read_back) -> bool:
+                    # A signal: checkpoint and stop; `train.checkpoint_every_steps`: checkpoint.
+                    nonlocal progress
                     stopping = stop_agreed(stop, step, config.train.log_every)
                     if stopping or (every and step % every == 0):
-                        if pending is not None:  # No checkpoint after a non-finite step.
-                            window.add(guard.checked(jax.device_get(pending), step))
-                            pending = None
+                        read_back()  # No checkpoint after a non-finite step.
                         progress = dataclasses.replace(progress, step_in_epoch=done)
                         state = {"params": params, "opt_state": opt_state}
                         checkpoint.save(latest_mgr, step, **state, progress=progress.state())
-                    if stopping:
-                        break
-                if done < phase.steps_per_epoch:  # Stopped by a signal.
+                    return stopping
+
+                # A mid-epoch checkpoint's batches are done: skipped, in the same order.
+                params, opt_state, step, epoch_stats = train_steps(
+                    phase,
+                    params,
+                    opt_state,
+                    epoch,
+                    step,
+                    config.train.log_every,
+                    window_writer(phase, writer),
+                    report_progress,
+                    skip=progress.step_in_epoch if epoch == start_epoch else 0,
+                    check=guard.checked,
+                    after_step=after_step,
+                )
+                if step < (epoch + 1) * phase.steps_per_epoch:  # Stopped by a signal.
                     break
-                if pending is not None:
-                    window.add(guard.checked(jax.device_get(pending), step))
-                epoch_stats.merge(window)
                 train_seconds = time.perf_counter() - epoch_start
 
                 # ---- validation and selection ------------------------------------------------
@@ -407,6 +395,83 @@ class Guard:
             f"Training diverged at step {step} ({values}): stopped; {where} (no checkpoint holds "
             f"non-finite values). Try a lower {settings}, in a new --workdir."
         )
+
+
+def window_writer(phase: Phase, writer) -> Callable[[int, StepStats, float], bool]:
+    """`train_steps`' `on_window` of a run: logs the window's scalars (`train_targets_per_s`, ...)
+    and the learning rate to `writer`, and never ends the epoch early."""
+
+    def write(step: int, window: StepStats, seconds: float) -> bool:
+        scalars = window.window(seconds)
+        if scalars:
+            rate = phase.learning_rate(step)
+            extra = {} if rate is None else {"train_learning_rate": float(rate)}
+            writer.write_scalars(step, {**scalars, **extra})
+        return False
+
+    return write
+
+
+def train_steps(
+    phase: Phase,
+    params,
+    opt_state,
+    epoch: int,
+    step: int,
+    log_every: int,
+    on_window: Callable[[int, StepStats, float], bool],
+    on_step: Callable[[int], Any] | None = None,
+    *,
+    skip: int = 0,
+    check: Callable[[dict[str, Any], int], dict[str, Any]] | None = None,
+    after_step: Callable[..., bool] | None = None,
+) -> tuple[Any, Any, int, StepStats]:
+    """One epoch's steps from global `step`, as every run trains (and the benchmark times).
+
+    Each step's statistics are read back one step late (the host never waits for the device),
+    except every `log_every` steps, where the window's are read back and `on_window(step,
+    window, seconds)` is called (seconds: the window's wall time); it returns True to end the
+    epoch there. `on_step(step)` runs after each step. `skip`: the epoch's batches already
+    done (a mid-epoch resume); `check(stats, step)` sees every read-back (it may raise);
+    `after_step(step, done, params, opt_state, read_back)` runs after each step but an epoch's
+    last (`done`: the epoch's steps so far; `read_back()` reads the pending statistics first) and
+    returns True to end the epoch. -> (params, opt_state, step, the epoch's statistics so far).
+    """
+    check = check or (lambda stats, step: stats)
+    epoch_stats, window = phase.new_stats(), phase.new_stats()
+    window_start = time.perf_counter()
+    pending = None  # Statistics are read back one step late: the host never waits.
+
+    def read_back():
+        nonlocal pending
+        if pending is not None:
+            window.add(check(jax.device_get(pending), step))
+            pending = None
+
+    done = skip
+    for batch in itertools.islice(phase.batches(epoch), skip, None):
+        params, opt_state, stats = phase.step(params, opt_state, batch, step)
+        if pending is not None:
+            window.add(check(pending, step))
+        pending = stats
+        step += 1
+        done += 1
+        if on_step is not None:
+            on_step(step)
+        if step % log_every == 0:
+            read_back()
+            epoch_stats.merge(window)
+            stop = on_window(step, window, time.perf_counter() - window_start)
+            window, window_start = phase.new_stats(), time.perf_counter()
+            if stop:
+                break
+        if done == phase.steps_per_epoch:
+            break  # The epoch's end saves it.
+        if after_step is not None and after_step(step, done, params, opt_state, read_back):
+            break
+    read_back()
+    epoch_stats.merge(window)
+    return params, opt_state, step, epoch_stats
 
 
 def end_epoch(

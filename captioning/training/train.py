@@ -345,6 +345,24 @@ class CrossEntropyPhase(loop.Phase):
         return float(self.schedule(step))
 
 
+def make_phase(
+    config: ml_collections.ConfigDict, data: PreparedData
+) -> tuple[CrossEntropyPhase, nnx.GraphDef, dict[str, Any]]:
+    """The run's model, optimizer and compiled steps over `data` -> (phase, graphdef, state);
+    state is {params, opt_state, progress} (`init_train_state`). What `train_and_evaluate`
+    trains, and what the benchmark times."""
+    train_batches = _caption_batches(config, data, "train", shuffle=True)
+    # Model and optimizer as pure pytrees: nnx.split once, jit pure functions (no graph
+    # traversal per step).
+    graphdef, state, tx, schedule = init_train_state(
+        config, _create_model(config, data), train_batches.num_batches * config.train.num_epochs
+    )
+    phase = CrossEntropyPhase(
+        config, data, train_batches, graphdef, tx, schedule, state["params"], state["opt_state"]
+    )
+    return phase, graphdef, state
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains (resuming if the workdir has checkpoints), then scores the best checkpoint.
 
@@ -367,18 +385,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         data.features.shape,
         data.feature_metadata.get("backbone"),
     )
-    train_batches = _caption_batches(config, data, "train", shuffle=True)
-    steps_per_epoch = train_batches.num_batches
-    # Model and optimizer as pure pytrees: nnx.split once, jit pure functions (no graph
-    # traversal per step).
-    graphdef, state, tx, schedule = init_train_state(
-        config, _create_model(config, data), steps_per_epoch * config.train.num_epochs
-    )
+    phase, graphdef, state = make_phase(config, data)
     num_params = sum(x.size for x in jax.tree.leaves(state["params"]))
     logging.info("Model %s: %d parameters.", config.model.decoder, num_params)
-    phase = CrossEntropyPhase(
-        config, data, train_batches, graphdef, tx, schedule, state["params"], state["opt_state"]
-    )
     decoders = {}  # Validation's greedy decoder serves the final evaluation too.
     decode_greedy = evaluate.method_decoder(decoders, graphdef, config.decode, "greedy", data.stats)
     run_ = loop.Run(config, workdir, data, decode_greedy, decoders, phase.place, parallel.local)
