@@ -189,9 +189,9 @@ def evaluate(
 
 
 def report_name(decode_config) -> str:
-    """The stem of a decoding's report files: `decode.method`, plus '_blocked' when
-    `decode.block_repeats` is on (so the two never overwrite each other)."""
-    return decode_config.method + ("_blocked" if decode_config.block_repeats else "")
+    """The stem of a decoding's report files: `decode.method`, plus '_unblocked' when
+    `decode.block_repeats` (the default) is off (so the two never overwrite each other)."""
+    return decode_config.method + ("" if decode_config.block_repeats else "_unblocked")
 
 
 def method_decoder(decoders: dict, graphdef, decode_config, method: str, stats) -> decode.DecodeFn:
