@@ -131,8 +131,7 @@ NEVER_EMITTED = (text.PAD_ID, text.START_ID, text.UNK_ID)
 
 def mask_never_emitted(scores: Array) -> Array:
     """[..., V] logits or log-probabilities -> the same with `<pad>`, `<start>`, `<unk>` at -inf."""
-    ids = jnp.arange(scores.shape[-1])
-    never = (ids == text.PAD_ID) | (ids == text.START_ID) | (ids == text.UNK_ID)
+    never = jnp.isin(jnp.arange(scores.shape[-1]), jnp.asarray(NEVER_EMITTED))
     return jnp.where(never, -jnp.inf, scores.astype(jnp.float32))
 
 
