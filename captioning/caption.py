@@ -5,8 +5,12 @@ a glob pattern. Everything comes from the run directory, so the images see exact
 saw: the run's backbone and preprocessing (`config.encoder`), its feature statistics
 (`feature_stats.npz`), vocabulary (`vocab.json`) and best checkpoint; `config.decode` picks the
 decoding method. Captions are printed as `path<TAB>caption` lines and written as JSON (default
-`RUN/captions/captions_<method>.json`). An unreadable image is logged and listed in the JSON with
-its error; the other images are still captioned. With `--config.eval.attention_maps=true` and an
+`RUN/captions/captions_<method>.json`). Each caption comes with how far its image's features lie
+from the training images' (`evaluation.novelty`: a distance and its percentile among the
+validation images); an image beyond the validation split's 99th percentile gets
+`<TAB>[unlike the training images]` at the end of its printed line and `"unlike_training": true`.
+An unreadable image is logged and listed in the JSON with its error; the other images are still
+captioned. With `--config.eval.attention_maps=true` and an
 attention decoder, one PNG per image shows the attention over the image for each word
 (`RUN/captions/attention_<method>/`).
 """
@@ -23,9 +27,11 @@ import ml_collections
 from absl import logging
 
 from captioning.decoding import decode
+from captioning.evaluation.novelty import Novelty
 from captioning.run_dir import RunDir
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+UNLIKE_MARK = "[unlike the training images]"  # Ends the printed line of a flagged image.
 
 
 def find_images(images: str) -> list[str]:
@@ -84,10 +90,11 @@ def caption_images(
 ) -> list[dict[str, Any]]:
     """Captions the images named by `images` (file, folder or glob) with the run in `workdir`.
 
-    Returns one dict per image in input order: {"path", "caption", "method"}, plus "error" (and
-    caption None) for an image that could not be read. Also prints `path<TAB>caption` lines and
-    writes the list, with the decoding settings and checkpoint step, to `output` (default
-    `workdir/captions/captions_<method>.json`).
+    Returns one dict per image in input order: {"path", "caption", "method", "novelty":
+    {"distance", "percentile", "unlike_training"}}, or "error" (and caption None) for an image
+    that could not be read. Also prints `path<TAB>caption` lines (`<TAB>UNLIKE_MARK` added for a
+    flagged image) and writes the list, with the decoding settings, checkpoint step and the
+    novelty threshold, to `output` (default `workdir/captions/captions_<method>.json`).
     """
     from captioning.data import backbone  # TensorFlow/Keras: imported when needed.
 
@@ -107,6 +114,8 @@ def caption_images(
 
     captions: dict[str, str] = {}
     maps: dict[str, str] = {}
+    novelty: dict[str, dict] = {}
+    calibration = None
     step = None
     if ok_paths:
         run.check_channels(
@@ -125,6 +134,9 @@ def caption_images(
             seed=config.decode.seed,
         )
         captions = dict(zip(ok_paths, vocab.decode_batch(decoded.tokens), strict=True))
+        distance = Novelty.for_run(run, config)
+        novelty = dict(zip(ok_paths, distance.describe(distance.score(raw)), strict=True))
+        calibration = {"calibrated": distance.calibrated, "threshold": distance.threshold}
         if config.eval.attention_maps:
             maps = _save_attention_maps(
                 output,
@@ -140,10 +152,18 @@ def caption_images(
     results = []
     for path in paths:
         if path in captions:
-            results.append({"path": path, "caption": captions[path], "method": method})
+            results.append(
+                {
+                    "path": path,
+                    "caption": captions[path],
+                    "method": method,
+                    "novelty": novelty[path],
+                }
+            )
             if path in maps:
                 results[-1]["attention_map"] = maps[path]
-            print(f"{path}\t{captions[path]}", file=sys.stdout)
+            mark = f"\t{UNLIKE_MARK}" if novelty[path]["unlike_training"] else ""
+            print(f"{path}\t{captions[path]}{mark}", file=sys.stdout)
         else:
             reason = errors.get(path, "not returned by the image encoder")
             results.append({"path": path, "caption": None, "method": method, "error": reason})
@@ -157,6 +177,7 @@ def caption_images(
         "images": images,
         "step": None if step is None else int(step),
         "decode": config.decode.to_dict(),
+        "novelty": calibration,  # Threshold: the validation split's 99th percentile distance.
         "captions": results,
     }
     with open(output, "w", encoding="utf-8") as f:

@@ -22,12 +22,10 @@ then waits while a worker thread runs the waiting images as one batch, padded to
 attention figure (matplotlib, slow) is drawn by a second, page-only event, so API callers do not
 wait for it.
 
-Pixels: PIL reads the header (file and pixel limits, EXIF orientation) before anything is decoded;
-JPEG, PNG, GIF and BMP files are then decoded by the same `tf.io.decode_image` call and resized by
-the same `tf.image.resize` call as `backbone._load_image`, so a file gets exactly the pixels, and
-the caption, of `--mode=caption` (EXIF-rotated photos excepted: caption mode does not turn them
-upright). Other formats (TIFF, WebP, ...) are decoded by PIL; grayscale, RGBA, CMYK, palette and
-16-bit images become 8-bit RGB.
+Pixels come from `captioning.uploads`, exactly as `--mode=caption` reads the file. An image whose
+features lie farther from the training images' than the validation split's 99th percentile
+(`evaluation.novelty`, as `--mode=caption` flags it) gets a plain warning above its caption (a
+page-only event too).
 """
 
 from __future__ import annotations
@@ -36,7 +34,6 @@ import concurrent.futures
 import dataclasses
 import os
 import queue
-import re
 import tempfile
 import threading
 import time
@@ -49,140 +46,20 @@ import ml_collections
 import numpy as np
 from absl import logging
 from flax import nnx
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from captioning.data import backbone
 from captioning.decoding import decode, search
 from captioning.evaluation import visualize
+from captioning.evaluation.novelty import Novelty
 from captioning.run_dir import RunDir
+from captioning.uploads import MAX_PIXELS, ImageError, model_pixels, read_image
 
-MAX_PIXELS = 40_000_000  # Larger images are refused before decoding (decompression bombs).
+__all__ = ["MAX_PIXELS", "Captioner", "ImageError", "build_app", "model_pixels", "read_image"]
+
 NUM_EXAMPLES = 4  # Clickable test images of the run's dataset.
-FORMATS = "JPEG, PNG, GIF, BMP, WebP or TIFF"
-_TF_FORMATS = ("JPEG", "MPO", "PNG", "GIF", "BMP")  # PIL format names tf.io.decode_image reads.
-_ORIENTATION = 0x0112  # EXIF tag.
-_EXIF_TRANSPOSE = {  # EXIF orientation -> the transpose that makes the image upright.
-    2: Image.Transpose.FLIP_LEFT_RIGHT,
-    3: Image.Transpose.ROTATE_180,
-    4: Image.Transpose.FLIP_TOP_BOTTOM,
-    5: Image.Transpose.TRANSPOSE,
-    6: Image.Transpose.ROTATE_270,
-    7: Image.Transpose.TRANSVERSE,
-    8: Image.Transpose.ROTATE_90,
-}
 _PLOT_LOCK = threading.Lock()  # pyplot is not thread-safe.
 _FIGURE_TOP_PX = 40  # White space above the attention figure, under Gradio's label and buttons.
-
-
-# ---------------------------------------------------------------------------------------------
-# Uploads -> pixels
-# ---------------------------------------------------------------------------------------------
-
-
-class ImageError(ValueError):
-    """An upload that cannot be captioned; the message says what is wrong and what to do."""
-
-
-def read_image(path: str, *, max_bytes: int, max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """An uploaded file -> [H, W, 3] uint8 RGB, upright; raises `ImageError` naming the problem.
-
-    The file size and the pixel count (from the header, read with PIL) are checked before
-    anything is decoded. JPEG, PNG, GIF and BMP files are then decoded by `tf.io.decode_image`,
-    exactly as `backbone._load_image` decodes them for training and caption mode (TF's and PIL's
-    JPEG decoders differ by a few levels per pixel); other formats (TIFF, WebP, ...) by PIL.
-    """
-    size = os.path.getsize(path)
-    if size == 0:
-        raise ImageError(f"The file is empty (0 bytes): upload a {FORMATS} image.")
-    if size > max_bytes:
-        raise ImageError(
-            f"The file is {size / 2**20:.1f} MB, above this server's upload limit of "
-            f"{max_bytes / 2**20:g} MB (--max_upload_mb): upload a smaller image."
-        )
-    try:
-        with Image.open(path) as image:  # Reads the header only.
-            _check_pixels(*image.size, max_pixels)
-            orientation = _exif_orientation(image)
-            if image.format in _TF_FORMATS:
-                rgb = _decode_like_backbone(path)
-            else:
-                image.load()
-                rgb = _to_rgb(image)
-    except Image.DecompressionBombError as e:
-        raise _too_large(None, max_pixels) from e
-    except UnidentifiedImageError as e:
-        raise ImageError(
-            f"The file is not an image this server can read: upload a {FORMATS} file."
-        ) from e
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
-        if isinstance(e, ImageError):
-            raise
-        raise _undecodable(str(e)) from e
-    if orientation in _EXIF_TRANSPOSE:
-        rgb = np.asarray(Image.fromarray(rgb).transpose(_EXIF_TRANSPOSE[orientation]))
-    return rgb
-
-
-def _too_large(size: tuple[int, int] | None, max_pixels: int) -> ImageError:
-    shape = f"{size[0]} x {size[1]} pixels, " if size else ""
-    return ImageError(
-        f"The image is too large ({shape}more than this server's limit of "
-        f"{max_pixels / 1e6:g} megapixels); refused without decoding it. Upload a smaller image."
-    )
-
-
-def _undecodable(reason: str) -> ImageError:
-    return ImageError(
-        f"The image could not be decoded: the file is truncated or corrupt ({reason}). "
-        "Upload the complete file."
-    )
-
-
-def _check_pixels(width: int, height: int, max_pixels: int) -> None:
-    if width * height > max_pixels:
-        raise _too_large((width, height), max_pixels)
-
-
-def _exif_orientation(image: Image.Image) -> int:
-    """The EXIF orientation tag (1 = upright, also when the EXIF block is missing or broken)."""
-    try:
-        return int(image.getexif().get(_ORIENTATION, 1))
-    except (OSError, ValueError, KeyError, TypeError, SyntaxError):
-        return 1
-
-
-def _decode_like_backbone(path: str) -> np.ndarray:
-    """JPEG/PNG/GIF/BMP file -> [H, W, 3] uint8 with `backbone._load_image`'s decoder call."""
-    import tensorflow as tf
-
-    try:
-        image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
-    except (tf.errors.OpError, ValueError) as e:
-        message = re.sub(r"\{\{[^}]*\}\}\s*", "", getattr(e, "message", str(e)))
-        raise _undecodable(message.split(" [Op:")[0].strip()) from e
-    return image.numpy()
-
-
-def _to_rgb(image: Image.Image) -> np.ndarray:
-    """Any PIL mode -> [H, W, 3] uint8. 16-bit (and 32-bit integer) grayscale is scaled to 8 bits
-    (65535 -> 255); float images are clipped to 0..255; every other mode is converted by PIL."""
-    if image.mode.startswith("I") or image.mode == "F":
-        gray = np.asarray(image).astype(np.float64)
-        if image.mode != "F":
-            gray = gray / 257.0
-        gray = np.clip(np.rint(gray), 0, 255).astype(np.uint8)
-        return np.repeat(gray[..., None], 3, axis=-1)
-    return np.asarray(image.convert("RGB"))
-
-
-def model_pixels(rgb: np.ndarray, size: int) -> np.ndarray:
-    """[H, W, 3] uint8 RGB -> [size, size, 3] float32 in 0..255, as `backbone._load_image` makes
-    them: bilinear antialiased resize to a square (images already at size are only cast)."""
-    if rgb.shape[:2] == (size, size):
-        return rgb.astype(np.float32)
-    import tensorflow as tf
-
-    return tf.image.resize(rgb, [size, size], method="bilinear", antialias=True).numpy()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,7 +73,8 @@ class Caption:
 
     greedy: the greedy caption; beams: (caption, log-probability) of every hypothesis of the beam,
     best first; tokens: [T] int32 greedy word ids; attention: [T, L] float32 attention of each
-    greedy step (L = 0 without an attention decoder); batch: images decoded in the same call.
+    greedy step (L = 0 without an attention decoder); batch: images decoded in the same call;
+    novelty: {"distance", "percentile", "unlike_training"} (`Novelty.describe`).
     """
 
     greedy: str
@@ -204,6 +82,7 @@ class Caption:
     tokens: np.ndarray
     attention: np.ndarray
     batch: int
+    novelty: dict
 
 
 def _greedy_config(decode_config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -260,6 +139,7 @@ class Captioner:
         self._greedy = decode.decode_fn(inference.graphdef, _greedy_config(self.config.decode))
         self._beams = _beams_fn(inference.graphdef, self.config.decode)
         self._key = jax.random.key(int(self.config.decode.seed))
+        self.novelty = Novelty.for_run(run, self.config)
         self.batches, self.images = 0, 0
         warm = self.caption_batch([np.zeros([self.image_size, self.image_size, 3], np.float32)])
         self.has_attention = warm[0].attention.shape[-1] > 0 and len(self.grid_shape) == 2
@@ -282,7 +162,9 @@ class Captioner:
             raise ValueError(f"caption_batch takes 1 to {self.batch_size} images, got {n}.")
         images = np.zeros([self.batch_size, self.image_size, self.image_size, 3], np.float32)
         images[:n] = np.stack(pixels)
-        features = self.stats.apply(self.runner(images))
+        raw = self.runner(images)
+        features = self.stats.apply(raw)
+        novelty = self.novelty.describe(self.novelty.score(np.asarray(raw[:n])))
         greedy = jax.device_get(self._greedy(self._params, features, self._key))
         beams = jax.device_get(self._beams(self._params, features))
         self.batches += 1
@@ -290,7 +172,12 @@ class Captioner:
         captions = self.vocab.decode_batch(greedy.tokens[:n])
         return [
             Caption(
-                captions[i], self._beam_list(beams, i), greedy.tokens[i], greedy.attention[i], n
+                captions[i],
+                self._beam_list(beams, i),
+                greedy.tokens[i],
+                greedy.attention[i],
+                n,
+                novelty[i],
             )
             for i in range(n)
         ]
@@ -371,9 +258,20 @@ def _header(captioner: Captioner) -> str:
     )
 
 
+def unlike_warning(novelty: dict) -> str:
+    """The page's warning for a flagged image (Markdown), or "" for one like the training data."""
+    if not novelty.get("unlike_training"):
+        return ""
+    return (
+        "**Warning: this image is unlike the training images.** Its features lie farther from "
+        f"theirs than {novelty['percentile']:.1f} % of the validation images' do (beyond the "
+        "99th percentile), so the caption below may not describe it."
+    )
+
+
 def caption_request(captioner: Captioner, image: dict | None, max_bytes: int) -> tuple:
-    """The /caption endpoint: an uploaded image (Gradio FileData dict) ->
-    (greedy caption, beam table [[rank, caption, log-prob]], request time, attention state)."""
+    """The /caption endpoint: an uploaded image (Gradio FileData dict) -> (greedy caption, beam
+    table [[rank, caption, log-prob]], request time, page state: the warning, attention)."""
     start = time.perf_counter()
     path = (image or {}).get("path")
     if not path:
@@ -386,19 +284,19 @@ def caption_request(captioner: Captioner, image: dict | None, max_bytes: int) ->
     result = captioner.caption(pixels)
     table = [[k + 1, caption, round(logp, 3)] for k, (caption, logp) in enumerate(result.beams)]
     elapsed = f"{(time.perf_counter() - start) * 1000:.0f} ms (batch of {result.batch})"
-    state = None
+    state = {"warning": unlike_warning(result.novelty)}
     if captioner.has_attention:
-        state = {
-            "pixels": np.clip(np.rint(pixels), 0, 255).astype(np.uint8),
-            "tokens": result.tokens,
-            "attention": result.attention,
-        }
+        state.update(
+            pixels=np.clip(np.rint(pixels), 0, 255).astype(np.uint8),
+            tokens=result.tokens,
+            attention=result.attention,
+        )
     return result.greedy, table, elapsed, state
 
 
 def draw_attention(captioner: Captioner, state: dict | None) -> np.ndarray | None:
     """The Show-Attend-Tell figure of a result -> [H, W, 3] uint8 PNG pixels (None: no result)."""
-    if not state:
+    if not state or "tokens" not in state:
         return None
     with tempfile.TemporaryDirectory(prefix="captioning_serve_") as folder:
         image_path = os.path.join(folder, "image.png")
@@ -440,6 +338,10 @@ def build_app(
         """One image -> (greedy caption, beam captions with log-probabilities, request time)."""
         return caption_request(captioner, image, max_bytes)
 
+    def show_warning(state):
+        text = (state or {}).get("warning", "")
+        return gr.update(value=text, visible=bool(text))
+
     def attention_figure(state):
         return draw_attention(captioner, state)
 
@@ -473,6 +375,7 @@ def build_app(
                         api_visibility="private",
                     )
             with gr.Column(min_width=280):
+                warning = gr.Markdown(visible=False, elem_id="unlike-warning")
                 greedy = gr.Textbox(label="Greedy caption", interactive=False)
                 beams = gr.Dataframe(
                     headers=["#", "beam caption", "log-prob"],
@@ -499,6 +402,7 @@ def build_app(
             example_list.load_input_event.then(
                 caption, image, outputs, api_visibility="private", **settings
             )
+        state.change(show_warning, state, warning, api_visibility="private")
         if captioner.has_attention:
             state.change(
                 attention_figure, state, figure, api_visibility="private", concurrency_limit=1

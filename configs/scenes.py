@@ -136,7 +136,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.decode.top_k = 0  # Sample among the k most likely words (0 = all).
     config.decode.batch_size = 256  # Images decoded per call.
     config.decode.seed = 0  # PRNG seed of method=sample (batch i draws with fold_in(seed, i)).
-    config.decode.block_repeats = False  # Never emit a word that repeats a trigram (all methods).
+    # Never repeat a trigram nor say a word a third time in a row (all methods; False: as the
+    # model says it). <pad>, <start> and <unk> are never emitted either way.
+    config.decode.block_repeats = True
 
     config.eval = ml_collections.ConfigDict()
     config.eval.split = "test"  # Split scored by --mode=evaluate and at the end of training.

@@ -98,3 +98,44 @@ def test_no_matching_images_is_a_clear_error(run_dir, tmp_path):
     pattern = str(tmp_path / "*.png")
     with pytest.raises(FileNotFoundError, match=r"\*\.png"):
         caption.caption_images(config, run_dir, pattern)
+
+
+def test_caption_scores_how_unlike_the_training_images_each_image_is(tmp_path, capsys):
+    """Every caption carries its image's distance and percentile; an image beyond the
+    validation split's 99th percentile is marked in the JSON and on its printed line."""
+    from captioning.data import backbone
+    from captioning.evaluation.novelty import Novelty
+
+    config = test_config.get_config()
+    config.data.cache_dir = str(tmp_path / "cache")
+    run_dir = make_run_dir(tmp_path / "run", config, WORDS, mean=0.1, std=2.0)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.fromarray(np.full((40, 40, 3), 45, np.uint8)).save(folder / "dark.png")
+    noise = np.random.default_rng(1).integers(0, 255, (40, 40, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(folder / "noise.png")
+    # A calibration whose 99th percentile lies between the two images' distances.
+    raw, _, _ = backbone.encode_images(
+        [str(folder / "dark.png"), str(folder / "noise.png")], config.encoder, batch_size=2
+    )
+    stats = RunDir(run_dir).feature_stats()
+    channels = stats.mean.shape[-1]
+    plain = Novelty(stats, np.zeros(channels), np.ones(channels), None)
+    dark, loud = plain.score(raw)
+    assert dark != loud
+    low, high = sorted((dark, loud))
+    percentiles = np.linspace(0, (low + high) / 2, 100).tolist() + [high * 10]
+    Novelty(stats, plain.mean, plain.std, np.asarray(percentiles)).save(run_dir)
+
+    results = caption.caption_images(RunDir(run_dir).config(), run_dir, str(folder))
+    novelty = {os.path.basename(r["path"]): r["novelty"] for r in results}
+    unlike = "noise.png" if loud > dark else "dark.png"
+    like = ({"dark.png", "noise.png"} - {unlike}).pop()
+    assert novelty[unlike]["unlike_training"] and not novelty[like]["unlike_training"]
+    assert novelty[unlike]["percentile"] > 99 > novelty[like]["percentile"]
+    assert novelty[like]["distance"] == pytest.approx(min(dark, loud), rel=1e-3)
+    lines = dict(line.split("\t", 1) for line in capsys.readouterr().out.strip().splitlines())
+    marked = {os.path.basename(p) for p, rest in lines.items() if caption.UNLIKE_MARK in rest}
+    assert marked == {unlike}
+    report = json.loads((tmp_path / "run" / "captions" / "captions_greedy.json").read_text())
+    assert report["novelty"]["calibrated"] and report["novelty"]["threshold"] > 0

@@ -171,16 +171,16 @@ def test_evaluate_with_beam_and_sampling_adds_reports(tmp_path, cache_dir):
     sample = cli.run("evaluate", config, workdir)
     again = cli.run("evaluate", config, workdir)
     greedy = (tmp_path / "run" / "eval" / "test_greedy.json").read_text()
-    config.decode.method, config.decode.block_repeats = "greedy", True
-    blocked = cli.run("evaluate", config, workdir)
+    config.decode.method, config.decode.block_repeats = "greedy", False
+    unblocked = cli.run("evaluate", config, workdir)
     assert beam["decode"]["method"] == "beam" and sample["decode"]["method"] == "sample"
     assert again["captions"] == sample["captions"]  # Sampling is reproducible (decode.seed).
-    assert blocked["decode"]["block_repeats"]
-    # Its own report: the unblocked one is still there, unchanged.
+    assert not unblocked["decode"]["block_repeats"]
+    # Its own report: the default (blocked) one is still there, unchanged.
     assert (tmp_path / "run" / "eval" / "test_greedy.json").read_text() == greedy
     for name in ["test_greedy.json", "test_beam.json", "test_sample.json"]:
         assert (tmp_path / "run" / "eval" / name).exists()
-    assert json.loads((tmp_path / "run" / "eval" / "test_greedy_blocked.json").read_text())[
+    assert not json.loads((tmp_path / "run" / "eval" / "test_greedy_unblocked.json").read_text())[
         "decode"
     ]["block_repeats"]
     rows = [r.split("|") for r in (tmp_path / "run" / "results.md").read_text().splitlines()[2:]]
@@ -190,7 +190,7 @@ def test_evaluate_with_beam_and_sampling_adds_reports(tmp_path, cache_dir):
         ("xe", "beam", "test"),
         ("xe", "sample", "test"),
         ("xe", "sample", "test"),
-        ("xe", "greedy_blocked", "test"),
+        ("xe", "greedy_unblocked", "test"),
     ]
 
 

@@ -52,10 +52,10 @@ def test_method_labels():
     assert grid.method_label(decode) == "beam5"
     decode.length_penalty = 0.7
     assert grid.method_label(decode) == "beam5_lp0.7"
-    decode.block_repeats = True
-    assert grid.method_label(decode) == "beam5_lp0.7_blocked"
+    decode.block_repeats = False
+    assert grid.method_label(decode) == "beam5_lp0.7_unblocked"
     decode.method = "greedy"
-    assert grid.method_label(decode) == "greedy_blocked"
+    assert grid.method_label(decode) == "greedy_unblocked"
 
 
 def test_table_keeps_present_metrics_and_failed_cells(tmp_path):

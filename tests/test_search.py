@@ -81,7 +81,8 @@ def _slice_tree(tree, index):
 def _brute_force(model, features, max_len: int) -> list[dict[tuple[int, ...], float]]:
     """Every complete sequence (ended by <end>, or max_len words) -> total log-probability.
 
-    Steps the model in Python, one batched decode_step per depth over all open prefixes.
+    `<pad>`, `<start>` and `<unk>` are never emitted (`search.NEVER_EMITTED`). Steps the model in
+    Python, one batched decode_step per depth over all open prefixes.
     """
     batch = features.shape[0]
     context, state = model.init_decode(features)
@@ -97,7 +98,7 @@ def _brute_force(model, features, max_len: int) -> list[dict[tuple[int, ...], fl
         log_probs = np.asarray(jax.nn.log_softmax(logits), np.float64)
         keep_rows, keep_words = [], []
         for row, (image, prefix) in enumerate(zip(images, prefixes, strict=True)):
-            for word in range(VOCAB):
+            for word in sorted(set(range(VOCAB)) - set(search.NEVER_EMITTED)):
                 total = logps[row] + log_probs[row, word]
                 if word == text.END_ID or depth == max_len:
                     complete[image][(*prefix, word)] = total
@@ -273,6 +274,7 @@ def test_sampled_logprobs_match_the_sampling_distribution(temperature, top_k):
     tokens = np.asarray(out.tokens)
     valid = _valid_mask(tokens)
     scaled = np.asarray(_teacher_forced_logits(model, features, out.tokens)) / temperature
+    scaled[..., list(search.NEVER_EMITTED)] = -np.inf  # Never drawn.
     if top_k:
         kth = np.sort(scaled, axis=-1)[..., -top_k][..., None]
         assert np.all(np.take_along_axis(scaled, tokens[..., None], -1)[valid] >= kth[valid])
@@ -298,6 +300,7 @@ def test_sampled_logprobs_are_differentiable():
 
     def teacher_forced(params):
         logits = _teacher_forced_logits(nnx.merge(graphdef, params), features, tokens) / 0.8
+        logits = search.mask_never_emitted(logits)
         logp = jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[..., None], -1)[..., 0]
         return jnp.where(valid, logp, 0.0).sum()
 
@@ -322,29 +325,58 @@ def _repeats_trigram(row) -> bool:
     return len(set(trigrams)) < len(trigrams)
 
 
+def _says_thrice(row) -> bool:
+    words = [int(w) for w in row if w not in (text.PAD_ID, text.END_ID)]
+    return any(a == b == c for a, b, c in zip(words, words[1:], words[2:], strict=False))
+
+
+def _biased_model(bias: np.ndarray):
+    """A merge decoder whose every step's logits are `bias` [VOCAB], whatever the image."""
+    model = _model("merge")
+    model.out_proj.bias[...] = jnp.asarray(bias)
+    model.out_proj.kernel[...] = jnp.zeros_like(model.out_proj.kernel[...])
+    return nnx.split(model)
+
+
 @pytest.mark.parametrize("method", ["greedy", "beam", "sample"])
 def test_block_repeats_never_emits_a_repeated_trigram(method):
-    """A decoder that loves one word says it again and again; with decode.block_repeats it
-    never repeats a trigram (and the check itself does fire without blocking)."""
-    model = _model("merge")
+    """A decoder that loves one word says it again and again; with decode.block_repeats (the
+    default) it never repeats a trigram nor says a word thrice in a row (and the checks
+    themselves fire without blocking)."""
     bias = np.full(VOCAB, -5.0, np.float32)
     bias[4], bias[5] = 8.0, 4.0  # Word 4 always wins, word 5 second, then <end>.
     bias[text.END_ID] = 0.0
-    model.out_proj.bias[...] = jnp.asarray(bias)
-    model.out_proj.kernel[...] = jnp.zeros_like(model.out_proj.kernel[...])
-    graphdef, params = nnx.split(model)
+    graphdef, params = _biased_model(bias)
     features, key = _features(6), jax.random.key(0)
-    config = _decode_config(method=method, max_len=12, top_k=2)
-    plain = decode.decode_fn(graphdef, config)(params, features, key)
-    assert any(_repeats_trigram(row) for row in np.asarray(plain.tokens))
+    config = _decode_config(method=method, max_len=12, top_k=2, block_repeats=False)
+    plain = np.asarray(decode.decode_fn(graphdef, config)(params, features, key).tokens)
+    assert any(_repeats_trigram(row) for row in plain)
+    assert any(_says_thrice(row) for row in plain)
     config.block_repeats = True
+    assert scenes_config.get_config().decode.block_repeats  # The default.
     blocked = decode.decode_fn(graphdef, config)(params, features, key)
     tokens = np.asarray(blocked.tokens)
-    assert not any(_repeats_trigram(row) for row in tokens)
+    assert not any(_repeats_trigram(row) or _says_thrice(row) for row in tokens)
     if method != "sample":
-        assert (tokens[:, :3] == 4).all()  # The first trigram is free.
+        assert (tokens[:, :2] == 4).all() and (tokens[:, 2] == 5).all()  # Twice is allowed.
     mask = search.repeated_trigram_mask(jnp.asarray([[4, 4, 4, 0]]), jnp.asarray(3), VOCAB)
     assert np.flatnonzero(np.asarray(mask[0])).tolist() == [4]
+    mask = search.repeat_mask(jnp.asarray([[5, 4, 4, 0], [4, 5, 4, 0]]), jnp.asarray(3), VOCAB)
+    assert np.flatnonzero(np.asarray(mask[0])).tolist() == [4]  # A third 4 in a row.
+    assert not np.asarray(mask[1]).any()
+
+
+@pytest.mark.parametrize("block_repeats", [False, True])
+@pytest.mark.parametrize("method", ["greedy", "beam", "sample"])
+def test_special_tokens_are_never_emitted(method, block_repeats):
+    """A decoder whose favourite words are <unk>, <start> and <pad> still says real words."""
+    bias = np.full(VOCAB, 0.0, np.float32)
+    bias[text.UNK_ID], bias[text.START_ID], bias[text.PAD_ID] = 9.0, 8.0, 7.0
+    graphdef, params = _biased_model(bias)
+    config = _decode_config(method=method, max_len=10, block_repeats=block_repeats)
+    out = decode.decode_fn(graphdef, config)(params, _features(8), jax.random.key(1))
+    tokens, valid = np.asarray(out.tokens), _valid_mask(np.asarray(out.tokens))
+    assert valid.any() and not np.isin(tokens[valid], search.NEVER_EMITTED).any()
 
 
 def test_decode_fn_dispatch():

@@ -17,6 +17,11 @@ are (batch-first leaves). `captioning.decoding.decode` jits them.
 * `sample_decode`: ancestral sampling with temperature and top-k in a `lax.scan` (not a while loop,
   so `jax.grad` can differentiate the returned log-probabilities for RL fine-tuning); steps after
   every caption ended are skipped by a `lax.cond`.
+
+No method ever emits `<pad>` (except after `<end>`), `<start>` or `<unk>`: their logits are
+masked at every step (`NEVER_EMITTED`). With `block_repeats` (the `decode.block_repeats` default)
+no caption repeats a trigram or says a word a third time in a row (`repeat_mask`), so no input,
+however unlike the training images, makes a decoder loop on a word or a phrase.
 """
 
 from __future__ import annotations
@@ -111,12 +116,32 @@ def repeated_trigram_mask(tokens: Array, t: Array, vocab_size: int) -> Array:
     return counts > 0
 
 
+def repeat_mask(tokens: Array, t: Array, vocab_size: int) -> Array:
+    """Words that `block_repeats` forbids at step t: tokens [N, T] (words at positions < t) ->
+    [N, V] bool, True for a word that would repeat a trigram or be said a third time in a row."""
+    blocked = repeated_trigram_mask(tokens, t, vocab_size)
+    last2 = jnp.take(tokens, jnp.maximum(t - 2, 0), axis=1)
+    last1 = jnp.take(tokens, jnp.maximum(t - 1, 0), axis=1)
+    twice = jnp.where((t >= 2) & (last1 == last2), last1, -1)  # [N]: the word said twice, or -1.
+    return blocked | (jnp.arange(vocab_size)[None, :] == twice[:, None])
+
+
+NEVER_EMITTED = (text.PAD_ID, text.START_ID, text.UNK_ID)
+
+
+def mask_never_emitted(scores: Array) -> Array:
+    """[..., V] logits or log-probabilities -> the same with `<pad>`, `<start>`, `<unk>` at -inf."""
+    never = jnp.isin(jnp.arange(scores.shape[-1]), jnp.asarray(NEVER_EMITTED))
+    return jnp.where(never, -jnp.inf, scores.astype(jnp.float32))
+
+
 def greedy_decode(
     model: nnx.Module, features: Array, max_len: int, block_repeats: bool = False
 ) -> DecodeOutput:
     """Most likely word at each step. features [B, ...] -> DecodeOutput.
 
-    block_repeats: never emit a word that repeats a trigram of the caption so far.
+    block_repeats: never emit a word that repeats a trigram of the caption so far or is said a
+    third time in a row (`repeat_mask`). `logprobs` are the model's, unmasked.
     """
     batch = features.shape[0]
     context, state = model.init_decode(features, max_len)
@@ -130,10 +155,10 @@ def greedy_decode(
         t, tokens, prev, state, logps, finished, attention = carry
         state, logits, attn = model.decode_step(context, state, prev)
         log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))
-        allowed = log_probs
+        allowed = mask_never_emitted(log_probs)
         if block_repeats:
-            blocked = repeated_trigram_mask(tokens, t, log_probs.shape[-1])
-            allowed = jnp.where(blocked, -jnp.inf, log_probs)
+            blocked = repeat_mask(tokens, t, log_probs.shape[-1])
+            allowed = jnp.where(blocked, -jnp.inf, allowed)
         word = jnp.argmax(allowed, axis=-1).astype(jnp.int32)
         word = jnp.where(finished, text.PAD_ID, word)
         logp = jnp.where(finished, 0.0, jnp.take_along_axis(log_probs, word[:, None], 1)[:, 0])
@@ -167,7 +192,8 @@ def beam_search_beams(
 ) -> Beams:
     """Beam search keeping all K hypotheses. features [B, ...] -> `Beams` (best first).
 
-    block_repeats: no hypothesis is extended by a word that repeats one of its trigrams.
+    block_repeats: no hypothesis is extended by a word that repeats one of its trigrams or is
+    said a third time in a row (`repeat_mask`).
     """
     check_positive("beam_size", beam_size)
     check_positive("max_len", max_len)
@@ -189,10 +215,10 @@ def beam_search_beams(
     def body(carry):
         t, prev, state, tokens, logps, attention, logp_sum, lengths, finished = carry
         state, logits, attn = model.decode_step(context, state, prev.reshape(-1))
-        log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))
+        log_probs = mask_never_emitted(jax.nn.log_softmax(logits.astype(jnp.float32)))
         if block_repeats:
             flat_tokens = tokens.reshape(batch * beams, max_len)
-            blocked = repeated_trigram_mask(flat_tokens, t, vocab_size)
+            blocked = repeat_mask(flat_tokens, t, vocab_size)
             log_probs = jnp.where(blocked, -jnp.inf, log_probs)
         log_probs = log_probs.reshape(batch, beams, vocab_size)
         step_logp = jnp.where(finished[..., None], pad_only, log_probs)  # [B, K, V]
@@ -299,8 +325,9 @@ def sample_decode(
     sampled from, softmax(logits / temperature) (renormalized over the top_k words when
     top_k > 0), 0 after `<end>`. They are computed from the logits without stop_gradient, so
     `jax.grad` of a function of them reaches the parameters (REINFORCE / self-critical training);
-    top_k=1 gives the greedy captions. block_repeats: words that would repeat a trigram of the
-    caption are excluded from the distribution.
+    top_k=1 gives the greedy captions. `<pad>`, `<start>` and `<unk>` are never drawn (their
+    logits are masked first, so the distribution is renormalized without them); block_repeats:
+    words that `repeat_mask` forbids are excluded too.
     """
     check_positive("max_len", max_len)
     check_sampling(temperature, top_k)
@@ -311,9 +338,9 @@ def sample_decode(
     def step(carry, t):
         prev, state, finished, tokens = carry
         state, logits, attn = model.decode_step(context, state, prev)
+        logits = mask_never_emitted(logits)
         if block_repeats:
-            blocked = repeated_trigram_mask(tokens, t, logits.shape[-1])
-            logits = jnp.where(blocked, -jnp.inf, logits.astype(jnp.float32))
+            logits = jnp.where(repeat_mask(tokens, t, logits.shape[-1]), -jnp.inf, logits)
         cand_logp, cand_ids = _sample_step_distribution(logits, temperature, top_k)
         choice = jax.random.categorical(jax.random.fold_in(key, t), cand_logp, axis=-1)
         logp = jnp.take_along_axis(cand_logp, choice[:, None], axis=1)[:, 0]

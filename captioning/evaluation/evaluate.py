@@ -22,6 +22,7 @@ from absl import logging
 from captioning.data.prepare import PreparedData, prepare_data
 from captioning.decoding import decode
 from captioning.evaluation import metrics
+from captioning.evaluation.novelty import Novelty
 from captioning.run_dir import Inference, RunDir
 
 _TERM = re.compile(r"^\s*(?:([0-9.eE+-]+)\s*\*\s*)?([A-Za-z_][A-Za-z0-9_]*)\s*$")
@@ -94,9 +95,10 @@ def evaluate(
     """Decodes `split` with the best checkpoint and `config.decode`, scores it, writes reports.
 
     Writes workdir/eval/<split>_<report_name>.json (metrics, per-image scores, decoding settings,
-    step, captions), appends a row to workdir/results.md and draws workdir/samples.png. Several
-    splits share one restored `inference` and the jitted `decoders` ({method: fn}, filled as
-    needed) so the second split compiles nothing.
+    step, captions, the share of images flagged unlike the training images: `novelty`), appends
+    a row to workdir/results.md and draws workdir/samples.png. Several splits share one restored
+    `inference` and the jitted `decoders` ({method: fn}, filled as needed) so the second split
+    compiles nothing.
     """
     run = RunDir(workdir)
     workdir = run.path
@@ -135,6 +137,9 @@ def evaluate(
     )
     scores = metrics.score(split_captions, config.data.dataset)
     scored = split_captions.pycocoevalcap  # Per-image scores and skipped metrics.
+    distance = Novelty.for_data(workdir, data, write=writes_files())
+    distances = distance.score_rows(data.features, rows)
+    novelty = distance.describe(distances)
     report = {
         "split": split,
         "step": int(step),
@@ -149,14 +154,20 @@ def evaluate(
         "metrics": scores,
         "skipped_metrics": scored.get("skipped", {}),
         "decode_seconds": decode_seconds,
+        # Images farther from the training images than the validation split's 99th percentile.
+        "novelty": {
+            "flagged_share": float(distance.flagged(distances).mean()),
+            "threshold": distance.threshold,
+        },
         "captions": [
             {
                 "image_id": r.image_id,
                 "caption": c,
                 "references": list(r.captions),
                 "scores": scored["per_image"].get(r.image_id, {}),
+                "novelty": n,
             }
-            for r, c in zip(records, captions, strict=True)
+            for r, c, n in zip(records, captions, novelty, strict=True)
         ],
     }
     if not writes_files():  # Every process decodes alike; the first one reports.
@@ -175,7 +186,8 @@ def evaluate(
     run.append_results_row(row, columns + metrics.columns(config.data.dataset))
     shown = ", ".join(f"{k} {v:.4f}" for k, v in report["metrics"].items())
     logging.info(
-        "Evaluated %s (%s, step %d, epoch %s chosen by %s = %s): %s",
+        "Evaluated %s (%s, step %d, epoch %s chosen by %s = %s): %s; %.1f %% of its images "
+        "unlike the training images (beyond the validation split's 99th percentile)",
         split,
         name,
         step,
@@ -183,6 +195,7 @@ def evaluate(
         config.train.val_metric,
         progress.get("best_metric"),
         shown,
+        100 * report["novelty"]["flagged_share"],
     )
     _draw_samples(
         config, workdir, split, data, records, rows, captions, decoded, inference, decoders
@@ -191,9 +204,9 @@ def evaluate(
 
 
 def report_name(decode_config) -> str:
-    """The stem of a decoding's report files: `decode.method`, plus '_blocked' when
-    `decode.block_repeats` is on (so the two never overwrite each other)."""
-    return decode_config.method + ("_blocked" if decode_config.block_repeats else "")
+    """The stem of a decoding's report files: `decode.method`, plus '_unblocked' when
+    `decode.block_repeats` (the default) is off (so the two never overwrite each other)."""
+    return decode_config.method + ("" if decode_config.block_repeats else "_unblocked")
 
 
 def method_decoder(decoders: dict, graphdef, decode_config, method: str, stats) -> decode.DecodeFn:

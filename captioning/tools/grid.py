@@ -157,8 +157,8 @@ def apply_overrides(
 
 
 def method_label(decode_config: ml_collections.ConfigDict) -> str:
-    """'greedy', 'beam3', 'beam3_lp0.7' or 'sample_t0.7_k5'; '_blocked' appended when
-    `decode.block_repeats` is on."""
+    """'greedy', 'beam3', 'beam3_lp0.7' or 'sample_t0.7_k5'; '_unblocked' appended when
+    `decode.block_repeats` is off."""
     method = decode_config.method
     label = str(method)
     if method == "beam":
@@ -167,7 +167,7 @@ def method_label(decode_config: ml_collections.ConfigDict) -> str:
     elif method == "sample":
         label = f"sample_t{decode_config.temperature:g}_k{decode_config.top_k}"
     # As evaluate.report_name names the report files (not imported: it brings JAX).
-    return label + ("_blocked" if decode_config.block_repeats else "")
+    return label + ("" if decode_config.block_repeats else "_unblocked")
 
 
 # ---------------------------------------------------------------------------------------------

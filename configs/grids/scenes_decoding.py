@@ -1,5 +1,6 @@
-"""One cell, the config itself, decoded three ways from the same checkpoint: greedy, greedy with
-repeated trigrams blocked, and beam 3. With --seeds, the README's results table:
+"""One cell, the config itself, decoded three ways from the same checkpoint: greedy (repeats
+blocked, the default), greedy as the model says it (`block_repeats` off), and beam 3. With
+--seeds, the README's results table:
 
     python -m captioning.tools.grid --config=configs/scenes.py \
         --grid=configs/grids/scenes_decoding.py --seeds=0,1,2,3,4 --workdir=runs/seeds
@@ -7,7 +8,7 @@ repeated trigrams blocked, and beam 3. With --seeds, the README's results table:
 
 METHODS = [
     {"decode.method": "greedy"},
-    {"decode.method": "greedy", "decode.block_repeats": True},
+    {"decode.method": "greedy", "decode.block_repeats": False},
     {"decode.method": "beam", "decode.beam_size": 3},
 ]
 
