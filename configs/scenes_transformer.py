@@ -3,10 +3,20 @@ words and cross-attention over the 4x4 feature grid with learned 2-D positions.
 
     python main.py --config=configs/scenes_transformer.py --workdir=runs/scenes_transformer
 
-Same data, features (ResNet50 conv2_block3_out, 4x4 grid), word weights, schedule length and
-checkpoint choice as configs/scenes.py; only the decoder and its optimiser settings differ.
+Same data, features (ResNet50 conv2_block3_out, 4x4 grid), word weights, 11 epochs, no dropout
+and checkpoint choice as configs/scenes.py; only the decoder and its learning rate differ. d_model
+128 (2 blocks, 4 heads, MLP 512) keeps the step near the default LSTM's cost.
 
-Result: not measured yet.
+Result (2 CPU cores, AMD EPYC with AVX-512, shared with other jobs, load average 12-17; test split,
+greedy; mean +- std over seeds 0-1; chosen epochs 9 and 10 of 11): attribute accuracy 0.935 +-
+0.002, relation accuracy 0.909 +- 0.008, CIDEr 3.17 +- 0.02, BLEU-4 0.632 +- 0.005, METEOR 0.409
++- 0.001; test_perturbed attribute accuracy 0.862 +- 0.021, relation 0.889 +- 0.011. Seed 0, beam
+3: 0.960 / 0.905 / CIDEr 3.38. Against the default (seeds 0-4): relations +0.14, attributes level,
+perturbed attributes -0.045. 32 minutes a run on the loaded machine; the step costs 1.0-1.3x the
+default's under the same load, so about 4.5-5.5 minutes on an idle one (not measured idle).
+The issue's goals: relation >= 0.85 met; attribute >= 0.96 and perturbed >= 0.93 not yet.
+
+configs/notes/scenes.md, "Transformer": per-seed figures, the errors, and what was tried.
 """
 
 from configs import scenes
@@ -16,12 +26,12 @@ def get_config():
     config = scenes.get_config()
     config.model.decoder = "transformer"  # captioning/models/transformer.py
     config.model.feed_dim = 0  # A merge_attention option.
-    config.model.hidden_size = 128  # d_model: as fast a step as the default's LSTM.
+    config.model.hidden_size = 128  # d_model: about the default LSTM's step cost.
     config.model.embed_dim = 128  # = d_model: no projection of the word vectors.
     config.model.num_layers = 2  # Decoder blocks.
     config.model.num_heads = 4  # Heads of 32.
     config.model.mlp_dim = 512  # 4 x d_model.
-    config.model.dropout = 0.1  # On the memory, the word inputs and every residual branch.
+    config.model.dropout = 0.0  # As the default (configs/notes/scenes.md, "Transformer").
     config.train.learning_rate = 1e-3  # Adam peak for a pre-LN Transformer.
     config.train.warmup_steps = 200  # Linear warm-up steps.
     return config
