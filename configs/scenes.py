@@ -70,7 +70,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.model = ml_collections.ConfigDict()
     # merge (the Keras notebook's) | merge_attention (merge + attention at the output, Lu et al.
-    # 2017) | inject (Show and Tell) | attention (Show, Attend and Tell).
+    # 2017) | inject (Show and Tell) | attention (Show, Attend and Tell) | transformer.
     config.model.decoder = "merge_attention"
     config.model.embed_dim = 200  # Word embedding size.
     config.model.hidden_size = 256  # LSTM state and image projection size.
@@ -86,9 +86,16 @@ def get_config() -> ml_collections.ConfigDict:
     # here: it pulls attention towards uniform, configs/scenes_attention.py).
     config.model.attention_reg = 0.0
     config.model.attention_dim = 32  # Attention decoders: hidden size of the attention MLP.
-    config.model.attention_positions = True  # Attention decoders: add (row, col) to each cell.
+    config.model.attention_positions = True  # Attention decoders, transformer: cell positions.
     config.model.feed_dim = 32  # merge_attention: LSTM reads an F-dim summary of the last lookup.
     config.model.dtype = "float32"  # float32 | bfloat16 matmuls (state, loss, optimizer stay fp32).
+    # Transformer only (other decoders ignore these four; hidden_size is its d_model): blocks,
+    # attention heads (hidden_size / num_heads each), MLP width (0 = 4 x hidden_size), and the
+    # word and 2-D grid positions, learned tables | sinusoidal.
+    config.model.num_layers = 2  # Transformer: decoder blocks.
+    config.model.num_heads = 4  # Transformer: attention heads per block.
+    config.model.mlp_dim = 0  # Transformer: MLP hidden size (0 = 4 x hidden_size).
+    config.model.positions = "learned"  # Transformer: learned | sinusoidal positions.
 
     config.train = ml_collections.ConfigDict()
     config.train.num_epochs = 11  # Passes over the training captions.

@@ -5,7 +5,8 @@
         --config.scst.init_from=runs/scenes
 
 `:merge` fine-tunes a configs/scenes_merge.py run instead (the Keras notebook's merge decoder):
-`--config=configs/scenes_scst.py:merge --config.scst.init_from=runs/scenes_merge`.
+`--config=configs/scenes_scst.py:merge --config.scst.init_from=runs/scenes_merge`; `:transformer`
+a configs/scenes_transformer.py run.
 Data, features and decoder must be the starting run's (captioning/training/scst.py refuses others).
 
 Result (the README's Results table; 2 CPU cores, AMD EPYC with AVX-512; test split, greedy,
@@ -22,11 +23,11 @@ configs/notes/scst.md: per-seed figures, runs from earlier defaults, what SCST d
 captions, and rewards that weigh in the accuracies.
 """
 
-from configs import scenes, scenes_merge
+from configs import scenes, scenes_merge, scenes_transformer
 
 
 def get_config(start: str | None = None):
-    bases = {"default": scenes, "merge": scenes_merge}
+    bases = {"default": scenes, "merge": scenes_merge, "transformer": scenes_transformer}
     start = start or "default"
     if start not in bases:
         raise ValueError(f"configs/scenes_scst.py:{start}: use one of {sorted(bases)}.")

@@ -16,6 +16,7 @@ NAMES = sorted(
     if name.endswith(".py") and name not in ("__init__.py", "run.py")  # run.py reads a workdir.
 )
 SPATIAL_DECODERS = ("attention", "merge_attention")
+EITHER_DECODERS = ("transformer",)  # Reads a grid or the pooled vector (one location).
 
 
 def _flat(config, prefix=""):
@@ -34,7 +35,8 @@ def test_config_loads_with_matching_features_and_only_base_fields(name):
 
     config = importlib.import_module(f"configs.{name}").get_config()
     spatial = config.encoder.pooling == "none"
-    assert spatial == (config.model.decoder in SPATIAL_DECODERS), name
+    if config.model.decoder not in EITHER_DECODERS:
+        assert spatial == (config.model.decoder in SPATIAL_DECODERS), name
     assert set(_flat(config)) == set(_flat(scenes.get_config())), name
 
 
@@ -63,6 +65,14 @@ def test_backbone_variants_by_argument(backbone, size):
     assert spatial.encoder.layer == ("block5_conv3" if backbone == "vgg16" else "")
     with pytest.raises(ValueError, match="resnet50"):
         flickr8k.get_config("resnet")
+
+
+def test_scst_accepts_every_scenes_decoder():
+    from configs import scenes_scst
+
+    for start, decoder in (("merge", "merge"), ("transformer", "transformer")):
+        assert scenes_scst.get_config(start).model.decoder == decoder
+    assert scenes_scst.get_config().model.decoder == "merge_attention"
 
 
 def test_scenes_configs_differ_only_in_the_decoder_and_its_features():

@@ -6,12 +6,19 @@
 * `merge`: the Keras notebook's model, the image joins the LSTM's output (`merge.py`);
 * `inject`: Show and Tell, the image is the LSTM's first input (`inject.py`);
 * `attention`: Show, Attend and Tell (`show_attend_tell.py`);
-* `merge_attention`: merge with attention at the output over the grid (`merge_attention.py`).
+* `merge_attention`: merge with attention at the output over the grid (`merge_attention.py`);
+* `transformer`: pre-LayerNorm Transformer blocks with cached decoding (`transformer.py`).
 
 Shared pieces: `layers` (matmul helpers, dropout, Dense), `lstm`, `attention`.
 """
 
-from captioning.models import inject, merge, merge_attention, show_attend_tell  # noqa: F401
+from captioning.models import (  # noqa: F401
+    inject,
+    merge,
+    merge_attention,
+    show_attend_tell,
+    transformer,
+)
 from captioning.models.base import (
     DECODERS,
     Decoder,
