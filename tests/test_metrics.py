@@ -1,13 +1,20 @@
-"""Tests for evaluation.metrics on tiny hand-checked examples (one METEOR JVM at most)."""
+"""captioning.evaluation.metrics: the registry, and hand-checked scores (one METEOR JVM at most)."""
 
 import shutil
 
 import pytest
 
+from captioning.data.datasets.base import ImageRecord
 from captioning.evaluation import metrics
 
-JAVA = shutil.which("java") is not None
-NEEDS_JAVA = pytest.mark.skipif(not JAVA, reason="java is not installed (METEOR/PTB need it)")
+
+def _require_java():
+    """METEOR and the PTB tokenizer run on Java: their tests fail, never skip, without it."""
+    assert shutil.which("java"), (
+        "java is not installed: METEOR and the PTB tokenizer need it (Debian: apt-get install "
+        "default-jre-headless, as .ci/run does)"
+    )
+
 
 REFS = {
     "dog": ["A black dog runs on the grass.", "a dog plays outside"],
@@ -109,13 +116,13 @@ def test_spice_skipped_when_jars_are_missing(monkeypatch, tmp_path):
     )
 
 
-@NEEDS_JAVA
 def test_ptb_tokenizer():
+    _require_java()
     assert metrics.tokenize(["A dog, runs!", "", "x ||| y"], "ptb") == ["a dog runs", "", "x y"]
 
 
-@NEEDS_JAVA
 def test_meteor_with_java():
+    _require_java()
     # The only test that starts the METEOR JVM (~10 s). Covers an empty and a hostile hypothesis.
     hyps = {"dog": "a black dog runs on the grass", "cats": "", "bike": "x ||| y\nz"}
     result = metrics.score_captions(REFS, hyps, meteor=True)
@@ -133,21 +140,6 @@ def test_meteor_with_java():
     assert metrics._meteor_scorer() is not jvm
 
 
-def test_append_results_row(tmp_path):
-    path = tmp_path / "sub" / "results.md"
-    columns = ("run", "Bleu_4", "METEOR", "CIDEr")
-    metrics.append_results_row(str(path), {"run": "merge", "Bleu_4": 0.123456, "CIDEr": 1}, columns)
-    metrics.append_results_row(str(path), {"run": "a|b", "Bleu_4": None, "METEOR": 0.2}, columns)
-    assert path.read_text().splitlines() == [
-        "| run | Bleu_4 | METEOR | CIDEr |",
-        "|---|---|---|---|",
-        "| merge | 0.1235 | – | 1 |",
-        "| a\\|b | – | 0.2000 | – |",
-    ]
-    with pytest.raises(ValueError, match="other columns"):
-        metrics.append_results_row(str(path), {"run": "x"}, ("run",))
-
-
 def test_caption_stats_count_repetition_bad_endings_length_and_vocabulary():
     stats = metrics.caption_stats(
         ["a red circle left of a red circle", "square square square", "a blue star with a", ""]
@@ -157,3 +149,41 @@ def test_caption_stats_count_repetition_bad_endings_length_and_vocabulary():
     assert stats["bad_ending_share"] == 0.25  # "... with a".
     assert stats["mean_length"] == (8 + 3 + 5 + 0) / 4
     assert stats["vocabulary_used"] == 9.0
+
+
+def _records(*captions):
+    return [ImageRecord(f"i{k}", "", (c,), "test") for k, c in enumerate(captions)]
+
+
+def test_registry_lists_reference_metrics_then_the_dataset_s_own_then_the_rest():
+    names = [m.name for m in metrics.metrics_for("scenes")]
+    assert names[:10] == [
+        *("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE"),
+        *("attribute_accuracy", "relation_accuracy"),
+    ]
+    assert "repeated_pair_share" in names[10:]
+    assert "attribute_accuracy" not in [m.name for m in metrics.metrics_for("flickr8k")]
+    # results.md's columns: every reference metric (a skipped one shows a dash), the dataset's.
+    assert metrics.columns("flickr8k") == [*names[:8], "repeated_pair_share"]
+    assert metrics.columns("scenes") == [*names[:10], "repeated_pair_share"]
+    assert metrics.columns() == metrics.columns("scenes")  # The grid's: of any dataset.
+    assert list(metrics.caption_scores("scenes")) == ["attribute_accuracy", "relation_accuracy"]
+    assert metrics.caption_scores("flickr8k") == {}
+    with pytest.raises(ValueError, match="already registered"):
+        metrics.register(metrics.Metric("CIDEr", caption_score=lambda c, r: 0.0))
+    with pytest.raises(ValueError, match="split_score or a caption_score"):
+        metrics.Metric("nothing")
+
+
+def test_score_computes_each_metric_once_in_report_order():
+    records = _records("a dog runs on the grass", "two cats sleep")
+    split = metrics.SplitCaptions(records, ["a dog runs", "two cats sleep"], meteor=False)
+    scores = metrics.score(split, "flickr8k")
+    reference = split.pycocoevalcap["scores"]
+    assert list(scores) == [*reference, *metrics.caption_stats(split.captions)]
+    assert scores["CIDEr"] == reference["CIDEr"]
+    assert "METEOR" not in scores and "METEOR" in split.pycocoevalcap["skipped"]
+    # Validation: no caption statistics; logged: the metrics marked so.
+    validation = metrics.score(split, "flickr8k", validation=True)
+    assert list(validation) == list(reference)
+    assert list(metrics.logged(validation, "flickr8k")) == ["Bleu_4", "CIDEr"]

@@ -22,10 +22,6 @@ import numpy as np
 from absl import app, flags
 from PIL import Image, ImageDraw
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A finished run's folder.")
-_NUM_RANDOM = flags.DEFINE_integer("num_random", 100, "Random images besides the listed five.")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the random images.")
-
 ODD_SIZES = ((1, 1), (2, 2), (1, 300), (4000, 300), (300, 4000), (7, 513), (3000, 40), (33, 33))
 KINDS = ("noise", "flat", "gradient", "photo_stats")
 
@@ -163,14 +159,19 @@ def offdist(workdir: str, num_random: int = 100, seed: int = 0) -> dict[str, obj
 
 def main(argv):
     del argv
-    if not _WORKDIR.value:
+    args = flags.FLAGS
+    if not args.workdir:
         raise app.UsageError("--workdir=<a finished run> is required.")
-    report = offdist(_WORKDIR.value, _NUM_RANDOM.value, _SEED.value)
-    run_json = os.path.join(os.path.abspath(_WORKDIR.value), "offdist", "report.json")
+    report = offdist(args.workdir, args.num_random, args.seed)
+    run_json = os.path.join(os.path.abspath(args.workdir), "offdist", "report.json")
     with open(run_json, "w", encoding="utf-8") as f:
         json.dump(report, f, indent=1)
     print(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":
+    # Defined here, not on import: the tests import several tools into one process.
+    flags.DEFINE_string("workdir", None, "A finished run's folder.")
+    flags.DEFINE_integer("num_random", 100, "Random images besides the listed five.")
+    flags.DEFINE_integer("seed", 0, "Seed of the random images.")
     app.run(main)
