@@ -11,6 +11,7 @@ Any config field can be overridden, e.g. `--config.model.hidden_size=512`.
 """
 
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -52,6 +53,16 @@ def _quiet_library_logs():
         return record.levelno >= py_logging.WARNING or not noisy
 
     logging.get_absl_handler().addFilter(keep)
+
+    default_hook = sys.unraisablehook
+
+    def drop_failed_reads(unraisable):
+        # A damaged checkpoint's other reads fail in coroutines Orbax leaves behind; the damage is
+        # said once (faults.DamagedCheckpoint), not as a traceback per array when they are freed.
+        if "_read_array_index_and_device_put" not in repr(unraisable.object):
+            default_hook(unraisable)
+
+    sys.unraisablehook = drop_failed_reads
 
 
 def main(argv):

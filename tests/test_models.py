@@ -147,7 +147,7 @@ def test_bfloat16_matmuls_keep_float32_outputs():
 
 def test_unknown_decoder_and_dtype_raise():
     with pytest.raises(ValueError, match="config.model.decoder"):
-        _model("transformer")
+        _model("no_such_decoder")
     with pytest.raises(ValueError, match="config.model.dtype"):
         _model(dtype="float8")
     with pytest.raises(ValueError, match="config.model.concept_loss=1.0 is an option of the merge"):

@@ -106,9 +106,11 @@ def _sequence_logprob(model, features, words):
 
 
 def test_beam_search_finds_the_brute_force_optimum_on_a_tiny_vocabulary():
-    """Every caption of <= 3 words over 4 ids (ending at `<end>`, or cut at 3 words); a beam of
-    16 = 4^2 keeps every 2-word prefix, so it must find the most likely one."""
-    vocab, max_len = 4, 3
+    """Every caption of <= 3 words over the 4 ids decoding may emit (`<end>` and 3 words; it
+    never emits `search.NEVER_EMITTED`), ending at `<end>` or cut at 3 words; a beam of 16 = 4^2
+    keeps every 2-word prefix, so it must find the most likely one."""
+    vocab, max_len = 7, 3
+    allowed = [i for i in range(vocab) if i not in search.NEVER_EMITTED]
     model = _model((2, 2, 5), vocab=vocab, seed=5, hidden_size=8, num_heads=2, embed_dim=8)
     model.out_proj.kernel[...] = 4.0 * model.out_proj.kernel[...]  # Sharper, distinct scores.
     for image in range(3):
@@ -116,7 +118,7 @@ def test_beam_search_finds_the_brute_force_optimum_on_a_tiny_vocabulary():
         candidates = [
             words
             for n in range(1, max_len + 1)
-            for words in itertools.product(range(vocab), repeat=n)
+            for words in itertools.product(allowed, repeat=n)
             if text.END_ID not in words[:-1] and (n == max_len or words[-1] == text.END_ID)
         ]
         scores = {w: _sequence_logprob(model, features, w) for w in candidates}
@@ -144,13 +146,15 @@ def _decode_config(**changes):
 
 
 def _trigrams(row):
-    words = [int(w) for w in row]  # The caption never ends (<end> is suppressed).
+    words = [int(w) for w in row]
+    if text.END_ID in words:  # Blocking may leave only `<end>`: the caption stops there.
+        words = words[: words.index(text.END_ID)]
     return [tuple(words[i : i + 3]) for i in range(len(words) - 2)]
 
 
 @pytest.mark.parametrize("method", ["greedy", "beam", "sample"])
 def test_jitted_decoding_blocks_repeated_trigrams(method):
-    model = _model(vocab=5, seed=6)  # Few words: long captions must repeat themselves.
+    model = _model(vocab=7, seed=6)  # Three words: long captions would repeat themselves.
     model.out_proj.bias[...] = model.out_proj.bias[...].at[text.END_ID].set(-50.0)
     graphdef, params = nnx.split(model)
     features = _features()
@@ -160,6 +164,7 @@ def test_jitted_decoding_blocks_repeated_trigrams(method):
     for row in np.asarray(out.tokens):
         grams = _trigrams(row)
         assert len(grams) == len(set(grams)), row
+        assert len(grams) >= 5, row  # Long captions, not stopped at once.
 
 
 def test_sampling_reproduces_greedy_at_top_1_and_its_logprobs_have_gradients():
