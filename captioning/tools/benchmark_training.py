@@ -61,10 +61,11 @@ def count_compiles() -> Iterator[list[str]]:
 
 
 def matmul_peak_gflops(dtype: str = "float32", size: int = 2048, repeats: int = 5) -> float:
-    """Best-of-`repeats` [size, size] x [size, size] matmul rate in `dtype` (inputs and output)
-    on the default device, GFLOP/s."""
+    """Best-of-`repeats` [size, size] x [size, size] matmul rate with inputs in `dtype` and a
+    float32 result, the product the decoders run (`models.layers.matmul`), on the default device,
+    GFLOP/s. (A bfloat16 result takes another, slower path on CPUs.)"""
     a = jnp.ones((size, size), dtype)
-    product = jax.jit(lambda x, y: x @ y)
+    product = jax.jit(lambda x, y: jnp.matmul(x, y, preferred_element_type=jnp.float32))
     product(a, a).block_until_ready()
     best = float("inf")
     for _ in range(repeats):
