@@ -11,7 +11,6 @@ config's steps to every later test that builds them again.
 """
 
 import atexit
-import contextlib
 import functools
 import json
 import os
@@ -37,6 +36,7 @@ from flax import nnx  # noqa: E402
 
 from captioning import checkpoint, host, models
 from captioning.data import backbone, text
+from captioning.tools.benchmark_training import EXECUTABLE_EVENTS, count_compiles  # noqa: E402, F401
 from captioning.training import loop  # noqa: E402
 
 host.keep_freed_memory()  # As main.py does: the tests' steps allocate as the users' do.
@@ -80,28 +80,8 @@ def pytest_collection_modifyitems(items):
                 item.add_marker(skip)
 
 
-# An executable is made by compiling it or by reading it from the session's cache.
-EXECUTABLE_EVENTS = (
-    "/jax/core/compile/backend_compile_duration",
-    "/jax/compilation_cache/cache_retrieval_time_sec",
-)
-
-
-@contextlib.contextmanager
-def count_compiles():
-    """Counts executables made inside the block (XLA compilations, or reads of the same from
-    the compilation cache): yields a list that fills up."""
-    events = []
-
-    def listener(name, *_, **__):
-        if name in EXECUTABLE_EVENTS:
-            events.append(name)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        yield events
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
+# The compilation counter the benchmark uses (an executable is made by compiling it or by
+# reading it from the session's cache): the tests re-export it.
 
 
 def saved_params(workdir, which: str = "latest"):

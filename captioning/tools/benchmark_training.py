@@ -36,7 +36,7 @@ from captioning.data.prepare import FeatureStats, PreparedData
 from captioning.training import loop, train
 
 # The events that make an executable: an XLA compilation, or a read of one from the persistent
-# compilation cache (tests/conftest.py counts the same).
+# compilation cache (the tests count with `count_compiles` too).
 EXECUTABLE_EVENTS = (
     "/jax/core/compile/backend_compile_duration",
     "/jax/compilation_cache/cache_retrieval_time_sec",
