@@ -27,11 +27,14 @@ def run_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def image_dir(tmp_path_factory):
-    """3 readable images (png, jpg, bmp), 1 corrupt .jpg and a text file that is ignored."""
+    """3 readable images (png, jpg, bmp) unlike each other, 1 corrupt .jpg and a text file that
+    is ignored."""
     folder = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for name in ("a.png", "b.jpg", "c.bmp"):
-        pixels = rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)
+    noise = np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8)
+    red = np.zeros((48, 64, 3), np.uint8)
+    red[10:30, 20:44, 0] = 255  # A red square on black.
+    white = np.full((48, 64, 3), 255, np.uint8)
+    for name, pixels in (("a.png", noise), ("b.jpg", red), ("c.bmp", white)):
         Image.fromarray(pixels).save(folder / name)
     (folder / "broken.jpg").write_bytes(b"this is not a jpeg")
     (folder / "notes.txt").write_text("not an image")
@@ -69,6 +72,8 @@ def test_caption_is_deterministic_per_image(run_dir, image_dir, tmp_path):
     alone = caption.caption_images(
         config, run_dir, str(image_dir / "b.jpg"), output=str(tmp_path / "b.json")
     )
+    captions = {r["caption"] for r in in_folder if "error" not in r}
+    assert len(captions) > 1, in_folder  # Were all alike, the equality would hold vacuously.
     assert len(alone) == 1 and alone[0]["caption"] == in_folder[1]["caption"]
 
 

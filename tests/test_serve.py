@@ -93,12 +93,22 @@ def _caption(client, path):
 
 def test_api_caption_is_caption_modes(run, client, tmp_path):
     workdir, images = run
-    with count_compiles() as compiles:
-        greedy, beams, elapsed = _caption(client, images[0])
-    assert compiles == []  # Warmed up at start-up.
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, path in enumerate(images[:4]):
+        os.symlink(path, folder / f"{i}.png")  # caption mode sorts by name: 0.png ... 3.png.
     config = RunDir(workdir).config()
-    expected = caption.caption_images(config, workdir, images[0], output=str(tmp_path / "c.json"))
-    assert greedy == expected[0]["caption"] and greedy
+    expected = caption.caption_images(config, workdir, str(folder), output=str(tmp_path / "g.json"))
+    config.decode.method = "beam"
+    beam = caption.caption_images(config, workdir, str(folder), output=str(tmp_path / "b.json"))
+    # The guard: were every image captioned alike, the equalities below would hold vacuously.
+    assert len({r["caption"] for r in expected}) > 1, expected
+    with count_compiles() as compiles:
+        answers = [_caption(client, folder / f"{i}.png") for i in range(4)]
+    assert compiles == []  # Warmed up at start-up.
+    assert [greedy for greedy, _, _ in answers] == [r["caption"] for r in expected]
+    assert [beams[0][1] for _, beams, _ in answers] == [r["caption"] for r in beam]
+    _, beams, elapsed = answers[0]
     assert len(beams) == config.decode.beam_size  # Every hypothesis, best first.
     assert [row[0] for row in beams] == [1, 2, 3]
     assert all(isinstance(row[1], str) and row[2] <= 0 for row in beams)
