@@ -254,15 +254,19 @@ ATTENTION_MODEL = {
 MERGE_ATTENTION_MODEL = {**SEED_MODEL, "decoder": "merge_attention", "attention_dim": 256}
 
 
-def attention_mflop_per_target(model_config, vocab_size: int, locations: int, channels: int):
+def attention_mflop_per_target(
+    model_config, vocab_size: int, locations: int, channels: int, words_per_caption: float
+):
     """Matmul MFLOP per trained word of Show-Attend-Tell (forward + backward, 2 x 3 per
     multiply-add): the word, state and context gate inputs, the attention query, scores and
-    weighted sum over the locations, the deep output and the output layer (the per-image keys
-    are left out: about 1/T of the rest)."""
+    weighted sum over the locations, the deep output and the output layer; and, shared by the
+    `words_per_caption` words of a caption, its keys and initial state from the features (2 x 2:
+    the features take no gradient)."""
     e, h, a = model_config.embed_dim, model_config.hidden_size, model_config.attention_dim
     per_word = e * 4 * h + h * 4 * h + channels * 4 * h + h * a + locations * (a + channels)
     per_word += h * e + channels * e + e * vocab_size
-    return 6 * per_word / 1e6
+    per_caption = locations * channels * a + 2 * channels * h
+    return (6 * per_word + 4 * per_caption / words_per_caption) / 1e6
 
 
 SHORT = {"float32": "f32", "bfloat16": "bf16"}
@@ -332,7 +336,7 @@ def benchmark_spatial(tokenized, seconds: float, results: dict) -> dict:
             {**ATTENTION_MODEL, "dtype": dtype}, SEED_TRAIN, batch_size=64, num_buckets=10,
             log_every=FLAGS.log_every,
         )  # fmt: skip
-        (row, _, _), peak = with_peak(
+        (row, phase, _), peak = with_peak(
             results, name, dtype, lambda c=config: bt.timed_row(c, data, seconds, warmup_steps=20)
         )
         figures[f"{name}_train_targets_per_s"] = row["train_targets_per_s"]
@@ -344,7 +348,10 @@ def benchmark_spatial(tokenized, seconds: float, results: dict) -> dict:
         if rss_measured and dtype == "float32":
             figures["attention_peak_rss_gb"] = round(bt.peak_rss_since_reset_gb(), 2)
     figures["attention_mflop_per_target"] = round(
-        attention_mflop_per_target(config.model, len(vocab), 64, 2048), 1
+        attention_mflop_per_target(
+            config.model, len(vocab), 64, 2048, phase.train_batches.data.lengths.mean()
+        ),
+        1,
     )
     return figures
 
