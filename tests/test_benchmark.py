@@ -159,3 +159,22 @@ def test_disk_row_on_a_tiny_store_reads_what_the_cache_lacks():
     assert figures["coco_disk_device_train_targets_per_s"] > 0
     assert figures["coco_disk_cached_share"] < 0.2  # Evicted when the timing started.
     assert figures["coco_disk_vs_device"] > 0 and figures["coco_disk_store_gb"] > 0
+
+
+def test_profile_sums_the_innermost_xla_ops_by_kind(tmp_path):
+    from captioning.tools import profile_ops
+
+    assert profile_ops.op_kind("ynn_fusion") == profile_ops.op_kind("dot.3") == "products"
+    assert profile_ops.op_kind("copy.6") == profile_ops.op_kind("transpose.1") == "movement"
+    assert profile_ops.op_kind("wrapped_tanh") == "other"
+
+    def loop(x, w):  # Products inside a loop: the loop's own event must not count twice.
+        return jax.lax.fori_loop(0, 8, lambda i, h: jnp.tanh(h @ w), x)
+
+    fn = jax.jit(loop)
+    x, w = jnp.ones((256, 256)), jnp.full((256, 256), 0.01)
+    fn(x, w).block_until_ready()
+    out, seconds, wall = profile_ops.traced(lambda: fn(x, w))
+    assert out.shape == (256, 256) and set(seconds) == {"products", "movement", "other"}
+    assert seconds["products"] > seconds["other"] > 0  # 8 products of 2 x 256^3 FLOPs each.
+    assert sum(seconds.values()) <= wall * 1.05

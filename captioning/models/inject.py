@@ -70,5 +70,5 @@ class InjectDecoder(Decoder):
 
     def decode_step(self, context: Array, state: Any, tokens: Array) -> tuple[Any, Array, Array]:
         """tokens [B] -> (state, logits [B, V], attention [B, 0])."""
-        state = self.lstm.cell(state, self.lstm.project_inputs(self.embed(tokens)))
+        state = self.lstm.cell(state, self.lstm.step_words(self.embed.embedding[...], tokens))
         return state, self.out_proj(state[0]), jnp.zeros((tokens.shape[0], 0), jnp.float32)

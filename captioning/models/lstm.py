@@ -60,6 +60,13 @@ class LSTM(nnx.Module):
             return jnp.take(self.project_inputs(table), tokens, axis=0)
         return self.project_inputs(jnp.take(table, tokens, axis=0))
 
+    def step_words(self, embedding: Array, tokens: Array) -> Array:
+        """The words' input part of the gates in a decoding step: embedding [V, E], tokens [B]
+        -> [B, 4H], gathered from the projected vocabulary [V, 4H]. Inside decoding's while
+        loop the table does not change, so XLA hoists its product out of the loop: each step
+        then gathers rows instead of multiplying [B, E] x [E, 4H]."""
+        return jnp.take(self.project_inputs(embedding), tokens, axis=0)
+
     def cell(self, state: tuple[Array, Array], gates_in: Array) -> tuple[Array, Array]:
         """One step from projected inputs [B, 4H]; returns the new (h, c)."""
         h, c, _ = _lstm_step(self.w_rec[...], state, gates_in, self.dtype)

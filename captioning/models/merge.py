@@ -103,7 +103,7 @@ class MergeDecoder(Decoder):
 
     def decode_step(self, context: Array, state: Any, tokens: Array) -> tuple[Any, Array, Array]:
         """tokens [B] -> (state, logits [B, V], attention [B, 0])."""
-        state = self.lstm.cell(state, self.lstm.project_inputs(self.embed(tokens)))
+        state = self.lstm.cell(state, self.lstm.step_words(self.embed.embedding[...], tokens))
         logits = self.out_proj(self._pre_logits(context, state[0]))
         return state, logits, jnp.zeros((tokens.shape[0], 0), jnp.float32)
 

@@ -279,7 +279,7 @@ class MergeAttentionDecoder(GridAttentionDecoder):
         """tokens [B] -> (state, logits [B, V] float32, attention [B, L] of this word)."""
         pooled, attention_context, feed_values = context
         h, c, alpha_prev = state
-        gates = self.lstm.project_words(self.embed.embedding[...], tokens, 0.0, None, False)
+        gates = self.lstm.step_words(self.embed.embedding[...], tokens)
         if feed_values is not None:
             gates = gates + self._feed(feed_values, alpha_prev)
         h, c = self.lstm.cell((h, c), gates)

@@ -95,35 +95,38 @@ def benchmark_serve(workdir: str, requests: int = 64, threads: int = 16) -> dict
             captioner.close()
 
 
-def benchmark_decoding(graphdef, params, num_images, max_len):
-    """Greedy and beam-3 captions per second on random features (second call, compiled).
-
-    `<end>` is made impossible, so every caption runs the full `max_len` words: the worst case,
-    and a figure that does not depend on what the briefly trained decoder happens to say.
-    """
-    features = jnp.asarray(np.random.default_rng(1).normal(size=(num_images, 2048)), jnp.float32)
+def without_end(params):
+    """The merge decoder's parameters with `<end>` made impossible (its output bias -1e9), so
+    that every caption runs the full length: the worst case, and a figure that does not depend
+    on what a briefly trained decoder happens to say."""
     bias = params["out_proj"]["bias"]
-    params = {
-        **params,
-        "out_proj": {
-            **params["out_proj"],
-            "bias": bias.replace(bias[...].at[text.END_ID].set(-1e9)),
-        },
-    }
+    end_bias = bias.replace(bias[...].at[text.END_ID].set(-1e9))
+    return {**params, "out_proj": {**params["out_proj"], "bias": end_bias}}
+
+
+def decode_config(method: str, max_len: int) -> ml_collections.ConfigDict:
+    """The decoding fields of the benchmark's rows (beam 3; repeats not blocked, as the peer)."""
+    return ml_collections.ConfigDict(
+        {
+            "method": method,
+            "max_len": max_len,
+            "beam_size": 3,
+            "length_penalty": 0.0,
+            "temperature": 1.0,
+            "top_k": 0,
+            "block_repeats": False,
+        }
+    )
+
+
+def benchmark_decoding(graphdef, params, num_images, max_len):
+    """Greedy and beam-3 captions per second on random features (second call, compiled), every
+    caption `max_len` words long (`without_end`)."""
+    features = jnp.asarray(np.random.default_rng(1).normal(size=(num_images, 2048)), jnp.float32)
+    params = without_end(params)
     figures = {}
     for name, method in (("greedy", "greedy"), ("beam", "beam")):
-        config = ml_collections.ConfigDict(
-            {
-                "method": method,
-                "max_len": max_len,
-                "beam_size": 3,
-                "length_penalty": 0.0,
-                "temperature": 1.0,
-                "top_k": 0,
-                "block_repeats": False,
-            }
-        )
-        fn = decode.decode_fn(graphdef, config)
+        fn = decode.decode_fn(graphdef, decode_config(method, max_len))
         key = jax.random.key(0)
         jax.block_until_ready(fn(params, features, key))
         start = time.perf_counter()
