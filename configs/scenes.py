@@ -133,6 +133,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.scst.learning_rate = 5e-5  # Adam learning rate (constant).
     config.scst.num_epochs = 5  # Passes over the training images.
     config.scst.batch_size = 50  # Images per step (x num_samples captions).
+    # Weight beta of the penalty for straying from the starting model: each sample's reward less
+    # beta x log(p / p_start) of its words, an estimate of KL(policy || start) (0 = off).
+    config.scst.kl_weight = 0.0
 
     config.decode = ml_collections.ConfigDict()
     config.decode.method = "greedy"  # greedy | beam | sample

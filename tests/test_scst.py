@@ -9,7 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import saved_params, sigkill_then_resume
+from flax import nnx
 
+from captioning import models
 from captioning.data import text
 from captioning.data.datasets.base import ImageRecord
 from captioning.training import rewards, scst, train
@@ -212,3 +214,41 @@ def test_a_tiny_scst_run_raises_its_mean_reward(xe_run):
     history = json.loads((root / "rising" / "history.json").read_text())
     rewards_by_epoch = [h["train_reward"] for h in history[1:]]
     assert np.mean(rewards_by_epoch[-2:]) > rewards_by_epoch[0], rewards_by_epoch
+
+
+def test_log_ratio_to_the_reference_is_zero_at_the_start_and_the_logp_difference_after():
+    model_config = test_config.get_config().model
+    model_config.decoder, model_config.feed_dim = "merge", 0
+    model = models.create_model(model_config, 8, (16,), rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model)
+    log_ratio = jax.jit(scst.make_log_ratio(graphdef, num_samples=2))
+    features = jnp.asarray(np.random.default_rng(0).normal(size=(3, 16)), jnp.float32)
+    tokens = jnp.asarray([[4, 5, END, 0], [5, 5, 4, 4]] * 3)
+    np.testing.assert_array_equal(log_ratio(params, params, features, tokens), np.zeros(6))
+    shifted = jax.tree.map(lambda x: x, params)
+    bias = shifted["out_proj"]["bias"]
+    shifted["out_proj"]["bias"] = bias.replace(bias[...].at[4].add(1.0))
+    ratio = np.asarray(log_ratio(shifted, params, features, tokens))
+    assert ratio.shape == (6,) and np.all(ratio != 0)
+    assert np.all(ratio[1::2] > ratio[0::2])  # The second sample says word 4 twice, the first once.
+
+
+def test_kl_penalty_keeps_the_policy_nearer_the_starting_model(xe_run):
+    xe_config, xe_dir, root = xe_run
+    distances, kls = {}, {}
+    for beta in (0.0, 3.0):
+        config = _scst_config(xe_config, xe_dir, epochs=3)
+        config.scst.learning_rate = 3e-3
+        config.scst.kl_weight = beta
+        scst.train_and_evaluate(config, str(root / f"kl{beta}"))
+        _, start = saved_params(xe_dir)
+        _, end = saved_params(root / f"kl{beta}", "latest")
+        distances[beta] = float(
+            sum(np.sum((np.asarray(a) - np.asarray(b)) ** 2) for a, b in
+                zip(jax.tree.leaves(start), jax.tree.leaves(end), strict=True))
+        )  # fmt: skip
+        history = json.loads((root / f"kl{beta}" / "history.json").read_text())
+        kls[beta] = [h["train_kl"] for h in history[1:]]
+    assert kls[0.0] == [0.0] * 3  # Not computed when off.
+    assert all(np.isfinite(kls[3.0]))
+    assert distances[3.0] < distances[0.0], distances

@@ -12,7 +12,10 @@ training images and, per image:
 2. scores each with CIDEr-D against the image's references, with document frequencies computed
    once from all training references (`rewards.CiderD`). As in ruotianluo/self-critical.pytorch,
    `<end>` is part of every candidate and reference, so ending a caption well is rewarded and
-   ending it early ("a red circle and a") is not;
+   ending it early ("a red circle and a") is not; with `scst.kl_weight` beta > 0, each sample's
+   reward loses beta x log(p / p_start) of its words (teacher-forced under the policy and the
+   starting model), a sampled estimate of KL(policy || start): a penalty for straying from the
+   cross-entropy model (as in RLHF), which keeps what SCST does not reward from drifting;
 3. subtracts a baseline: `mean`, the mean reward of the image's *other* samples (the "new
    self-critical" variant; the advantages of an image then sum to zero), or `greedy`, the reward of
    the image's greedy caption (Rennie et al.);
@@ -203,6 +206,27 @@ def make_steps(
     return sample, update
 
 
+def make_log_ratio(graphdef: nnx.GraphDef, num_samples: int, stats=None):
+    """-> log_ratio(params, reference, features [B, ...], tokens [B * num_samples, T]) -> [B *
+    num_samples]: each sample's summed log-probability under `params` minus under `reference`
+    (up to and including its end). Its mean over samples estimates KL(policy || reference)."""
+
+    def summed_logp(params, features, tokens):
+        model = nnx.merge(graphdef, params)
+        features = jnp.repeat(features, num_samples, axis=0)
+        features = features if stats is None else stats.apply(features)
+        start = jnp.full((tokens.shape[0], 1), text.START_ID, tokens.dtype)
+        logits, _ = model(features, jnp.concatenate([start, tokens[:, :-1]], axis=1))
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32))
+        picked = jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0]
+        return jnp.sum(picked * sequence_mask(tokens), axis=1)
+
+    def log_ratio(params, reference, features, tokens):
+        return summed_logp(params, features, tokens) - summed_logp(reference, features, tokens)
+
+    return log_ratio
+
+
 def check_init_run(config: ml_collections.ConfigDict, init_dir: str) -> ml_collections.ConfigDict:
     """The config of the run SCST starts from; refuses one whose data, features or decoder
     differ from `config` (naming the fields)."""
@@ -249,11 +273,13 @@ def _image_batches(num_images: int, batch_size: int, seed: int, epoch: int):
 
 @dataclasses.dataclass
 class ScstStats(loop.StepStats):
-    """Sums over steps of the images' mean sampled reward and baseline, the policy loss, and the
-    seconds spent computing rewards on the host."""
+    """Sums over steps of the images' mean sampled reward and baseline, the samples' mean
+    log-probability ratio to the starting model (`kl`), the policy loss, and the seconds spent
+    computing rewards on the host."""
 
     reward: float = 0.0
     baseline: float = 0.0
+    kl: float = 0.0
     loss: float = 0.0
     reward_seconds: float = 0.0
     steps: int = 0
@@ -261,6 +287,7 @@ class ScstStats(loop.StepStats):
     def add(self, stats: dict[str, Any]) -> None:
         self.reward += stats["reward"]
         self.baseline += stats["baseline"]
+        self.kl += stats["kl"]
         self.loss += float(stats["loss"])
         self.reward_seconds += stats["reward_seconds"]
         self.steps += 1
@@ -274,6 +301,7 @@ class ScstStats(loop.StepStats):
         return {
             "train_reward": self.reward / steps,
             "train_baseline": self.baseline / steps,
+            "train_kl": self.kl / steps,
             "train_loss": self.loss / steps,
             "train_reward_share": self.reward_seconds / max(seconds, 1e-9),
         }
@@ -290,7 +318,11 @@ class ScstPhase(loop.Phase):
     finite = ("loss", "grad_norm")
     remedies = ("scst.learning_rate", "train.grad_clip")
 
-    def __init__(self, config, data: PreparedData, graphdef, tx, reward_fn, greedy_fn, mesh=None):
+    def __init__(
+        self, config, data: PreparedData, graphdef, tx, reward_fn, greedy_fn, mesh=None,
+        reference=None,
+    ):  # fmt: skip
+        """reference: the starting model's parameters, for `scst.kl_weight` > 0."""
         scst = config.scst
         self.config, self.data, self.reward_fn, self.greedy_fn = config, data, reward_fn, greedy_fn
         self.num_samples, self.baseline = int(scst.num_samples), scst.baseline
@@ -305,6 +337,15 @@ class ScstPhase(loop.Phase):
         self.sample_fn = jax.jit(sample_fn)
         self.update_fn = jax.jit(update_fn, donate_argnums=(0, 1))
         self.base_key = jax.random.key(config.seed)
+        self.kl_weight = float(scst.get("kl_weight", 0.0))
+        if self.kl_weight < 0:
+            raise ValueError(f"config.scst.kl_weight={self.kl_weight}: use 0 (off) or more.")
+        if self.kl_weight > 0:
+            if reference is None:
+                raise ValueError("config.scst.kl_weight > 0 needs the starting model (reference).")
+            # A copy: the update donates the parameters' buffers, which placing may share.
+            self.reference = jax.tree.map(jnp.copy, self.place(reference))
+            self.log_ratio_fn = jax.jit(make_log_ratio(graphdef, self.num_samples, data.stats))
 
     def place(self, tree):
         return parallel.replicate(tree, self.mesh)
@@ -331,6 +372,14 @@ class ScstPhase(loop.Phase):
         reward_start = time.perf_counter()
         sample_images = np.repeat(batch_rows, self.num_samples)
         sample_rewards = self.reward_fn(caption_texts(tokens, vocab), sample_images)
+        scores = sample_rewards.reshape(-1, self.num_samples)
+        kl = 0.0
+        if self.kl_weight > 0:  # Straying from the starting model costs: r - beta log(p / p0).
+            log_ratio = parallel.to_host(
+                self.log_ratio_fn(params, self.reference, features, shard(tokens))
+            )
+            sample_rewards = sample_rewards - self.kl_weight * log_ratio
+            kl = float(log_ratio.reshape(-1, self.num_samples)[:valid].mean())
         sample_rewards = sample_rewards.reshape(-1, self.num_samples)
         greedy_rewards = None
         if self.baseline == "greedy":
@@ -350,8 +399,9 @@ class ScstPhase(loop.Phase):
             params,
             opt_state,
             {
-                "reward": float(sample_rewards[:valid].mean()),
+                "reward": float(scores[:valid].mean()),
                 "baseline": float(baseline[:valid].mean()),
+                "kl": kl,
                 "loss": stats["loss"],
                 "grad_norm": stats["grad_norm"],
                 "reward_seconds": reward_seconds,
@@ -399,6 +449,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     }
     decoders = {}  # Validation's greedy decoder serves the final evaluation too.
     greedy_fn = evaluate.method_decoder(decoders, graphdef, config.decode, "greedy", data.stats)
-    phase = ScstPhase(config, data, graphdef, tx, reward_fn, greedy_fn)
+    phase = ScstPhase(config, data, graphdef, tx, reward_fn, greedy_fn, reference=params)
     run_ = loop.Run(config, workdir, data, greedy_fn, decoders, phase.place, parallel.local)
     return loop.run(phase, run_, state)
