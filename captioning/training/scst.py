@@ -157,13 +157,29 @@ def advantages(
     return sample_rewards - base, base
 
 
+def picked_logp(logits: jax.Array, tokens: jax.Array) -> jax.Array:
+    """logits [N, T, V], tokens [N, T] -> each token's log-probability [N, T] (float32)."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32))
+    return jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0]
+
+
+def teacher_forced(graphdef, params, features, tokens, num_samples: int, stats=None):
+    """Logits [N, T, V] of the samples `tokens` [N = B * num_samples, T] fed back word by word,
+    from the images' rows `features` [B, ...] (repeated per sample, standardised by `stats`)."""
+    model = nnx.merge(graphdef, params)
+    features = jnp.repeat(features, num_samples, axis=0)
+    features = features if stats is None else stats.apply(features)
+    start = jnp.full((tokens.shape[0], 1), text.START_ID, tokens.dtype)
+    logits, _ = model(features, jnp.concatenate([start, tokens[:, :-1]], axis=1))
+    return logits
+
+
 def policy_loss(logits: jax.Array, tokens: jax.Array, advantage: jax.Array) -> jax.Array:
     """-(advantage x summed log-probabilities of the sampled words) / number of words.
 
     logits [N, T, V] of the teacher-forced samples, tokens [N, T], advantage [N] (constants).
     """
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32))
-    picked = jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0]  # [N, T]
+    picked = picked_logp(logits, tokens)  # [N, T]
     mask = sequence_mask(tokens)
     summed = jnp.sum(picked * mask, axis=1)  # [N]
     return -jnp.sum(jax.lax.stop_gradient(advantage) * summed) / jnp.maximum(jnp.sum(mask), 1.0)
@@ -191,10 +207,7 @@ def make_steps(
         return search.sample_decode(model, standardized(features), key, max_len=max_len).tokens
 
     def loss_fn(params, features, tokens, advantage):
-        model = nnx.merge(graphdef, params)
-        start = jnp.full((tokens.shape[0], 1), text.START_ID, tokens.dtype)
-        inputs = jnp.concatenate([start, tokens[:, :-1]], axis=1)
-        logits, _ = model(standardized(features), inputs)
+        logits = teacher_forced(graphdef, params, features, tokens, num_samples, stats)
         return policy_loss(logits, tokens, advantage)
 
     def update(params, opt_state, features, tokens, advantage):
@@ -212,14 +225,8 @@ def make_log_ratio(graphdef: nnx.GraphDef, num_samples: int, stats=None):
     (up to and including its end). Its mean over samples estimates KL(policy || reference)."""
 
     def summed_logp(params, features, tokens):
-        model = nnx.merge(graphdef, params)
-        features = jnp.repeat(features, num_samples, axis=0)
-        features = features if stats is None else stats.apply(features)
-        start = jnp.full((tokens.shape[0], 1), text.START_ID, tokens.dtype)
-        logits, _ = model(features, jnp.concatenate([start, tokens[:, :-1]], axis=1))
-        logp = jax.nn.log_softmax(logits.astype(jnp.float32))
-        picked = jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0]
-        return jnp.sum(picked * sequence_mask(tokens), axis=1)
+        logits = teacher_forced(graphdef, params, features, tokens, num_samples, stats)
+        return jnp.sum(picked_logp(logits, tokens) * sequence_mask(tokens), axis=1)
 
     def log_ratio(params, reference, features, tokens):
         return summed_logp(params, features, tokens) - summed_logp(reference, features, tokens)
