@@ -178,3 +178,20 @@ def test_profile_sums_the_innermost_xla_ops_by_kind(tmp_path):
     assert out.shape == (256, 256) and set(seconds) == {"products", "movement", "other"}
     assert seconds["products"] > seconds["other"] > 0  # 8 products of 2 x 256^3 FLOPs each.
     assert sum(seconds.values()) <= wall * 1.05
+
+
+def test_transformer_cache_row_decodes_the_words_recomputing_does():
+    from flax import nnx
+
+    from captioning import models
+    from captioning.tools import benchmark_inference
+
+    config = bt.config_for(benchmark.TRANSFORMER_MODEL, benchmark.SEED_TRAIN).model
+    config.update(embed_dim=32, hidden_size=32, num_layers=2, num_heads=2, mlp_dim=64)
+    model = models.create_model(config, 50, (4, 4, 8), rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model)
+    features = jnp.asarray(np.random.default_rng(0).normal(size=(6, 4, 4, 8)), jnp.float32)
+    figures = benchmark_inference.benchmark_cached_decoding(graphdef, params, features, 12)
+    assert figures["transformer_same_words_share"] == 1.0
+    assert figures["transformer_cached_greedy_captions_per_s"] > 0
+    assert figures["transformer_recomputed_greedy_captions_per_s"] > 0

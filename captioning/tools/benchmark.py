@@ -28,14 +28,18 @@ cleaning) over a vocabulary of the same size (1,649 words besides the markers);
                                included)
   train_fraction_of_<f32|bf16>_peak   targets/s x the XLA work / the row's mean peak in its dtype
   attention_…, attention_bf16_…       the same for Show-Attend-Tell in float32 and bfloat16
+  transformer_…                the Transformer at configs/coco_transformer.py's sizes: training
+                               (targets/s, fraction of the float32 peak) and greedy decoding of
+                               32 words with its cache against recomputing the prefix per word
   disk_… / coco_disk_…         training from a store on disk (each shard evicted from the page
                                cache when written, the store again when the timing starts;
                                disk_cached_share: the store's share still cached then) against a
                                store on the device
 
 Flags: --captions, --train_seconds, --batch_size, --num_buckets, --train_embeddings, --dtype,
---log_every, --disk_images, --coco_disk (--coco_images), --decode_images, --export_images,
---backbone, --image_size.
+--log_every, --spatial_seconds, --transformer_seconds, --disk_images, --coco_disk
+(--coco_images), --decode_images, --export_images, --backbone, --image_size, --scst_seconds,
+--serve_workdir.
 """
 
 from __future__ import annotations
@@ -83,6 +87,11 @@ flags.DEFINE_float(
     "spatial_seconds",
     20.0,
     "Seconds of timed Show-Attend-Tell training at Flickr8k sizes (0: skip).",
+)
+flags.DEFINE_float(
+    "transformer_seconds",
+    20.0,
+    "Seconds of timed Transformer training at configs/coco_transformer.py sizes (0: skip).",
 )
 flags.DEFINE_integer(
     "disk_images",
@@ -356,6 +365,50 @@ def benchmark_spatial(tokenized, seconds: float, results: dict) -> dict:
     return figures
 
 
+# configs/coco_transformer.py's decoder (6 blocks of d_model 512, 8 heads, MLP 2048) over the
+# 8x8x2048 map; its batch of 100 captions.
+TRANSFORMER_MODEL = {
+    **SEED_MODEL,
+    "decoder": "transformer",
+    "embed_dim": 512,
+    "hidden_size": 512,
+    "num_layers": 6,
+    "num_heads": 8,
+    "mlp_dim": 2048,
+    "dropout": 0.1,
+    "attention_positions": True,
+    "train_embeddings": True,
+    "glove_path": "",
+}
+
+
+def benchmark_transformer(tokenized, seconds: float, results: dict, decode_images: int) -> dict:
+    """The Transformer at configs/coco_transformer.py's sizes on Flickr8k-length captions
+    (float16 device-resident features): training between float32 peaks, and greedy decoding of
+    32 words for `decode_images` images with its key/value cache against recomputing the prefix."""
+    vocab, _ = caption_records(tokenized)
+    data = bt.prepared_data(tokenized, random_table(len(tokenized) // 5), vocab=vocab)
+    config = bt.config_for(
+        TRANSFORMER_MODEL, SEED_TRAIN, batch_size=100, num_buckets=4, log_every=2
+    )
+    (row, _, state), peak = with_peak(
+        results, "transformer", "float32",
+        lambda: bt.timed_row(config, data, seconds, warmup_steps=2),
+    )  # fmt: skip
+    features = np.asarray(data.features[:decode_images], np.float32)
+    return {
+        "transformer_train_targets_per_s": row["train_targets_per_s"],
+        "transformer_xla_mflop_per_target": row["xla_mflop_per_target"],
+        "transformer_fraction_of_f32_peak": fraction_of_peak(
+            row["train_targets_per_s"], row["xla_mflop_per_target"], peak
+        ),
+        "transformer_recompiles_after_warmup": row["recompiles_after_warmup"],
+        **benchmark_inference.benchmark_cached_decoding(
+            state["graphdef"], state["params"], jax.numpy.asarray(features), MAX_CAPTION_LEN
+        ),
+    }
+
+
 def disk_config(dtype: str, log_every: int, **train) -> ml_collections.ConfigDict:
     """The disk rows' decoder: merge with output attention (configs/flickr8k_merge_attention.py)."""
     model = {**MERGE_ATTENTION_MODEL, "dtype": dtype}
@@ -446,6 +499,8 @@ def main(argv):
     if FLAGS.spatial_seconds:
         add(benchmark_spatial(tokenized, FLAGS.spatial_seconds, results))
     seconds = FLAGS.spatial_seconds or 20.0
+    if FLAGS.transformer_seconds:
+        add(benchmark_transformer(tokenized, FLAGS.transformer_seconds, results, 64))
     if FLAGS.disk_images:
         config = disk_config(FLAGS.dtype, FLAGS.log_every)
         add(benchmark_disk(config, tokenized, seconds, FLAGS.disk_images, "disk"))
