@@ -6,10 +6,10 @@ output.
 Same data, backbone layer and schedule as configs/scenes.py; the decoder reads the map's mean and
 max over locations instead of looking things up in it: the baseline the default improves on.
 
-Result (the README's Results table; 2 CPU cores, AMD EPYC with AVX-512; test split; mean +- std
-over seeds 0-2; run time not recorded): attribute accuracy 0.772 +- 0.040 greedy / 0.781 +- 0.033
-beam 3, relation accuracy 0.227 +- 0.021 / 0.219 +- 0.024, CIDEr 2.41 +- 0.07 / 2.71 +- 0.18,
-chosen epoch 8.7 +- 2.3 of 11; test_perturbed attribute accuracy 0.720 +- 0.020. Self-critical
+Result (the README's Results table; 2 CPU cores, AMD EPYC with AVX-512; test split, repeats
+blocked; mean +- std over seeds 0-2; 4.1-4.8 minutes a run with the features cached): attribute
+accuracy 0.782 +- 0.038 greedy / 0.792 +- 0.032 beam 3, relation accuracy 0.217 +- 0.005 / 0.233
++- 0.018, CIDEr 2.44 +- 0.05 / 2.69 +- 0.10, chosen epoch 8.3 +- 2.5 of 11. Self-critical
 fine-tuning: configs/scenes_scst.py:merge.
 
 configs/notes/scenes.md, "The merge decoder": earlier figures, where it fails (binding colours to

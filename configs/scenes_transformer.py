@@ -7,15 +7,12 @@ Same data, features (ResNet50 conv2_block3_out, 4x4 grid), word weights, 11 epoc
 and checkpoint choice as configs/scenes.py; only the decoder and its learning rate differ. d_model
 128 (2 blocks, 4 heads, MLP 512) keeps the step near the default LSTM's cost.
 
-Result (2 CPU cores, AMD EPYC with AVX-512, shared with other jobs; test split, greedy; mean +-
-std over seeds 0-1; chosen epochs 11 and 10 of 11): attribute accuracy 0.935 +- 0.002, relation
-accuracy 0.911 +- 0.003, CIDEr 3.21 +- 0.08, BLEU-4 0.627 +- 0.003, METEOR 0.411 +- 0.002;
-test_perturbed attribute accuracy 0.908 +- 0.002, relation 0.896 +- 0.036. Against the default
-(seeds 0-4): relations +0.14 (test) and +0.12 (perturbed), attributes level. 8.0 minutes for
-seed 1 at load average 5-6 (21 minutes for seed 0 at 9-17); its last epoch ran at about 10
-steps/s on a quieter machine, about 4.5 minutes for the 2,607 steps: the 5-minute budget was not
-measured on an idle machine. The issue's goals: relation >= 0.85 met; attribute >= 0.96 and
-perturbed >= 0.93 not met.
+Result (the README's Results table; 2 CPU cores, AMD EPYC with AVX-512; test split, greedy,
+repeats blocked; mean +- std over seeds 0-2; 4.7 minutes a run with the features cached):
+attribute accuracy 0.947 +- 0.021, relation accuracy 0.896 +- 0.010, CIDEr 3.16 +- 0.11;
+test_perturbed 0.919 +- 0.018 / 0.882 +- 0.035. Against the default on the same seeds: relations
++0.14, attributes -0.03. The issue's goals: relation >= 0.85 met; attribute >= 0.96 and perturbed
+>= 0.93 not met. SCST from seed 0: CIDEr +20 %, attribute and relation accuracy up.
 
 configs/notes/scenes.md, "Transformer": per-seed figures, the errors, and what was tried.
 """
