@@ -220,9 +220,12 @@ def merge_row_config(glove_path: str, dtype: str, batch_size: int, num_buckets: 
     )
 
 
-def benchmark_training(tokenized, tmp: str, *, seconds: float, train_embeddings: bool = False):
+def benchmark_training(
+    tokenized, tmp: str, *, seconds: float, train_embeddings: bool = False, on_timing=None
+):
     """The Keras notebook's merge decoder on pooled [2048] random features, random GloVe-format
-    vectors for its (frozen) embeddings -> (figures, {graphdef, params}, vocab)."""
+    vectors for its (frozen) embeddings -> (figures, {graphdef, params}, vocab). `on_timing`:
+    `bt.timed_row`'s, called when the timing starts."""
     vocab, _ = caption_records(tokenized)
     features = np.random.default_rng(0).normal(size=(len(tokenized) // 5, 2048))
     data = bt.prepared_data(tokenized, features.astype(np.float32), vocab=vocab)
@@ -235,7 +238,7 @@ def benchmark_training(tokenized, tmp: str, *, seconds: float, train_embeddings:
         glove, FLAGS.dtype, FLAGS.batch_size, FLAGS.num_buckets, FLAGS.log_every
     )
     config.model.train_embeddings = train_embeddings
-    figures, phase, state = bt.timed_row(config, data, seconds)
+    figures, phase, state = bt.timed_row(config, data, seconds, on_timing=on_timing)
     figures["recompiles_after_first_epoch"] = figures.pop("recompiles_after_warmup")
     figures.update(
         vocab_size=len(vocab),

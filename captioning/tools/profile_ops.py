@@ -42,7 +42,8 @@ from captioning.tools import benchmark_inference as bi
 from captioning.tools import benchmark_training as bt
 
 FLAGS = flags.FLAGS
-# The benchmark's flags (same defaults): --decode_images, --train_seconds, --batch_size.
+# The benchmark's flags (same defaults): --decode_images, --train_seconds, --batch_size, and the
+# merge row's --dtype, --num_buckets, --log_every (float32, 10, 10).
 
 PRODUCT = re.compile(r"^(dot|ynn_fusion|onednn|__onednn|custom-call|convolution)")
 MOVEMENT = re.compile(
@@ -130,21 +131,14 @@ def profile_decoding(graphdef, params, model_config, vocab_size: int) -> dict:
     gflop = images * greedy_mflop_per_caption(model_config, vocab_size, words) / 1e3
     return {
         "greedy_captions_per_s": round(images / wall, 1),
-        "greedy_ceiling_captions_per_s": round(peak * 1e3 / (gflop * 1e3 / images), 1),
+        "greedy_ceiling_captions_per_s": round(peak * images / gflop, 1),
         "matmul_peak_gflops_float32": round(peak, 1),
         **{f"greedy_{k}": v for k, v in summary(seconds, wall, gflop, peak).items()},
     }
 
 
 def profile_training(tokenized, tmp: str) -> tuple[dict, dict, object]:
-    """The merge row trained as the benchmark trains it; the timed windows traced."""
-    vocab, _ = benchmark.caption_records(tokenized)
-    features = np.random.default_rng(0).normal(size=(len(tokenized) // 5, 2048))
-    data = bt.prepared_data(tokenized, features.astype(np.float32), vocab=vocab)
-    glove = bt.write_glove(
-        os.path.join(tmp, "glove.txt"), vocab.words, benchmark.SEED_MODEL["embed_dim"]
-    )
-    config = benchmark.merge_row_config(glove, "float32", FLAGS.batch_size, 10, 10)
+    """The benchmark's merge row (`benchmark.benchmark_training`), its timed windows traced."""
     trace_dir = os.path.join(tmp, "trace")
     before = bt.matmul_peak_gflops("float32")
     start = {}
@@ -153,7 +147,9 @@ def profile_training(tokenized, tmp: str) -> tuple[dict, dict, object]:
         start["t"] = time.perf_counter()
         jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
 
-    figures, _, state = bt.timed_row(config, data, FLAGS.train_seconds, on_timing=on_timing)
+    figures, state, vocab = benchmark.benchmark_training(
+        tokenized, tmp, seconds=FLAGS.train_seconds, on_timing=on_timing
+    )
     wall = time.perf_counter() - start["t"]
     jax.profiler.stop_trace()
     peak = (before + bt.matmul_peak_gflops("float32")) / 2
