@@ -12,9 +12,9 @@ train step and the decoder, so no float32 copy of the store is ever made.
 
 Where the rows live (`data.feature_residency`): `device` (one array on the accelerator; the step
 gathers its rows), `host` (in RAM; each batch's rows are gathered by the input pipeline's
-background thread and sent with the batch) or `disk` (memory-mapped shards read per batch, on the
-same thread). `auto` picks by the store's size: device below a quarter of the device's memory
-(RAM on a CPU), host below half of the RAM, else disk.
+background thread and sent with the batch) or `disk` (each batch's rows read from the shards by
+parallel `pread`s, on the same thread). `auto` picks by the store's size: device below a quarter
+of the device's memory (RAM on a CPU), host below half of the RAM, else disk.
 """
 
 from __future__ import annotations
