@@ -89,13 +89,15 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.attention_positions = True  # Attention decoders, transformer: cell positions.
     config.model.feed_dim = 32  # merge_attention: LSTM reads an F-dim summary of the last lookup.
     config.model.dtype = "float32"  # float32 | bfloat16 matmuls (state, loss, optimizer stay fp32).
-    # Transformer only (other decoders ignore these four; hidden_size is its d_model): blocks,
-    # attention heads (hidden_size / num_heads each), MLP width (0 = 4 x hidden_size), and the
-    # word and 2-D grid positions, learned tables | sinusoidal.
+    # Transformer only (other decoders ignore the first four and refuse encoder_layers;
+    # hidden_size is its d_model): blocks, attention heads (hidden_size / num_heads each), MLP
+    # width (0 = 4 x hidden_size), word and 2-D grid positions (learned tables | sinusoidal), and
+    # encoder blocks that let the grid's locations attend to each other before the words do.
     config.model.num_layers = 2  # Transformer: decoder blocks.
     config.model.num_heads = 4  # Transformer: attention heads per block.
     config.model.mlp_dim = 0  # Transformer: MLP hidden size (0 = 4 x hidden_size).
     config.model.positions = "learned"  # Transformer: learned | sinusoidal positions.
+    config.model.encoder_layers = 0  # Transformer: encoder blocks over the grid's locations.
 
     config.train = ml_collections.ConfigDict()
     config.train.num_epochs = 11  # Passes over the training captions.

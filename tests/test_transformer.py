@@ -45,14 +45,24 @@ def _tokens(length=7, vocab=VOCAB, seed=2):
 
 
 @pytest.mark.parametrize(
-    "feature_shape,positions,embed_dim",
-    [((2, 3, 6), "learned", 12), ((6, 5), "sinusoidal", 16), ((9,), "learned", 16)],
+    "feature_shape,positions,embed_dim,encoder_layers",
+    [
+        ((2, 3, 6), "learned", 12, 0),
+        ((6, 5), "sinusoidal", 16, 0),
+        ((9,), "learned", 16, 0),
+        ((2, 3, 6), "learned", 16, 2),
+    ],
 )
-def test_teacher_forcing_equals_cached_step_decoding(feature_shape, positions, embed_dim):
-    """Grid (learned positions, projected embeddings), flat square grid (sinusoids), pooled."""
+def test_teacher_forcing_equals_cached_step_decoding(
+    feature_shape, positions, embed_dim, encoder_layers
+):
+    """Grid (learned positions, projected embeddings), flat square grid (sinusoids), pooled, and
+    a grid through two encoder blocks."""
     if len(feature_shape) == 2:
         feature_shape = (4, 5)  # 4 locations: a 2x2 grid.
-    model = _model(feature_shape, positions=positions, embed_dim=embed_dim)
+    model = _model(
+        feature_shape, positions=positions, embed_dim=embed_dim, encoder_layers=encoder_layers
+    )
     features, tokens = _features(feature_shape), _tokens()
     logits, aux = model(features, tokens)
     locations = TransformerDecoder.attention_locations(feature_shape)
@@ -205,6 +215,27 @@ def test_positions_are_not_word_embeddings_and_glove_fits():
     ]
     assert len(declared) == 1 and declared[0].startswith("['embed']['embedding']"), declared
     model.set_word_embeddings(jnp.ones((VOCAB, 12)))
+
+
+def test_encoder_blocks_mix_the_locations():
+    """Without an encoder a location's memory row depends on its own features only; with one,
+    changing one location's features changes every row."""
+    features = _features()
+    moved = features.at[:, 0, 0].add(5.0)
+    plain, encoded = _model(), _model(encoder_layers=1)
+    rows = plain._memory(moved, None, False) - plain._memory(features, None, False)
+    assert np.abs(rows[:, 1:]).max() == 0.0 and np.abs(rows[:, 0]).max() > 0.1
+    rows = encoded._memory(moved, None, False) - encoded._memory(features, None, False)
+    assert np.abs(rows[:, 1:]).max(axis=-1).min() > 1e-3
+    with pytest.raises(ValueError, match="encoder_layers"):
+        _model(encoder_layers=-1)
+
+
+def test_encoder_layers_is_refused_by_other_decoders():
+    config = test_config.get_config()
+    config.model.encoder_layers = 1
+    with pytest.raises(ValueError, match="config.model.encoder_layers=1"):
+        models.create_model(config.model, VOCAB, (4, 4, 8), rngs=nnx.Rngs(0))
 
 
 @pytest.mark.parametrize("field,value", [("feed_dim", 32), ("concept_loss", 0.5)])

@@ -135,6 +135,30 @@ class Block(nnx.Module):
         return x + drop(self.mlp_out(hidden)), weights
 
 
+class EncoderBlock(nnx.Module):
+    """One pre-LayerNorm encoder block over the image's locations: m += SelfAttn(LN m);
+    m += MLP(LN m). The locations see each other before any word reads them: an object cut by a
+    cell border, how many objects there are, which lies beside which."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_dim: int, *, rngs: nnx.Rngs, dtype: Any):
+        self.num_heads = num_heads
+        self.dtype = dtype
+        self.self_norm = nnx.LayerNorm(dim, rngs=rngs)
+        self.self_qkv = Dense(dim, 3 * dim, rngs=rngs, dtype=dtype)
+        self.self_out = Dense(dim, dim, rngs=rngs, dtype=dtype)
+        self.mlp_norm = nnx.LayerNorm(dim, rngs=rngs)
+        self.mlp_in = Dense(dim, mlp_dim, rngs=rngs, dtype=dtype)
+        self.mlp_out = Dense(mlp_dim, dim, rngs=rngs, dtype=dtype)
+
+    def __call__(self, memory: Array, drop: Any) -> Array:
+        """memory [B, L, D] -> [B, L, D]."""
+        q, k, v = jnp.split(self.self_qkv(self.self_norm(memory)), 3, axis=-1)
+        attended, _ = multi_head_attention(q, k, v, None, self.num_heads, self.dtype)
+        memory = memory + drop(self.self_out(attended))
+        hidden = jax.nn.gelu(self.mlp_in(self.mlp_norm(memory)))
+        return memory + drop(self.mlp_out(hidden))
+
+
 @register("transformer")
 class TransformerDecoder(Decoder):
     """Pre-LayerNorm Transformer decoder (Vaswani et al. 2017; the layout of GPT-2 / ViT blocks)
@@ -143,13 +167,14 @@ class TransformerDecoder(Decoder):
     Memory (per image): m_i = LN(W a_i + b + p_i), a_i the features of location i ([L, C], the
     row-major [H, W] grid) and p_i = row_embedding(r_i) + column_embedding(c_i) its 2-D position
     (learned tables or sinusoids, half the dimensions each; none for the pooled vector, L = 1,
-    or without `model.attention_positions`).
+    or without `model.attention_positions`), after `model.encoder_layers` encoder blocks over
+    the locations (`EncoderBlock`; none by default).
     Words: x_t = sqrt(D) E y_t (projected to D when `embed_dim` != D) + position t (learned or
     sinusoidal, `model.positions`); N blocks (`Block`); logits = out_proj(LN x_t).
     Dropout (`model.dropout`) on the memory, the word inputs and every residual branch.
     """
 
-    own_options: ClassVar[dict[str, Any]] = {}
+    own_options: ClassVar[dict[str, Any]] = {"encoder_layers": 0}
 
     @classmethod
     def from_config(cls, model_config, vocab_size, feature_shape, *, rngs):
@@ -157,6 +182,7 @@ class TransformerDecoder(Decoder):
             vocab_size,
             tuple(feature_shape),
             num_layers=int(model_config.num_layers),
+            encoder_layers=int(model_config.encoder_layers),
             num_heads=int(model_config.num_heads),
             mlp_dim=int(model_config.mlp_dim or 4 * model_config.hidden_size),
             positions=str(model_config.positions),
@@ -190,6 +216,7 @@ class TransformerDecoder(Decoder):
         dropout_rate: float,
         use_image: bool,
         rngs: nnx.Rngs,
+        encoder_layers: int = 0,
         positions: str = "learned",
         grid_positions: bool = True,
         attention_reg: float = 0.0,
@@ -203,6 +230,8 @@ class TransformerDecoder(Decoder):
                 f"config.model.num_heads={num_heads} heads, with config.model.num_layers="
                 f"{num_layers} >= 1."
             )
+        if encoder_layers < 0:
+            raise ValueError(f"config.model.encoder_layers={encoder_layers} must be >= 0.")
         dim = hidden_size
         self.dim, self.num_heads, self.dtype = dim, num_heads, dtype
         self.dropout_rate, self.use_image = dropout_rate, use_image
@@ -210,6 +239,12 @@ class TransformerDecoder(Decoder):
         self.positions = positions
         self.grid = _grid_shape(feature_shape) if grid_positions else None
         self.memory_proj = Dense(feature_shape[-1], dim, rngs=rngs, dtype=dtype)
+        self.encoder = nnx.List(
+            [
+                EncoderBlock(dim, num_heads, mlp_dim, rngs=rngs, dtype=dtype)
+                for _ in range(encoder_layers)
+            ]
+        )
         self.memory_norm = nnx.LayerNorm(dim, rngs=rngs)
         normal = nnx.initializers.normal(1.0)
         if self.grid is not None and positions == "learned":
@@ -233,9 +268,19 @@ class TransformerDecoder(Decoder):
         feats = feats[:, None, :] if feats.ndim == 2 else flatten_locations(feats)
         if not self.use_image:
             feats = jnp.zeros_like(feats)
+        keys = iter([])
+        if self.encoder and key is not None:  # A key for the features, one per encoder branch.
+            keys = iter(jax.random.split(key, 1 + 2 * len(self.encoder)))
+            key = next(keys)
+
+        def drop(x):
+            return dropout(x, self.dropout_rate, next(keys, None), train)
+
         memory = self.memory_proj(dropout(feats, self.dropout_rate, key, train))
         if self.grid is not None:
             memory = memory + self._grid_positions()
+        for block in self.encoder:
+            memory = block(memory, drop)
         return self.memory_norm(memory)
 
     def _grid_positions(self) -> Array:
