@@ -62,8 +62,21 @@ def _compiles_per_epoch(monkeypatch):
 def test_resume_after_crash_equals_uninterrupted_run(tmp_path, cache_dir, monkeypatch):
     config = _config(cache_dir)
     config.train.num_epochs = 3
+    compiled_lengths = []  # Per compile_for_buckets call: the bucket lengths it compiled.
+    original_compile = train.compile_for_buckets
+
+    def recording_compile(*args):
+        executables = original_compile(*args)
+        compiled_lengths.append(sorted(executables))
+        return executables
+
+    monkeypatch.setattr(train, "compile_for_buckets", recording_compile)
     with _compiles_per_epoch(monkeypatch) as compiles:
         whole = train.train_and_evaluate(config, str(tmp_path / "whole"))
+    monkeypatch.setattr(train, "compile_for_buckets", original_compile)
+    # A step per training bucket; the validation loss pads to one length and compiles one.
+    assert len(compiled_lengths[0]) == config.train.num_buckets == 2
+    assert len(compiled_lengths[1]) == 1
     # Epoch 0 compiles the decoder in its validation; epoch 1 (training and validation) compiles
     # nothing. (Epoch 2 is followed by the final evaluation, which builds its own decoder.)
     assert compiles.get(0, 0) > 0

@@ -193,10 +193,14 @@ def init_train_state(
 
 
 def _caption_batches(
-    config: ml_collections.ConfigDict, data: PreparedData, split: str, shuffle: bool
+    config: ml_collections.ConfigDict,
+    data: PreparedData,
+    split: str,
+    shuffle: bool,
+    num_buckets: int | None = None,
 ) -> input_pipeline.CaptionBatches:
-    """The split's bucketed batches; they carry their feature rows unless those are on the
-    device."""
+    """The split's bucketed batches (`train.num_buckets` unless given); they carry their feature
+    rows unless those are on the device."""
     captions = input_pipeline.build_caption_data(
         data.splits[split],
         data.image_row,
@@ -212,7 +216,7 @@ def _caption_batches(
     return input_pipeline.CaptionBatches(
         captions,
         batch_size=config.train.batch_size,
-        num_buckets=config.train.num_buckets,
+        num_buckets=num_buckets or config.train.num_buckets,
         seed=config.seed,
         shuffle=shuffle,
         concepts=concepts,
@@ -278,7 +282,9 @@ class CrossEntropyPhase(loop.Phase):
         self.patience = config.train.patience
         self.schedule = schedule
         self.train_batches = train_batches
-        self.val_batches = _caption_batches(config, data, "val", shuffle=False)
+        # One bucket: the validation loss pads a few batches more, and compiles one step, not
+        # one per training bucket.
+        self.val_batches = _caption_batches(config, data, "val", shuffle=False, num_buckets=1)
         self.steps_per_epoch = self.train_batches.num_batches
         self.mesh = parallel.make_mesh()
         parallel.check_batch_size(config.train.batch_size, self.mesh, "config.train.batch_size")
