@@ -70,9 +70,12 @@ def test_backbone_variants_by_argument(backbone, size):
 def test_scst_accepts_every_scenes_decoder():
     from configs import scenes_scst
 
-    for start, decoder in (("merge", "merge"), ("transformer", "transformer")):
+    for start, decoder in (("merge", "merge"), ("lstm", "merge_attention")):
         assert scenes_scst.get_config(start).model.decoder == decoder
-    assert scenes_scst.get_config().model.decoder == "merge_attention"
+    default = scenes_scst.get_config()  # From the README's first command's run.
+    assert default.model.decoder == "transformer" and default.model.encoder_layers == 1
+    with pytest.raises(ValueError, match="use one of"):
+        scenes_scst.get_config("default")
 
 
 def test_scenes_configs_differ_only_in_the_decoder_and_its_features():
