@@ -1,4 +1,4 @@
-"""Entry point: `python main.py --config=configs/scenes.py --workdir=runs/scenes [--mode=...]`.
+"""Entry point: `python main.py --config=configs/scenes_transformer.py --workdir=runs/scenes`.
 
 Modes:
   train            train (resuming from the workdir's checkpoints), then evaluate the best one.

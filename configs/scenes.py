@@ -1,6 +1,6 @@
-"""The embedded default and base config: synthetic scenes of coloured shapes, no download needed.
+"""The base config and the best LSTM: synthetic scenes of coloured shapes, no download needed.
 
-    python main.py --config=configs/scenes.py --workdir=runs/scenes
+    python main.py --config=configs/scenes.py --workdir=runs/scenes_lstm
     python -m captioning.tools.grid --config=configs/scenes.py \
         --grid=configs/grids/scenes_decoding.py --seeds=0,1,2,3,4 --workdir=runs/seeds
 
@@ -8,18 +8,20 @@ Every other config starts from this one and changes a few fields; every field is
 one comment. Deterministic images (1-3 objects with shape, colour, size and position, and spatial
 relations) with five grammar-made captions each; 6,000 training scenes, half of them with three
 objects, and half the training images are drawn perturbed (background, colours, anti-aliasing,
-turns). The decoder is the Keras notebook's merge model with spatial attention at its output
-(`merge_attention`: each word's LSTM state h_t looks up a context in a 4x4 feature grid with
-positions) whose LSTM also reads a 32-d summary of what the previous word's lookup saw
-(`feed_dim`); colour, shape and relation words weigh 3 in the loss (`train.word_weights`), no
-dropout; 11 epochs; checkpoints are chosen by attribute + relation accuracy + 0.1 CIDEr.
+turns). The default run (the README's first command) is configs/scenes_transformer.py: this
+config's data and schedule with a Transformer. The decoder here is the Keras notebook's merge model
+with spatial attention at its output (`merge_attention`: each word's LSTM state h_t looks up a
+context in a 4x4 feature grid with positions) whose LSTM also reads a 32-d summary of what the
+previous word's lookup saw (`feed_dim`); colour, shape and relation words weigh 3 in the loss
+(`train.word_weights`), no dropout; 11 epochs; checkpoints are chosen by attribute + relation
+accuracy + 0.1 CIDEr.
 
 Result (the README's Results table; 2 CPU cores, AMD EPYC with AVX-512; test split, greedy,
 repeats blocked; mean +- std over seeds 0-4; 4.6 minutes a run with a fresh cache): attribute
 accuracy 0.956 +- 0.028, relation accuracy 0.763 +- 0.025, CIDEr 3.16 +- 0.10, BLEU-4 0.629 +-
 0.012, METEOR 0.412 +- 0.003, chosen epoch 10.4 +- 0.5 of 11; test_perturbed attribute accuracy
 0.928 +- 0.019, relation 0.766 +- 0.034; beam 3: 0.963 +- 0.016 / 0.804 +- 0.009 / CIDEr 3.36
-+- 0.05. Unblocked (before the default): 0.933 +- 0.025 / 0.773 +- 0.029.
++- 0.05. Unblocked (blocking off): 0.933 +- 0.025 / 0.773 +- 0.029.
 
 configs/notes/scenes.md has the per-seed figures, where the errors are, and what each change
 gave (why the feeding, the object shares, the word weights, no dropout and 6,000 scenes).

@@ -76,7 +76,7 @@ def test_the_check_writes_every_step_and_says_there_is_no_accelerator(tmp_path):
     assert [s.name for s in steps][:5] == [
         "devices", "accelerator", "tests", "first_command", "benchmark"
     ]  # fmt: skip
-    assert "--config=configs/scenes.py" in steps[3].command
+    assert "--config=configs/scenes_transformer.py" in steps[3].command
     assert "--config.train.num_epochs=1" in steps[3].command
     fakes = {
         "accelerator": _python(f"print({PYTEST_OUTPUT!r})"),

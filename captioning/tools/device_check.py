@@ -9,7 +9,7 @@ and the tail of its output even when it fails or runs out of time:
   devices         JAX's backend, version and devices
   accelerator     python -m pytest -m accelerator tests (the tests only a GPU/TPU runs)
   tests           a short selection of the suite (TEST_FILES)
-  first_command   the README's first command (configs/scenes.py, a fresh feature cache), timed;
+  first_command   the README's first command (configs/scenes_transformer.py, fresh cache), timed;
                   its test metrics from <workdir>/eval/test_greedy.json and its epoch times
   benchmark       python -m captioning.tools.benchmark with short timings
   torch, torch_peer  --peer (../shared/peers/torch_merge.py --device=cuda --sorted
@@ -60,7 +60,7 @@ cuda = torch.cuda.is_available()
 print(json.dumps({"torch": torch.__version__, "cuda": torch.version.cuda,
                   "device": torch.cuda.get_device_name(0) if cuda else None}))"""
 # The README's first command; --quick adds the overrides after it.
-FIRST_COMMAND = (sys.executable, "main.py", "--config=configs/scenes.py")
+FIRST_COMMAND = (sys.executable, "main.py", "--config=configs/scenes_transformer.py")
 QUICK_FIRST = (
     "--config.train.num_epochs=1",
     "--config.data.num_train=300",

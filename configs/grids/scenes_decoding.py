@@ -2,7 +2,7 @@
 blocked, the default), greedy as the model says it (`block_repeats` off), and beam 3. With
 --seeds, the README's results table:
 
-    python -m captioning.tools.grid --config=configs/scenes.py \
+    python -m captioning.tools.grid --config=configs/scenes_transformer.py \
         --grid=configs/grids/scenes_decoding.py --seeds=0,1,2,3,4 --workdir=runs/seeds
 """
 
