@@ -9,8 +9,8 @@ dropout and checkpoint choice as configs/scenes.py (the LSTM); d_model 128, 4 he
 bfloat16 matmuls keep a run with a fresh cache within 5 minutes on 2 cores.
 
 Result (the README's Results table; 2 CPU cores, AMD EPYC with AVX-512; test split, greedy, repeats
-blocked; mean +- std over seeds 0-4; 4.4 minutes with a fresh cache, 5.2 in a slow hour of the
-machine): attribute accuracy 0.963 +- 0.013 (no seed below 0.957), relation accuracy 0.964 +-
+blocked; mean +- std over seeds 0-4; 4.4-5.0 minutes with a fresh cache, as the machine's speed
+varies): attribute accuracy 0.963 +- 0.013 (no seed below 0.957), relation accuracy 0.964 +-
 0.008, CIDEr 3.19 +- 0.15; test_perturbed 0.943 +- 0.006 / 0.940 +- 0.010; beam 3 0.977 +- 0.013 /
 0.973 +- 0.007 / 3.30 +- 0.15. The LSTM on the same seeds: 0.956 / 0.763. SCST from each seed's run
 (configs/scenes_scst.py): CIDEr +12 to +22 %, accuracies 0.965 / 0.968.
