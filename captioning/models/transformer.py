@@ -85,33 +85,49 @@ def multi_head_attention(
     return out.reshape(batch, tq, dim), weights
 
 
-class Block(nnx.Module):
-    """One pre-LayerNorm decoder block: x += SelfAttn(LN x); x += CrossAttn(LN x, memory);
-    x += MLP(LN x)."""
+class _PreNormParts(nnx.Module):
+    """The self-attention and MLP halves that encoder and decoder blocks share. Each block builds
+    them in its own order (parameter initialisation follows it)."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_dim: int, *, rngs: nnx.Rngs, dtype: Any):
+    def _init_self_attention(self, dim: int, num_heads: int, rngs: nnx.Rngs, dtype: Any) -> None:
         self.num_heads = num_heads
         self.dtype = dtype
         self.self_norm = nnx.LayerNorm(dim, rngs=rngs)
         self.self_qkv = Dense(dim, 3 * dim, rngs=rngs, dtype=dtype)
         self.self_out = Dense(dim, dim, rngs=rngs, dtype=dtype)
-        self.cross_norm = nnx.LayerNorm(dim, rngs=rngs)
-        self.cross_query = Dense(dim, dim, rngs=rngs, dtype=dtype)
-        self.cross_kv = Dense(dim, 2 * dim, rngs=rngs, dtype=dtype)
-        self.cross_out = Dense(dim, dim, rngs=rngs, dtype=dtype)
+
+    def _init_mlp(self, dim: int, mlp_dim: int, rngs: nnx.Rngs, dtype: Any) -> None:
         self.mlp_norm = nnx.LayerNorm(dim, rngs=rngs)
         self.mlp_in = Dense(dim, mlp_dim, rngs=rngs, dtype=dtype)
         self.mlp_out = Dense(mlp_dim, dim, rngs=rngs, dtype=dtype)
-
-    def memory_kv(self, memory: Array) -> tuple[Array, Array]:
-        """memory [B, L, D] -> cross-attention keys and values, each [B, L, D]."""
-        k, v = jnp.split(self.cross_kv(memory), 2, axis=-1)
-        return k, v
 
     def self_qkv_of(self, x: Array) -> tuple[Array, Array, Array]:
         """x [B, T, D] -> q, k, v [B, T, D] of the self-attention."""
         q, k, v = jnp.split(self.self_qkv(self.self_norm(x)), 3, axis=-1)
         return q, k, v
+
+    def _mlp_residual(self, x: Array, drop: Any) -> Array:
+        """x [B, T, D] -> x + MLP(LN x)."""
+        hidden = jax.nn.gelu(self.mlp_in(self.mlp_norm(x)))
+        return x + drop(self.mlp_out(hidden))
+
+
+class Block(_PreNormParts):
+    """One pre-LayerNorm decoder block: x += SelfAttn(LN x); x += CrossAttn(LN x, memory);
+    x += MLP(LN x)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_dim: int, *, rngs: nnx.Rngs, dtype: Any):
+        self._init_self_attention(dim, num_heads, rngs, dtype)
+        self.cross_norm = nnx.LayerNorm(dim, rngs=rngs)
+        self.cross_query = Dense(dim, dim, rngs=rngs, dtype=dtype)
+        self.cross_kv = Dense(dim, 2 * dim, rngs=rngs, dtype=dtype)
+        self.cross_out = Dense(dim, dim, rngs=rngs, dtype=dtype)
+        self._init_mlp(dim, mlp_dim, rngs, dtype)
+
+    def memory_kv(self, memory: Array) -> tuple[Array, Array]:
+        """memory [B, L, D] -> cross-attention keys and values, each [B, L, D]."""
+        k, v = jnp.split(self.cross_kv(memory), 2, axis=-1)
+        return k, v
 
     def finish(
         self,
@@ -131,32 +147,23 @@ class Block(nnx.Module):
         query = self.cross_query(self.cross_norm(x))
         seen, weights = multi_head_attention(query, *cross, None, self.num_heads, self.dtype)
         x = x + drop(self.cross_out(seen))
-        hidden = jax.nn.gelu(self.mlp_in(self.mlp_norm(x)))
-        return x + drop(self.mlp_out(hidden)), weights
+        return self._mlp_residual(x, drop), weights
 
 
-class EncoderBlock(nnx.Module):
+class EncoderBlock(_PreNormParts):
     """One pre-LayerNorm encoder block over the image's locations: m += SelfAttn(LN m);
     m += MLP(LN m). The locations see each other before any word reads them: an object cut by a
     cell border, how many objects there are, which lies beside which."""
 
     def __init__(self, dim: int, num_heads: int, mlp_dim: int, *, rngs: nnx.Rngs, dtype: Any):
-        self.num_heads = num_heads
-        self.dtype = dtype
-        self.self_norm = nnx.LayerNorm(dim, rngs=rngs)
-        self.self_qkv = Dense(dim, 3 * dim, rngs=rngs, dtype=dtype)
-        self.self_out = Dense(dim, dim, rngs=rngs, dtype=dtype)
-        self.mlp_norm = nnx.LayerNorm(dim, rngs=rngs)
-        self.mlp_in = Dense(dim, mlp_dim, rngs=rngs, dtype=dtype)
-        self.mlp_out = Dense(mlp_dim, dim, rngs=rngs, dtype=dtype)
+        self._init_self_attention(dim, num_heads, rngs, dtype)
+        self._init_mlp(dim, mlp_dim, rngs, dtype)
 
     def __call__(self, memory: Array, drop: Any) -> Array:
         """memory [B, L, D] -> [B, L, D]."""
-        q, k, v = jnp.split(self.self_qkv(self.self_norm(memory)), 3, axis=-1)
+        q, k, v = self.self_qkv_of(memory)
         attended, _ = multi_head_attention(q, k, v, None, self.num_heads, self.dtype)
-        memory = memory + drop(self.self_out(attended))
-        hidden = jax.nn.gelu(self.mlp_in(self.mlp_norm(memory)))
-        return memory + drop(self.mlp_out(hidden))
+        return self._mlp_residual(memory + drop(self.self_out(attended)), drop)
 
 
 @register("transformer")
